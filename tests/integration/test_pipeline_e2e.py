@@ -1,0 +1,221 @@
+"""Simulator → embedded broker → processor → stores, measured against the simulator's truth."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
+from pipeline.settings import Settings
+from pipeline.simulate import Simulation, SimulationConfig, simulate
+
+pytestmark = pytest.mark.integration
+
+END = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@dataclass
+class Outcome:
+    run: Run
+    sim: Simulation
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    settings = Settings(home=home, partitions=4, commit_interval_s=0.3)
+    with pipeline_run(settings) as run:
+        sim = simulate(SimulationConfig(events=6000, seed=11, end=END, days=10), run.catalog)
+        process_until_idle(
+            run,
+            expected_raw=len(sim.messages),
+            feed=lambda: produce_messages(settings, run.address, sim.messages) and None,
+            timeout_s=300,
+        )
+        yield Outcome(run=run, sim=sim)
+
+
+def _valid_unique_ids(sim: Simulation) -> set[str]:
+    return {m.message_id for m in sim.messages if m.kind == "valid" and m.message_id}
+
+
+def test_every_raw_message_was_consumed(outcome: Outcome) -> None:
+    assert outcome.run.metrics.raw_in == len(outcome.sim.messages)
+
+
+def test_every_duplicate_dropped_and_no_unique_event_dropped(outcome: Outcome) -> None:
+    wh, sim = outcome.run.warehouse, outcome.sim
+    stored = set(wh.query("SELECT message_id FROM events")["message_id"])
+    expected = _valid_unique_ids(sim)
+    assert stored == expected
+    n_duplicates = sum(1 for m in sim.messages if m.kind == "duplicate")
+    assert n_duplicates > 0
+    assert outcome.run.metrics.duplicates_dropped == n_duplicates
+
+
+def test_every_malformed_event_dead_lettered_with_its_reason(outcome: Outcome) -> None:
+    wh, sim = outcome.run.warehouse, outcome.sim
+    letters = wh.query("SELECT reason, raw_b64 FROM dead_letters")
+    by_raw = {base64.b64decode(r.raw_b64): r.reason for r in letters.itertuples()}
+    malformed = [m for m in sim.messages if m.kind == "malformed"]
+    assert malformed, "the simulation injects malformed events"
+    assert len(letters) == len(malformed)
+    for m in malformed:
+        raw = m.value[:65536]
+        assert raw in by_raw, f"malformed message ({m.malformed_reason}) missing from dead letters"
+        assert by_raw[raw] == m.malformed_reason
+
+
+def test_stitched_identities_equal_true_links(outcome: Outcome) -> None:
+    links = outcome.run.warehouse.query("SELECT anonymous_id, customer_id FROM identity_links")
+    found = dict(zip(links["anonymous_id"], links["customer_id"], strict=True))
+    assert found == outcome.sim.ground_truth.identity_links
+
+
+def test_event_counts_per_customer_equal_truth(outcome: Outcome) -> None:
+    wh, truth = outcome.run.warehouse, outcome.sim.ground_truth
+    per_customer = wh.query("SELECT customer_id, COUNT(*) AS n FROM events GROUP BY customer_id")
+    measured = dict(zip(per_customer["customer_id"], per_customer["n"].astype(int), strict=True))
+    assert measured == truth.expected_event_counts
+    profiles = wh.query("SELECT customer_id, event_count FROM profiles WHERE merged_into IS NULL")
+    from_profiles = dict(
+        zip(profiles["customer_id"], profiles["event_count"].astype(int), strict=True)
+    )
+    assert from_profiles == truth.expected_event_counts
+
+
+def test_anonymous_profiles_of_linked_devices_are_retired(outcome: Outcome) -> None:
+    wh, truth = outcome.run.warehouse, outcome.sim.ground_truth
+    retired = wh.query(
+        "SELECT customer_id, merged_into FROM profiles WHERE merged_into IS NOT NULL"
+    )
+    for row in retired.itertuples():
+        device = row.customer_id.removeprefix("anon:")
+        assert truth.identity_links[device] == row.merged_into
+
+
+def test_profiles_carry_scores_and_affinities(outcome: Outcome) -> None:
+    wh = outcome.run.warehouse
+    known = wh.query(
+        "SELECT customer_id FROM profiles WHERE merged_into IS NULL AND is_anonymous = 0 "
+        "ORDER BY order_count DESC LIMIT 1"
+    )["customer_id"][0]
+    profile: dict[str, Any] = wh.get_profile(known)
+    assert 0 < profile["cis"] <= 100
+    assert profile["order_count"] > 0
+    assert profile["category_affinity"]
+    assert sum(profile["hour_of_week"].values()) > 0
+
+
+def test_top_category_affinity_matches_hidden_preference(outcome: Outcome) -> None:
+    """Most active customers' strongest affinity is one of their true top categories."""
+    wh, sim = outcome.run.warehouse, outcome.sim
+    prefs = {c.customer_id: c.category_prefs for c in sim.customers}
+    active = wh.query(
+        "SELECT customer_id FROM profiles WHERE merged_into IS NULL AND is_anonymous = 0 "
+        "ORDER BY event_count DESC LIMIT 20"
+    )["customer_id"]
+    hits = Counter()
+    for cid in active:
+        affinity = wh.get_profile(cid)["category_affinity"]
+        top = max(affinity, key=affinity.get)
+        true_top3 = sorted(prefs[cid], key=prefs[cid].get, reverse=True)[:3]
+        hits[top in true_top3] += 1
+    assert hits[True] >= 0.8 * len(active)
+
+
+def test_bad_input_yields_typed_dead_letters_and_processing_goes_on(settings: Settings) -> None:
+    now = datetime.now(UTC)
+    good = (
+        b'{"type":"track","event":"Product Viewed","messageId":"ok-%d","anonymousId":"dev-1",'
+        b'"timestamp":"' + now.isoformat().encode() + b'","context":{"sessionId":"s1",'
+        b'"device":{"type":"mobile"}},"properties":{"product_id":"P00001"}}'
+    )
+    bad = {
+        "not_json": b"{this is not json",
+        "not_utf8": b'{"type":"track","event":"\xff\xfe"}',
+        "too_large": b'{"type":"track","pad":"' + b"x" * 40_000 + b'"}',
+        "missing_identity": good.replace(b'"anonymousId":"dev-1",', b"") % 90,
+        "schema_violation": good.replace(b'"product_id":"P00001"', b'"product_id":42') % 91,
+        "timestamp_out_of_range": good.replace(now.isoformat().encode(), b"2100-01-01T00:00:00Z")
+        % 92,
+    }
+    from pipeline.simulate import RawMessage
+
+    messages = [
+        RawMessage(
+            key=b"dev-1",
+            value=v,
+            kind="malformed",
+            message_id=None,
+            true_customer_id="anon:dev-1",
+            malformed_reason=r,
+            timestamp_ms=0,
+            delivered_ms=0,
+        )
+        for r, v in bad.items()
+    ]
+    messages += [
+        RawMessage(
+            key=b"dev-1",
+            value=good % i,
+            kind="valid",
+            message_id=f"ok-{i}",
+            true_customer_id="anon:dev-1",
+            malformed_reason=None,
+            timestamp_ms=0,
+            delivered_ms=0,
+        )
+        for i in range(5)
+    ]
+    with pipeline_run(settings) as run:
+        process_until_idle(
+            run,
+            expected_raw=len(messages),
+            feed=lambda: produce_messages(settings, run.address, messages) and None,
+            timeout_s=120,
+        )
+        letters = run.warehouse.query("SELECT reason, detail, schema_path FROM dead_letters")
+        assert sorted(letters["reason"]) == sorted(bad)
+        assert all(letters["detail"].str.len() > 0)
+        violation = letters[letters["reason"] == "schema_violation"].iloc[0]
+        assert "product_id" in violation["schema_path"]
+        assert run.warehouse.get_profile("anon:dev-1")["event_count"] == 5
+        topic_reasons = [r["reason"] for r in _consume_all(settings, run.address, "events.dlq")]
+        assert sorted(topic_reasons) == sorted(bad)
+
+
+def _consume_all(settings: Settings, address: str, topic: str) -> list[dict[str, Any]]:
+    """Every committed record of ``topic``, read with a real consumer."""
+    import orjson
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from pipeline.broker import client_config
+
+    consumer = Consumer(
+        {
+            **client_config(settings, address),
+            "group.id": "test-reader",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out: list[dict[str, Any]] = []
+    idle = 0
+    while idle < 4:
+        msg = consumer.poll(0.5)
+        if msg is None:
+            idle += 1
+            continue
+        if msg.error() is None:
+            out.append(orjson.loads(msg.value()))
+    consumer.close()
+    return out

@@ -1,0 +1,56 @@
+"""Identity resolution: attribution of events to customers and when a device links."""
+
+from __future__ import annotations
+
+from pipeline.events import CleanEvent
+from pipeline.identity import Resolution, anonymous_customer_id, device_of, is_anonymous, resolve
+
+
+def ev(**kw: object) -> CleanEvent:
+    base: dict[str, object] = {
+        "message_id": "m1",
+        "type": "track",
+        "name": "Product Viewed",
+        "timestamp_ms": 1_000,
+        "ingested_ms": 1_000,
+    }
+    return CleanEvent(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_unlinked_anonymous_event_goes_to_the_anonymous_profile() -> None:
+    assert resolve(ev(anonymous_id="a1"), None) == Resolution(customer_id="anon:a1")
+
+
+def test_linked_device_routes_anonymous_events_to_its_customer() -> None:
+    assert resolve(ev(anonymous_id="a1"), "cus_1") == Resolution(customer_id="cus_1")
+
+
+def test_first_login_links_the_device_and_asks_for_a_merge() -> None:
+    res = resolve(ev(type="identify", name="Identify", anonymous_id="a1", user_id="cus_1"), None)
+    assert res == Resolution(customer_id="cus_1", link="cus_1", first_link=True)
+
+
+def test_known_pair_changes_nothing() -> None:
+    assert resolve(ev(anonymous_id="a1", user_id="cus_1"), "cus_1") == Resolution("cus_1")
+
+
+def test_another_user_on_a_shared_device_relinks_without_merge() -> None:
+    res = resolve(ev(anonymous_id="a1", user_id="cus_2"), "cus_1")
+    assert res == Resolution(
+        customer_id="cus_2", link="cus_2", first_link=False, previous_customer_id="cus_1"
+    )
+
+
+def test_server_side_event_without_device_is_attributed_but_links_nothing() -> None:
+    assert resolve(ev(user_id="cus_1", device_type="server"), None) == Resolution("cus_1")
+
+
+def test_alias_links_previous_id() -> None:
+    alias = ev(type="alias", name="Alias", previous_id="a9", user_id="cus_3")
+    assert device_of(alias) == "a9"
+    assert resolve(alias, None) == Resolution("cus_3", link="cus_3", first_link=True)
+
+
+def test_anonymous_ids_are_recognizable() -> None:
+    assert is_anonymous(anonymous_customer_id("x"))
+    assert not is_anonymous("cus_1")

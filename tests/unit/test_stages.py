@@ -1,0 +1,91 @@
+"""The stateful stages (dedupe, stitching, profile fold) driven with in-memory state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from pipeline.events import CleanEvent
+from pipeline.scoring import ScoringParams
+from pipeline.stream.stages import KIND_EVENT, KIND_LINK, KIND_RETIRE, StageConfig, fold, stitch
+from pipeline.testing import T0_MS, MemoryState, make_event
+
+CONFIG = StageConfig(dedupe_window=timedelta(hours=24), history_limit=3, scoring=ScoringParams())
+HOUR = 3_600_000
+
+
+def anon(name: str = "Product Viewed", ts: int = T0_MS, **kw: Any) -> CleanEvent:
+    return make_event(name, ts, user_id=None, customer_id=None, anonymous_id="dev1", **kw)
+
+
+def device_state(store: dict[Any, Any], ts: int) -> MemoryState:
+    s = MemoryState(store, "dev1")
+    s.timestamp_ms = ts
+    return s
+
+
+def test_duplicate_message_id_is_dropped_within_the_window_only() -> None:
+    store: dict[Any, Any] = {}
+    e = anon()
+    assert stitch(e, device_state(store, T0_MS), CONFIG)
+    assert stitch(e, device_state(store, T0_MS + 23 * HOUR), CONFIG) == []
+    # after the window (on broker time) the id is forgotten
+    assert stitch(e, device_state(store, T0_MS + 25 * HOUR), CONFIG)
+
+
+def test_first_login_merges_anonymous_history_and_retires_the_anonymous_profile() -> None:
+    store: dict[Any, Any] = {}
+    views = [anon(ts=T0_MS + i) for i in range(2)]
+    for v in views:
+        out = stitch(v, device_state(store, T0_MS), CONFIG)
+        assert [r["event"]["customer_id"] for r in out] == ["anon:dev1"]
+    login = make_event(
+        "Identify", T0_MS + 10, anonymous_id="dev1", user_id="cus_1", customer_id=None
+    )
+    out = stitch(login, device_state(store, T0_MS), CONFIG)
+    kinds = [r["kind"] for r in out]
+    assert kinds == [KIND_EVENT, KIND_EVENT, KIND_RETIRE, KIND_LINK, KIND_EVENT]
+    merged = [r["event"] for r in out[:2]]
+    assert [m["message_id"] for m in merged] == [v.message_id for v in views]
+    assert all(m["customer_id"] == "cus_1" and m["merged_from"] == "anon:dev1" for m in merged)
+    assert out[2]["customer_id"] == "anon:dev1" and out[2]["merged_into"] == "cus_1"
+    assert out[3]["merged_events"] == 2 and out[3]["via_message_id"] == login.message_id
+    # afterwards anonymous events of the device go straight to the customer, nothing buffered
+    later = stitch(anon(ts=T0_MS + 20), device_state(store, T0_MS), CONFIG)
+    assert [r["event"]["customer_id"] for r in later] == ["cus_1"]
+
+
+def test_history_beyond_the_limit_is_not_buffered() -> None:
+    store: dict[Any, Any] = {}
+    for i in range(5):
+        stitch(anon(ts=T0_MS + i), device_state(store, T0_MS), CONFIG)
+    login = make_event("Logged In", T0_MS + 10, anonymous_id="dev1", user_id="cus_1")
+    out = stitch(login, device_state(store, T0_MS), CONFIG)
+    assert sum(1 for r in out if r["kind"] == KIND_EVENT and r["event"].get("merged_from")) == 3
+
+
+def test_fold_counts_each_message_once_and_retires() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    cust.timestamp_ms = T0_MS
+    e = make_event("Product Viewed", T0_MS, customer_id="cus_1", category="dresses")
+    record = {"kind": KIND_EVENT, "event": e.to_dict()}
+    first = fold(record, cust, CONFIG, now_ms=T0_MS)
+    assert first is not None and first["profile"]["event_count"] == 1
+    assert fold(record, cust, CONFIG, now_ms=T0_MS) is None  # a replayed record
+    second = replace(e, message_id="other")
+    out = fold({"kind": KIND_EVENT, "event": second.to_dict()}, cust, CONFIG, now_ms=T0_MS)
+    assert out is not None and out["profile"]["event_count"] == 2
+
+    anon_state = MemoryState(store, "anon:dev1")
+    fold(
+        {"kind": KIND_EVENT, "event": anon().to_dict() | {"customer_id": "anon:dev1"}},
+        anon_state,
+        CONFIG,
+        now_ms=T0_MS,
+    )
+    retire = {"kind": KIND_RETIRE, "customer_id": "anon:dev1", "merged_into": "cus_1"}
+    retired = fold(retire, anon_state, CONFIG, now_ms=T0_MS)
+    assert retired is not None and retired["profile"]["merged_into"] == "cus_1"
+    assert fold(retire, anon_state, CONFIG, now_ms=T0_MS) is None

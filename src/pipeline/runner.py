@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from pipeline.broker import broker_for, client_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.metrics import StreamMetrics
-from pipeline.schemas import SchemaRegistry
+from pipeline.schemas import default_registry
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, Simulation, SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse
@@ -121,7 +121,7 @@ def process_until_idle(
 ) -> None:
     """Run the processor in this thread until it consumed ``expected_raw`` raw messages and
     nothing moved for ``idle_s`` (every checkpoint flushed); ``feed`` runs in a thread."""
-    registry = SchemaRegistry.load()
+    registry = default_registry()
     app = build_application(
         run.settings,
         run.address,

@@ -69,7 +69,14 @@ class Settings(BaseSettings):
         "0", description="Stable id of this processor replica; makes its transactional.id stable."
     )
     processing_guarantee: ProcessingGuarantee = "exactly-once"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     commit_interval_s: float = Field(0.5, gt=0)
+    consumer_session_timeout_ms: int | None = Field(
+        None,
+        ge=1000,
+        description="Consumer group session timeout; unset = 3000 embedded (fast first "
+        "assignment), librdkafka's default for a cluster (brokers refuse < 6000 by default).",
+    )
     dedupe_window_hours: float = Field(24.0, gt=0)
     anonymous_history_limit: int = Field(
         1000, ge=0, description="Events kept per unidentified device for merging on login."

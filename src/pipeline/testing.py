@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import ALIAS_EVENT, IDENTIFY_EVENT, PAGE_EVENT, CleanEvent, Failure
 from pipeline.parsing import parse_event
-from pipeline.schemas import SchemaRegistry
+from pipeline.schemas import SchemaRegistry, default_registry
 from pipeline.settings import Settings
 from pipeline.stream.stages import KIND_LINK, fold, stitch
 
@@ -103,7 +103,7 @@ def replay(
     from pipeline.stream.topology import parse_limits, stage_config
 
     settings = settings or Settings()
-    registry = registry or SchemaRegistry.load()
+    registry = registry or default_registry()
     config = stage_config(settings)
     limits = parse_limits(settings)
     clock = now_ms if now_ms is not None else time.time_ns() // 1_000_000

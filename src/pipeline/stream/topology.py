@@ -83,6 +83,11 @@ def build_application(
         # A stable transactional.id lets a restarted replica fence and abort its predecessor's
         # open transaction; the embedded broker never times one out (see environment notes).
         producer_extra["transactional.id"] = f"{settings.consumer_group}-{settings.instance_id}"
+    consumer_config: dict[str, Any] = {"fetch.wait.max.ms": 20}
+    session_ms = settings.consumer_session_timeout_ms or (3000 if settings.embedded else None)
+    if session_ms:
+        consumer_config["session.timeout.ms"] = session_ms
+        consumer_config["heartbeat.interval.ms"] = max(100, session_ms // 6)
     app = Application(
         broker_address=ConnectionConfig.from_librdkafka_dict(client_config(settings, address)),
         consumer_group=settings.consumer_group,
@@ -90,10 +95,10 @@ def build_application(
         commit_interval=settings.commit_interval_s,
         processing_guarantee=settings.processing_guarantee,
         state_dir=settings.state_dir,
-        consumer_extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        consumer_extra_config=consumer_config,
         producer_extra_config=producer_extra,
         consumer_poll_timeout=0.2,
-        loglevel="WARNING",
+        loglevel=settings.log_level,
     )
     topic_config = TopicConfig(
         num_partitions=settings.partitions,

@@ -1,0 +1,145 @@
+"""The `pipeline` command as a user runs it: real processes, real broker, real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.catalog import load_catalog
+from pipeline.runner import simulate_for
+from pipeline.settings import Settings
+from pipeline.stores.local import LocalWarehouse
+
+pytestmark = pytest.mark.integration
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PIPELINE_HOME"] = str(home)
+    env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
+    return env
+
+
+def _pipeline(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = subprocess.run(
+        _pipeline("demo", "--events", "3000", "--seed", "5", "--json"),
+        env=_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    for key in (
+        "events_produced",
+        "events_valid",
+        "dead_lettered",
+        "duplicates_dropped",
+        "customers",
+        "identities_merged",
+        "throughput_eps",
+        "latency_ms",
+    ):
+        assert key in summary
+    assert summary["events_produced"] == 3000
+    for measured in (
+        "events_valid",
+        "dead_lettered",
+        "duplicates",
+        "events_stored",
+        "customers",
+        "anonymous_profiles",
+        "identities_linked",
+    ):
+        truth_key = f"{measured}_truth"
+        got = summary[measured if measured != "duplicates" else "duplicates_dropped"]
+        assert got == summary[truth_key], measured
+    assert summary["throughput_eps"] > 0
+    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+
+    # the stores outlive the run: `pipeline profile` reads them afterwards
+    with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+        customer = wh.query(
+            "SELECT customer_id FROM profiles WHERE is_anonymous = 0 AND merged_into IS NULL "
+            "ORDER BY event_count DESC LIMIT 1"
+        )["customer_id"][0]
+    shown = subprocess.run(
+        _pipeline("profile", customer, "--json"),
+        env=_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["customer_id"] == customer
+    missing = subprocess.run(
+        _pipeline("profile", "nobody"),
+        env=_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1
+    assert "no profile" in missing.stderr
+
+
+def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    up = subprocess.Popen(
+        _pipeline("up"),
+        env=_env(home),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (home / "broker.json").exists():
+            assert up.poll() is None, up.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "pipeline up did not start its broker"
+            time.sleep(0.2)
+        sent = subprocess.run(
+            _pipeline("simulate", "--events", "1500", "--seed", "3"),
+            env=_env(home),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        # the same seeded simulation, to know what must arrive
+        sim = simulate_for(Settings(home=home), 1500, 3, load_catalog())
+        expected = sum(sim.ground_truth.expected_event_counts.values())
+        # another process reads the warehouse while the processor writes to it
+        stored = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if (home / "warehouse.sqlite").exists():
+                with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+                    stored = wh.counts()["events"]
+                if stored >= expected:
+                    break
+            time.sleep(0.5)
+        assert stored == expected
+    finally:
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err[-3000:]
+    assert "stopped" in err
+    assert not (home / "broker.json").exists()

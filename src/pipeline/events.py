@@ -169,8 +169,10 @@ class CleanEvent:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> CleanEvent:
-        items = tuple(LineItem(**i) for i in d.get("items") or ())
-        return CleanEvent(**{**d, "items": items})
+        """Inverse of :meth:`to_dict`; keys that are not fields (a record's ``kind``) are ignored."""
+        values = {k: d[k] for k in _CLEAN_EVENT_FIELDS if k in d}
+        values["items"] = tuple(LineItem(**i) for i in d.get("items") or ())
+        return CleanEvent(**values)
 
 
 def iso_to_ms(value: str) -> int:

@@ -32,10 +32,19 @@ class TopicNames(BaseModel):
     clean: str = "events.clean"
     profiles: str = "profiles.updates"
     identities: str = "identities.links"
+    by_device: str = "events.by_device"
     attributed: str = "events.attributed"
 
     def all(self) -> tuple[str, ...]:
-        return (self.raw, self.dlq, self.clean, self.profiles, self.identities, self.attributed)
+        return (
+            self.raw,
+            self.dlq,
+            self.clean,
+            self.profiles,
+            self.identities,
+            self.by_device,
+            self.attributed,
+        )
 
 
 class Settings(BaseSettings):

@@ -14,10 +14,11 @@ from typing import Any
 
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import ALIAS_EVENT, IDENTIFY_EVENT, PAGE_EVENT, CleanEvent, Failure
+from pipeline.identity import is_anonymous
 from pipeline.parsing import parse_event
 from pipeline.schemas import SchemaRegistry, default_registry
 from pipeline.settings import Settings
-from pipeline.stream.stages import KIND_LINK, fold, stitch
+from pipeline.stream.stages import KIND_LINK, KIND_PROFILE, fold, stitch
 
 # Monday 2024-01-01 00:00:00 UTC: a week start, so hour-of-week bins read off directly.
 T0_MS = 1_704_067_200_000
@@ -81,10 +82,24 @@ class ReplayResult:
     """What :func:`replay` produced: the same records the stream writes to its topics."""
 
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events_by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
     duplicates_dropped: int = 0
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Clean events as the warehouse keeps them: once per messageId, known customer wins."""
+        return list(self.events_by_id.values())
+
+
+def _keep_attribution(events: dict[str, dict[str, Any]], event: dict[str, Any]) -> None:
+    """Insert-once per messageId, upgrading an anonymous attribution (the warehouse's rule)."""
+    current = events.get(event["message_id"])
+    if current is None or (
+        is_anonymous(current["customer_id"]) and not is_anonymous(event["customer_id"])
+    ):
+        events[event["message_id"]] = event
 
 
 def replay(
@@ -135,13 +150,11 @@ def replay(
             if record["kind"] == KIND_LINK:
                 result.links.append(record)
                 continue
-            customer = record.get("customer_id") or record["event"]["customer_id"]
-            customer_state = MemoryState(store, "customer:" + customer)
+            customer_state = MemoryState(store, "customer:" + record["customer_id"])
             customer_state.timestamp_ms = ingested
-            folded = fold(record, customer_state, config, now_ms=ingested)
-            if folded is None:
-                continue
-            result.profiles[folded["profile"]["customer_id"]] = folded["profile"]
-            if "event" in folded:
-                result.events.append(folded["event"])
+            for out in fold(record, customer_state, config, now_ms=ingested):
+                if out["kind"] == KIND_PROFILE:
+                    result.profiles[out["customer_id"]] = out
+                else:
+                    _keep_attribution(result.events_by_id, out)
     return result

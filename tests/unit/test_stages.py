@@ -8,7 +8,15 @@ from typing import Any
 
 from pipeline.events import CleanEvent
 from pipeline.scoring import ScoringParams
-from pipeline.stream.stages import KIND_EVENT, KIND_LINK, KIND_RETIRE, StageConfig, fold, stitch
+from pipeline.stream.stages import (
+    KIND_EVENT,
+    KIND_LINK,
+    KIND_PROFILE,
+    KIND_RETIRE,
+    StageConfig,
+    fold,
+    stitch,
+)
 from pipeline.testing import T0_MS, MemoryState, make_event
 
 CONFIG = StageConfig(dedupe_window=timedelta(hours=24), history_limit=3, scoring=ScoringParams())
@@ -39,21 +47,21 @@ def test_first_login_merges_anonymous_history_and_retires_the_anonymous_profile(
     views = [anon(ts=T0_MS + i) for i in range(2)]
     for v in views:
         out = stitch(v, device_state(store, T0_MS), CONFIG)
-        assert [r["event"]["customer_id"] for r in out] == ["anon:dev1"]
+        assert [r["customer_id"] for r in out] == ["anon:dev1"]
     login = make_event(
         "Identify", T0_MS + 10, anonymous_id="dev1", user_id="cus_1", customer_id=None
     )
     out = stitch(login, device_state(store, T0_MS), CONFIG)
     kinds = [r["kind"] for r in out]
     assert kinds == [KIND_EVENT, KIND_EVENT, KIND_RETIRE, KIND_LINK, KIND_EVENT]
-    merged = [r["event"] for r in out[:2]]
+    merged = out[:2]
     assert [m["message_id"] for m in merged] == [v.message_id for v in views]
     assert all(m["customer_id"] == "cus_1" and m["merged_from"] == "anon:dev1" for m in merged)
     assert out[2]["customer_id"] == "anon:dev1" and out[2]["merged_into"] == "cus_1"
     assert out[3]["merged_events"] == 2 and out[3]["via_message_id"] == login.message_id
     # afterwards anonymous events of the device go straight to the customer, nothing buffered
     later = stitch(anon(ts=T0_MS + 20), device_state(store, T0_MS), CONFIG)
-    assert [r["event"]["customer_id"] for r in later] == ["cus_1"]
+    assert [r["customer_id"] for r in later] == ["cus_1"]
 
 
 def test_history_beyond_the_limit_is_not_buffered() -> None:
@@ -62,7 +70,7 @@ def test_history_beyond_the_limit_is_not_buffered() -> None:
         stitch(anon(ts=T0_MS + i), device_state(store, T0_MS), CONFIG)
     login = make_event("Logged In", T0_MS + 10, anonymous_id="dev1", user_id="cus_1")
     out = stitch(login, device_state(store, T0_MS), CONFIG)
-    assert sum(1 for r in out if r["kind"] == KIND_EVENT and r["event"].get("merged_from")) == 3
+    assert sum(1 for r in out if r["kind"] == KIND_EVENT and r.get("merged_from")) == 3
 
 
 def test_fold_counts_each_message_once_and_retires() -> None:
@@ -70,22 +78,18 @@ def test_fold_counts_each_message_once_and_retires() -> None:
     cust = MemoryState(store, "cus_1")
     cust.timestamp_ms = T0_MS
     e = make_event("Product Viewed", T0_MS, customer_id="cus_1", category="dresses")
-    record = {"kind": KIND_EVENT, "event": e.to_dict()}
+    record = {**e.to_dict(), "kind": KIND_EVENT}
     first = fold(record, cust, CONFIG, now_ms=T0_MS)
-    assert first is not None and first["profile"]["event_count"] == 1
-    assert fold(record, cust, CONFIG, now_ms=T0_MS) is None  # a replayed record
-    second = replace(e, message_id="other")
-    out = fold({"kind": KIND_EVENT, "event": second.to_dict()}, cust, CONFIG, now_ms=T0_MS)
-    assert out is not None and out["profile"]["event_count"] == 2
+    assert [r["kind"] for r in first] == [KIND_EVENT, KIND_PROFILE]
+    assert first[1]["event_count"] == 1
+    assert fold(record, cust, CONFIG, now_ms=T0_MS) == []  # a replayed record
+    second = {**replace(e, message_id="other").to_dict(), "kind": KIND_EVENT}
+    assert fold(second, cust, CONFIG, now_ms=T0_MS)[1]["event_count"] == 2
 
     anon_state = MemoryState(store, "anon:dev1")
-    fold(
-        {"kind": KIND_EVENT, "event": anon().to_dict() | {"customer_id": "anon:dev1"}},
-        anon_state,
-        CONFIG,
-        now_ms=T0_MS,
-    )
+    anon_event = {**anon().to_dict(), "customer_id": "anon:dev1", "kind": KIND_EVENT}
+    fold(anon_event, anon_state, CONFIG, now_ms=T0_MS)
     retire = {"kind": KIND_RETIRE, "customer_id": "anon:dev1", "merged_into": "cus_1"}
     retired = fold(retire, anon_state, CONFIG, now_ms=T0_MS)
-    assert retired is not None and retired["profile"]["merged_into"] == "cus_1"
-    assert fold(retire, anon_state, CONFIG, now_ms=T0_MS) is None
+    assert len(retired) == 1 and retired[0]["merged_into"] == "cus_1"
+    assert fold(retire, anon_state, CONFIG, now_ms=T0_MS) == []

@@ -25,9 +25,12 @@ from pipeline.scoring import (
     profile_to_dict,
 )
 
+# Every record between and out of the stages is a flat dict tagged with its ``kind``.
 KIND_EVENT = "event"
 KIND_RETIRE = "retire"
 KIND_LINK = "link"
+KIND_PROFILE = "profile"
+KIND_DEAD_LETTER = "dead_letter"
 
 _SEEN = "seen:"
 _LINKED = "linked"
@@ -69,9 +72,10 @@ def first_sighting(state: KeyValueState, message_id: str, window: timedelta) -> 
 def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list[dict[str, Any]]:
     """Stage 1: dedupe and attribute one event to a customer (per-device state).
 
-    Returns the records to pass on: nothing for a duplicate; otherwise the event with its
-    ``customer_id``, preceded on a first link by the device's anonymous history (re-attributed,
-    with ``merged_from``), a ``retire`` record for the anonymous profile and a ``link`` record.
+    Returns the records to pass on: nothing for a duplicate; otherwise the event record with
+    its ``customer_id``, preceded on a first link by the device's anonymous history
+    (re-attributed, with ``merged_from``), a ``retire`` record for the anonymous profile and a
+    ``link`` record.
     """
     if not first_sighting(state, event.message_id, config.dedupe_window):
         return []
@@ -91,7 +95,8 @@ def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list
                 if past is not None:
                     past["customer_id"] = res.link
                     past["merged_from"] = anon_id
-                    out.append({"kind": KIND_EVENT, "event": past})
+                    past["kind"] = KIND_EVENT
+                    out.append(past)
                     merged += 1
             state.delete(_HISTORY_LEN)
             if n:
@@ -121,7 +126,8 @@ def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list
         if n < config.history_limit:
             state.set(f"{_HISTORY}{n}", wire)
             state.set(_HISTORY_LEN, n + 1)
-    out.append({"kind": KIND_EVENT, "event": wire})
+    wire["kind"] = KIND_EVENT
+    out.append(wire)
     return out
 
 
@@ -134,27 +140,26 @@ def load_profile(state: KeyValueState, customer_id: str) -> Profile:
 
 def fold(
     record: dict[str, Any], state: KeyValueState, config: StageConfig, *, now_ms: int
-) -> dict[str, Any] | None:
+) -> list[dict[str, Any]]:
     """Stage 2: apply one stage-1 record to the customer's profile (per-customer state).
 
-    Returns ``{"event": ..., "profile": ...}`` for an applied event, ``{"profile": ...}`` for a
-    retired anonymous profile, or None for a record already applied (a replay).
+    Returns the applied event and the updated profile (both tagged), only the profile for a
+    retired anonymous profile, or nothing for a record already applied (a replay).
     """
     if record["kind"] == KIND_RETIRE:
         profile = load_profile(state, record["customer_id"])
         if profile.merged_into == record["merged_into"]:
-            return None
+            return []
         profile.merged_into = record["merged_into"]
         profile.version += 1
         profile.updated_ms = now_ms
         stored = profile_to_dict(profile)
         state.set(_PROFILE, stored)
-        return {"profile": stored}
-    wire = record["event"]
-    if not first_sighting(state, wire["message_id"], config.dedupe_window):
-        return None
-    event = CleanEvent.from_dict(wire)
-    profile = load_profile(state, wire["customer_id"])
+        return [{**stored, "kind": KIND_PROFILE}]
+    if not first_sighting(state, record["message_id"], config.dedupe_window):
+        return []
+    event = CleanEvent.from_dict(record)
+    profile = load_profile(state, record["customer_id"])
     device = identity.device_of(event)
     if event.user_id is not None and device is not None:
         merge_provenance(
@@ -163,4 +168,4 @@ def fold(
     apply_event(profile, event, config.scoring, processed_ms=now_ms)
     stored = profile_to_dict(profile)
     state.set(_PROFILE, stored)
-    return {"event": wire, "profile": stored}
+    return [record, {**stored, "kind": KIND_PROFILE}]

@@ -1,18 +1,19 @@
 """The quixstreams topology: wires parsing, stitching and scoring; holds no business rules.
 
-events.raw ─ parse+validate ─┬─▶ events.dlq (+ dead_letters table)
-                             └─ enrich ─ group_by(device) ─ stitch (dedupe, identity)
-                                   ├─▶ identities.links (+ identity_links table)
-                                   └─▶ events.attributed (keyed by customer)
-                                        ─ fold (profile scoring)
-                                         ├─▶ events.clean (+ events table)
-                                         └─▶ profiles.updates (+ profiles table)
+    events.raw ─ parse+validate+enrich ─┬─▶ events.dlq             (+ dead_letters table)
+                                        └─▶ events.by_device       (keyed by device)
+    events.by_device ─ stitch: dedupe, identity ─┬─▶ identities.links  (+ identity_links table)
+                                                 └─▶ events.attributed (keyed by customer)
+    events.attributed ─ fold: replay guard, profile scoring ─┬─▶ events.clean    (+ events table)
+                                                             └─▶ profiles.updates (+ profiles table)
+
+Three consumer stages in one application; a real cluster can run several replicas of it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,7 +30,15 @@ from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import SchemaRegistry
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
-from pipeline.stream.stages import KIND_LINK, StageConfig, fold, stitch
+from pipeline.stream.stages import (
+    KIND_DEAD_LETTER,
+    KIND_EVENT,
+    KIND_LINK,
+    KIND_PROFILE,
+    StageConfig,
+    fold,
+    stitch,
+)
 
 
 def _now_ms() -> int:
@@ -37,16 +46,31 @@ def _now_ms() -> int:
 
 
 class WarehouseSink(BatchingSink):
-    """Writes one kind of record to the local warehouse at every checkpoint (idempotently)."""
+    """Writes a stage's records of the given kinds to the local warehouse at every checkpoint."""
 
     def __init__(
         self,
         warehouse: LocalWarehouse,
         write: Callable[[LocalWarehouse, list[dict[str, Any]]], None],
+        kinds: frozenset[str],
     ) -> None:
         super().__init__()
         self._warehouse = warehouse
         self._write = write
+        self._kinds = kinds
+
+    def add(
+        self,
+        value: Any,
+        key: Any,
+        timestamp: int,
+        headers: Any,
+        topic: str,
+        partition: int,
+        offset: int,
+    ) -> None:
+        if value["kind"] in self._kinds:
+            super().add(value, key, timestamp, headers, topic, partition, offset)
 
     def write(self, batch: SinkBatch) -> None:
         self._write(self._warehouse, [item.value for item in batch])
@@ -138,9 +162,9 @@ def build_application(
         )
         if isinstance(result, Failure):
             metrics.dead_lettered[result.reason] += 1
-            return {"failure": result.to_dict()}
+            return {**result.to_dict(), "kind": KIND_DEAD_LETTER}
         metrics.valid += 1
-        return {"event": enrich(result, catalog).to_dict()}
+        return {**enrich(result, catalog).to_dict(), "kind": KIND_EVENT}
 
     def run_stitch(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.stitched_in += 1
@@ -157,64 +181,68 @@ def build_application(
                     metrics.events_merged += record["merged_events"]
         return out
 
-    def run_fold(value: dict[str, Any], state: Any) -> dict[str, Any] | None:
+    def run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.attributed_in += 1
-        result = fold(value, state, config, now_ms=_now_ms())
-        if result is None:
+        out = fold(value, state, config, now_ms=_now_ms())
+        if not out:
             metrics.replays_dropped += 1
         else:
             metrics.profile_updates += 1
-            metrics.clean_out += "event" in result
-        return result
+            metrics.clean_out += len(out) - 1
+        return out
 
-    def write_events(wh: LocalWarehouse, rows: list[dict[str, Any]]) -> None:
-        stored = wh.write_events(rows)
-        metrics.stored_events([r["ingested_ms"] for r in rows], stored)
+    def write(wh: LocalWarehouse, records: list[dict[str, Any]]) -> None:
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            by_kind.setdefault(r["kind"], []).append(r)
+        if events := by_kind.get(KIND_EVENT):
+            stored = wh.write_events(events)
+            metrics.stored_events([e["ingested_ms"] for e in events], stored)
+        if profiles := by_kind.get(KIND_PROFILE):
+            wh.write_profiles(profiles)
+            metrics.profiles_stored += len(profiles)
+        if failures := by_kind.get(KIND_DEAD_LETTER):
+            wh.write_dead_letters(failures)
+            metrics.dead_letters_stored += len(failures)
+        if links := by_kind.get(KIND_LINK):
+            wh.write_identity_links([{k: v for k, v in r.items() if k != "kind"} for r in links])
 
-    def write_profiles(wh: LocalWarehouse, rows: list[dict[str, Any]]) -> None:
-        wh.write_profiles(rows)
-        metrics.profiles_stored += len(rows)
-
-    def write_dead_letters(wh: LocalWarehouse, rows: list[dict[str, Any]]) -> None:
-        wh.write_dead_letters(rows)
-        metrics.dead_letters_stored += len(rows)
-
-    def write_links(wh: LocalWarehouse, rows: Sequence[dict[str, Any]]) -> None:
-        wh.write_identity_links([{k: v for k, v in r.items() if k != "kind"} for r in rows])
-
-    parsed = app.dataframe(raw).apply(parse, metadata=True)
-
-    failures = parsed.filter(lambda r: "failure" in r).apply(lambda r: r["failure"])
-    # keyed like the raw message it failed on (bytes, possibly not UTF-8)
-    failures.to_topic(
-        app.topic(names.dlq, key_serializer="bytes", value_serializer="json", config=topic_config)
-    )
-    failures.sink(WarehouseSink(warehouse, write_dead_letters))
-
-    events = parsed.filter(lambda r: "event" in r).apply(lambda r: r["event"])
-    by_device = events.group_by(
-        lambda e: e["anonymous_id"] or e["previous_id"] or e["user_id"], name="by_device"
-    )
-    stitched = by_device.apply(run_stitch, stateful=True, expand=True)
-
-    links = stitched.filter(lambda r: r["kind"] == KIND_LINK)
-    links.to_topic(out_topic(names.identities), key=lambda r: r["anonymous_id"])
-    links.sink(WarehouseSink(warehouse, write_links))
-
-    # quixstreams allows one group_by per dataframe: stage 2 reads an explicit topic instead
+    # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
+    # every record once per branch, so routing by kind instead of branching is cheaper.
+    dlq = out_topic(names.dlq)
+    by_device = out_topic(names.by_device)
     attributed = out_topic(names.attributed)
-    stitched.filter(lambda r: r["kind"] != KIND_LINK).to_topic(
-        attributed,
-        key=lambda r: r["customer_id"] if "customer_id" in r else r["event"]["customer_id"],
+    identities = out_topic(names.identities)
+    clean = out_topic(names.clean)
+    profiles = out_topic(names.profiles)
+
+    def route_parsed(value: dict[str, Any], *_: Any) -> Any:
+        return dlq if value["kind"] == KIND_DEAD_LETTER else by_device
+
+    def parsed_key(value: dict[str, Any]) -> Any:
+        if value["kind"] == KIND_DEAD_LETTER:
+            return value["key"]  # the raw message's key, decoded leniently
+        return value["anonymous_id"] or value["previous_id"] or value["user_id"]
+
+    (
+        app.dataframe(raw)
+        .apply(parse, metadata=True)
+        .to_topic(route_parsed, key=parsed_key)
+        .sink(WarehouseSink(warehouse, write, frozenset({KIND_DEAD_LETTER})))
     )
-    by_customer = app.dataframe(attributed)
-    folded = by_customer.apply(run_fold, stateful=True).filter(lambda r: r is not None)
-
-    clean = folded.filter(lambda r: "event" in r).apply(lambda r: r["event"])
-    clean.to_topic(out_topic(names.clean))
-    clean.sink(WarehouseSink(warehouse, write_events))
-
-    profiles = folded.apply(lambda r: r["profile"])
-    profiles.to_topic(out_topic(names.profiles))
-    profiles.sink(WarehouseSink(warehouse, write_profiles))
+    (
+        app.dataframe(by_device)
+        .apply(run_stitch, stateful=True, expand=True)
+        .to_topic(
+            lambda v, *_: identities if v["kind"] == KIND_LINK else attributed,
+            key=lambda v: v["anonymous_id"] if v["kind"] == KIND_LINK else v["customer_id"],
+        )
+        .sink(WarehouseSink(warehouse, write, frozenset({KIND_LINK})))
+    )
+    (
+        app.dataframe(attributed)
+        .apply(run_fold, stateful=True, expand=True)
+        .to_topic(lambda v, *_: profiles if v["kind"] == KIND_PROFILE else clean)
+        .sink(WarehouseSink(warehouse, write, frozenset({KIND_EVENT, KIND_PROFILE})))
+    )
     return app

@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/pipeline demo --events $(EVENTS)
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests workbench
 	$(BIN)/mypy
 
 test: install lint

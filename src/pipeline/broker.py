@@ -203,9 +203,21 @@ def reset_local_state(settings: Settings) -> None:
                     Path(f"{path}{suffix}").unlink()
 
 
+@dataclass(frozen=True)
+class BrokerHandle:
+    """The broker a run talks to; ``embedded`` is set when this process owns it."""
+
+    address: str
+    embedded: EmbeddedBroker | None
+
+    def alive(self) -> bool:
+        """False once an embedded broker has died (an external one is assumed alive)."""
+        return self.embedded is None or self.embedded.alive()
+
+
 @contextlib.contextmanager
-def broker_for(settings: Settings) -> Iterator[str]:
-    """Yield the address of the configured broker, starting an embedded one when none is set.
+def broker_for(settings: Settings) -> Iterator[BrokerHandle]:
+    """The configured broker, starting an embedded one when none is set.
 
     With an embedded broker the local state is reset first (see :func:`reset_local_state`).
     """
@@ -214,9 +226,9 @@ def broker_for(settings: Settings) -> Iterator[str]:
             settings.broker, timeout_s=30, config=client_config(settings, settings.broker)
         )
         ensure_topics(settings, settings.broker)
-        yield settings.broker
+        yield BrokerHandle(settings.broker, None)
         return
     reset_local_state(settings)
     with EmbeddedBroker.start() as broker:
         ensure_topics(settings, broker.address)
-        yield broker.address
+        yield BrokerHandle(broker.address, broker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +50,7 @@ def demo(
 ) -> None:
     """Simulate a fashion retailer, run it through broker, processor and stores, and summarize."""
     from pipeline.runner import (
+        emit_triggers,
         pipeline_run,
         process_until_idle,
         produce_messages,
@@ -83,6 +85,7 @@ def demo(
         process_until_idle(run, expected_raw=events, feed=feed, on_tick=tick)
         produced.close()
         processed.close()
+        emit_triggers(run)
         summary = summarize(run, sim, produce_s=produce_s[0] if produce_s else float("nan"))
     summary["home"] = str(settings.home)
     if as_json:
@@ -109,29 +112,54 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @app.command()
-def up(home: HomeOption = None) -> None:
-    """Run broker (embedded unless PIPELINE_BROKER is set) and processor until Ctrl-C."""
-    from pipeline.runner import pipeline_run
-    from pipeline.schemas import SchemaRegistry
-    from pipeline.stream.topology import build_application
+def up(
+    collector: Annotated[
+        bool, typer.Option(help="Also serve the HTTP collector (PIPELINE_COLLECTOR__PORT).")
+    ] = True,
+    workbench: Annotated[
+        bool, typer.Option(help="Also serve the Streamlit workbench (PIPELINE_WORKBENCH_PORT).")
+    ] = True,
+    api: Annotated[
+        bool, typer.Option("--api/--no-api", help="Also serve the API (PIPELINE_API__PORT).")
+    ] = True,
+    home: HomeOption = None,
+) -> None:
+    """Run broker (embedded unless PIPELINE_BROKER is set), processor, collector, API and
+    workbench until Ctrl-C."""
+    from pipeline.runner import Run, serve
 
     settings = _settings(home)
-    with pipeline_run(settings) as run:
-        console.print(
-            f"[bold]pipeline up[/]: broker {run.address} "
-            f"({'embedded' if settings.embedded else 'external'}), home {settings.home}\n"
-            f"send traffic: PIPELINE_BROKER={run.address} pipeline simulate --events 10000\n"
-            "Ctrl-C stops cleanly."
-        )
-        application = build_application(
-            settings,
-            run.address,
-            catalog=run.catalog,
-            registry=SchemaRegistry.load(),
-            warehouse=run.warehouse,
-            metrics=run.metrics,
-        )
-        application.run()
+    services = []
+    if collector:
+        from pipeline.collector.server import serve_in_thread
+
+        def start_collector(run: Run) -> Any:
+            stop = serve_in_thread(run.settings, run.address)
+            cfg = run.settings.collector
+            console.print(f"collector: http://{cfg.host}:{cfg.port}/v1/batch")
+            return stop
+
+        services.append(start_collector)
+    if api:
+        from pipeline.api.server import serve_api_in_thread
+
+        def start_api(run: Run) -> Any:
+            running = serve_api_in_thread(run.settings)
+            console.print(f"api: {running.url}/docs")
+            return running
+
+        services.append(start_api)
+    if workbench:
+
+        def start_workbench(run: Run) -> Any:
+            from pipeline.workbench_process import start_workbench
+
+            stop, url = start_workbench(run.settings)
+            console.print(f"workbench: {url}")
+            return stop
+
+        services.append(start_workbench)
+    serve(settings, announce=lambda line: console.print(line), services=services)
     console.print("stopped")
 
 
@@ -140,20 +168,31 @@ def simulate(
     events: Annotated[int, typer.Option("--events", "-n", min=1)] = 10_000,
     seed: Annotated[int, typer.Option()] = 42,
     rate: Annotated[float, typer.Option(min=0, help="messages/s, 0 = as fast as possible")] = 0.0,
+    via_http: Annotated[
+        str | None,
+        typer.Option(help="Send through a collector (e.g. http://127.0.0.1:8088), not to Kafka."),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
-    """Send simulated traffic to the broker of a running `pipeline up` (or PIPELINE_BROKER)."""
+    """Send simulated traffic to a running `pipeline up` (Kafka, or its collector over HTTP)."""
     from pipeline.catalog import load_catalog
-    from pipeline.runner import BROKER_FILE, produce_messages, simulate_for
+    from pipeline.runner import produce_messages, simulate_for
 
     settings = _settings(home)
-    address = settings.broker
-    if address is None:
-        marker = settings.home / BROKER_FILE
-        if not marker.exists():
-            raise PipelineError("no broker: start `pipeline up` first or set PIPELINE_BROKER")
-        address = json.loads(marker.read_text())["address"]
     sim = simulate_for(settings, events, seed, load_catalog(settings.catalog_path))
+    if via_http is not None:
+        from pipeline.collector.client import send_via_http
+
+        key = next(iter(settings.collector.write_keys.values())).get_secret_value()
+        report = send_via_http(sim.messages, via_http, key)
+        console.print(
+            f"sent {events} messages to {via_http}: {report.accepted} accepted, "
+            f"rejected by reason: {report.rejected_by_code() or 'none'}"
+        )
+        return
+    from pipeline.collector.server import broker_address
+
+    address = broker_address(settings)
     with tqdm(total=events, desc="produced", unit="msg", disable=not sys.stderr.isatty()) as bar:
         seconds = produce_messages(
             settings, address, sim.messages, rate=rate or None, on_progress=bar.update
@@ -188,7 +227,152 @@ def profile(
     Console().print(table)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Parameters: -p NAME VALUE (repeatable, as in papermill); VALUE is read as a Python "
+    "literal (42, 0.5, True, [500, 1000], 'text') or else taken as raw text.",
+)
+def report(
+    ctx: typer.Context,
+    notebook: Annotated[
+        Path, typer.Argument(help="Notebook to run, e.g. notebooks/01_quickstart.ipynb.")
+    ],
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", help="Reports folder; a dated subfolder is made.")
+    ] = Path("reports"),
+) -> None:
+    """Execute a notebook with papermill into OUTPUT_DIR/<YYYY-MM-DD>/ and export it as HTML."""
+    from pipeline.reports import parameters_from_args, run_report
+
+    try:
+        parameters = parameters_from_args(ctx.args)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), ctx=ctx) from exc
+    result = run_report(notebook, parameters, output_dir)
+    console.print(f"report written: {result.notebook}\n                {result.html}")
+
+
+@app.command()
+def collect(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default: settings, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: settings, 8088).")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Run the HTTP collector (Segment tracking API) in front of `pipeline up`'s broker."""
+    from pipeline.collector.server import broker_address, serve
+
+    settings = _settings(home)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        collector = settings.collector.model_copy(update=overrides)
+        settings = settings.model_copy(update={"collector": collector})
+    address = broker_address(settings)
+    cfg = settings.collector
+    console.print(
+        f"[bold]pipeline collect[/]: http://{cfg.host}:{cfg.port}/v1/batch -> broker {address}, "
+        f"topic {settings.topics.raw}; sources: {', '.join(sorted(cfg.write_keys)) or 'none'}"
+    )
+    serve(settings, address)
+
+
+def _bigquery(settings: Settings) -> Any:
+    """The BigQuery warehouse when enabled in settings, else None."""
+    if not settings.bigquery.enabled:
+        return None
+    from pipeline.stores.bigquery import BigQueryWarehouse
+
+    return BigQueryWarehouse(settings.bigquery)
+
+
+@app.command()
+def retention(home: HomeOption = None) -> None:
+    """Delete expired raw events, dead letters and sent e-mails; set BigQuery partition expiry."""
+    from datetime import UTC, datetime
+
+    from pipeline.retention import apply_retention
+    from pipeline.stores.local import LocalWarehouse
+
+    settings = _settings(home)
+    now = datetime.now(UTC)
+    with LocalWarehouse(settings.warehouse_path) as wh:
+        deleted = apply_retention(wh, settings, now)
+    console.print(f"local warehouse, rows deleted: {deleted}")
+    bq = _bigquery(settings)
+    if bq is not None:
+        with bq:
+            days = apply_retention(bq, settings, now)
+            console.print(f"BigQuery partition expiration (days): {days}")
+
+
+@app.command()
+def forget(
+    customer_id: Annotated[str, typer.Argument(help="Customer id to forget (GDPR erasure).")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Only show the rows left about the customer.")
+    ] = False,
+    home: HomeOption = None,
+) -> None:
+    """Suppress a customer, delete them from every store and write an audit record."""
+    from pipeline.gdpr import forget as forget_customer
+    from pipeline.gdpr import is_suppressed, load_suppressed, verify_forgotten
+    from pipeline.stores.local import LocalWarehouse
+
+    settings = _settings(home)
+    bq = _bigquery(settings)
+    with LocalWarehouse(settings.warehouse_path) as wh:
+        if not verify:
+            report = forget_customer(customer_id, settings, warehouse=wh, bigquery=bq)
+            console.print(
+                f"forgot {customer_id}: {report.devices} devices, deleted {report.deleted}"
+            )
+        left = verify_forgotten(customer_id, settings, warehouse=wh, bigquery=bq)
+    suppressed = is_suppressed(load_suppressed(settings), customer_id=customer_id)
+    typer.echo(json.dumps({"customer_id": customer_id, "suppressed": suppressed, "rows": left}))
+    if verify and (any(left.values()) or not suppressed):
+        raise typer.Exit(1)
+
+
+@app.command("sync-crm")
+def sync_crm_command(home: HomeOption = None) -> None:
+    """Import new and changed CRM customers (CSV, SQLite) onto the crm.customers topic."""
+    from pipeline.collector.server import broker_address
+    from pipeline.sync import KafkaRecordProducer, sync_crm
+
+    settings = _settings(home)
+    producer = KafkaRecordProducer(settings, broker_address(settings))
+    for result in sync_crm(settings, producer):
+        console.print(f"{result.source}: {result.produced} records, watermark {result.watermark}")
+
+
+@app.command("api")
+def api(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default: settings, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: settings, 8090).")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Serve profiles, recommendations, send times and email previews over HTTP (FastAPI)."""
+    from pipeline.api.server import serve_api
+
+    settings = _settings(home)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
+    cfg = settings.api
+    console.print(
+        f"[bold]pipeline api[/]: http://{cfg.host}:{cfg.port}/docs over {settings.warehouse_path}; "
+        f"clients: {', '.join(sorted(cfg.api_keys)) or 'none'}"
+        + ("; JWT bearer tokens accepted" if cfg.jwt.enabled else "")
+    )
+    serve_api(settings)
+
+
 def main() -> None:
+    # a transitive import warns on every start; it is not ours to fix and only adds noise
+    warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

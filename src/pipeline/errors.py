@@ -33,3 +33,7 @@ class CatalogError(PipelineError):
 
 class ProfileNotFoundError(PipelineError):
     """No profile exists for the requested customer id."""
+
+
+class SegmentRuleError(PipelineError):
+    """A segment rule file is unreadable or a rule names an unknown field or operator."""

@@ -169,7 +169,7 @@ class CleanEvent:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> CleanEvent:
-        """Inverse of :meth:`to_dict`; keys that are not fields (a record's ``kind``) are ignored."""
+        """Inverse of :meth:`to_dict`; ignores keys that are not fields (a record's ``kind``)."""
         values = {k: d[k] for k in _CLEAN_EVENT_FIELDS if k in d}
         values["items"] = tuple(LineItem(**i) for i in d.get("items") or ())
         return CleanEvent(**values)

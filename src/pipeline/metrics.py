@@ -30,6 +30,8 @@ class StreamMetrics:
     attributed_out: int = 0
     attributed_in: int = 0
     clean_out: int = 0
+    segment_changes: int = 0
+    suppressed: int = 0
     events_stored: int = 0
     profiles_stored: int = 0
     dead_letters_stored: int = 0

@@ -13,18 +13,27 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Producer
 
-from pipeline.broker import broker_for, client_config
+from pipeline.broker import BrokerHandle, broker_for, client_config
 from pipeline.catalog import Catalog, load_catalog
+from pipeline.errors import PipelineError
+from pipeline.gdpr import load_suppressed
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, Simulation, SimulationConfig, default_end, simulate
-from pipeline.stores.local import LocalWarehouse
+from pipeline.stores.local import LocalWarehouse, WarehouseWriter
 from pipeline.stream.topology import build_application
+
+if TYPE_CHECKING:
+    from pipeline.delivery.client import EmailPlatform
+    from pipeline.stores.bigquery import BigQueryWarehouse
+    from pipeline.stream.trigger_delivery import TriggeredDelivery
+from pipeline.stream.trigger_scan import emit_due, scan_periodically
+from pipeline.triggers import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +98,67 @@ class Run:
     """One processor run's parts, for callers that drive it (demo, tests, notebooks)."""
 
     settings: Settings
-    address: str
+    broker: BrokerHandle
     catalog: Catalog
     warehouse: LocalWarehouse
     metrics: StreamMetrics = field(default_factory=StreamMetrics)
+    extra_warehouses: tuple[WarehouseWriter, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return self.broker.address
+
+
+def _bigquery(settings: Settings) -> tuple[BigQueryWarehouse, ...]:
+    """The BigQuery warehouse when enabled (production), schema ensured; else nothing."""
+    if not settings.bigquery.enabled:
+        return ()
+    from pipeline.retention import retention_days
+    from pipeline.stores.bigquery import BigQueryWarehouse
+
+    bq = BigQueryWarehouse(settings.bigquery)
+    bq.ensure_schema(retention_days(settings.retention))
+    return (bq,)
+
+
+def suppression_source(settings: Settings, ttl_s: float = 5.0) -> Callable[[], frozenset[str]]:
+    """The forgotten customers' hashed ids, re-read at most every ``ttl_s`` seconds."""
+    loaded_at = -float("inf")
+    current: frozenset[str] = frozenset()
+
+    def get() -> frozenset[str]:
+        nonlocal loaded_at, current
+        if time.monotonic() - loaded_at > ttl_s:
+            current, loaded_at = load_suppressed(settings), time.monotonic()
+        return current
+
+    return get
 
 
 @contextmanager
 def pipeline_run(settings: Settings) -> Iterator[Run]:
     """Broker (embedded unless configured), topics, catalog and warehouse for one run."""
     catalog = load_catalog(settings.catalog_path)
-    with broker_for(settings) as address:
+    with broker_for(settings) as broker:
         settings.home.mkdir(parents=True, exist_ok=True)
-        (settings.home / BROKER_FILE).write_text(json.dumps({"address": address}))
+        pid = broker.embedded.process.pid if broker.embedded else None
+        (settings.home / BROKER_FILE).write_text(
+            json.dumps({"address": broker.address, "embedded_pid": pid})
+        )
         warehouse = LocalWarehouse(settings.warehouse_path)
+        extra = _bigquery(settings)
         try:
-            yield Run(settings=settings, address=address, catalog=catalog, warehouse=warehouse)
+            yield Run(
+                settings=settings,
+                broker=broker,
+                catalog=catalog,
+                warehouse=warehouse,
+                extra_warehouses=extra,
+            )
         finally:
             warehouse.close()
+            for wh in extra:
+                wh.close()
             (settings.home / BROKER_FILE).unlink(missing_ok=True)
 
 
@@ -129,6 +181,8 @@ def process_until_idle(
         registry=registry,
         warehouse=run.warehouse,
         metrics=run.metrics,
+        extra_warehouses=run.extra_warehouses,
+        suppressed=suppression_source(run.settings),
     )
     m = run.metrics
     errors: list[BaseException] = []
@@ -161,6 +215,120 @@ def process_until_idle(
     watcher.join()
     if errors:
         raise errors[0]
+
+
+def emit_triggers(run: Run) -> list[Trigger]:
+    """One trigger scan: produce what became due since the last scan (see pipeline.triggers)."""
+    producer = make_producer(run.settings, run.address)
+    return emit_due(run.warehouse, producer, run.settings.topics.triggers, run.settings.triggers)
+
+
+def trigger_delivery(
+    run: Run, producer: Producer, platform: EmailPlatform | None = None
+) -> TriggeredDelivery:
+    """Emails for triggers, sent through the configured platform (or ``platform``)."""
+    from pipeline.api.service import PersonalizationService
+    from pipeline.delivery.client import DeliveryClient
+    from pipeline.stream.trigger_delivery import TriggeredDelivery
+
+    return TriggeredDelivery(
+        service=PersonalizationService(
+            run.settings,
+            run.settings.warehouse_path,
+            catalog=run.catalog,
+            background_refresh=False,
+        ),
+        platform=platform or DeliveryClient(run.settings.delivery),
+        warehouse=run.warehouse,
+        producer=producer,
+        dlq_topic=run.settings.topics.email_dlq,
+    )
+
+
+def _process_while_broker_lives(
+    run: Run, *, services: Sequence[Callable[[Run], Callable[[], None]]] = ()
+) -> bool:
+    """Run the processor until it is stopped; True if it stopped because the broker died.
+
+    The trigger scan runs beside it, every ``settings.triggers.scan_interval_s``, and so do
+    ``services`` (each started with the run, returning its stop function).
+    """
+    producer = make_producer(run.settings, run.address)
+    params = run.settings.triggers
+    delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
+
+    def scan() -> None:
+        try:
+            fresh = emit_due(run.warehouse, producer, run.settings.topics.triggers, params)
+            if delivery is not None:
+                delivery.schedule(fresh)
+                delivery.deliver()
+        except PipelineError:
+            log.warning("trigger scan failed; retried at the next interval", exc_info=True)
+
+    app = build_application(
+        run.settings,
+        run.address,
+        catalog=run.catalog,
+        registry=default_registry(),
+        warehouse=run.warehouse,
+        metrics=run.metrics,
+        extra_warehouses=run.extra_warehouses,
+        suppressed=suppression_source(run.settings),
+    )
+    done = threading.Event()
+    broker_died = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(0.5):
+            if not run.broker.alive():
+                broker_died.set()
+                app.stop(fail=True)  # nothing to commit to: the topics are gone
+                return
+
+    stops = [start(run) for start in services]
+    threading.Thread(target=watchdog, name="broker-watchdog", daemon=True).start()
+    scan_periodically(scan, params.scan_interval_s, done)
+    try:
+        app.run()
+    except Exception:
+        if not broker_died.is_set():
+            raise
+        log.debug("processor stopped after the broker died", exc_info=True)
+    finally:
+        done.set()
+        for stop in reversed(stops):
+            stop()
+    return broker_died.is_set()
+
+
+def serve(
+    settings: Settings,
+    *,
+    announce: Callable[[str], None] = log.warning,
+    services: Sequence[Callable[[Run], Callable[[], None]]] = (),
+) -> None:
+    """Run broker and processor until interrupted (SIGINT/SIGTERM stop it cleanly).
+
+    If the embedded broker dies, its in-memory topics are gone: serving the old profiles would
+    be serving state that no topic can reproduce. The processor is stopped, local state is
+    wiped and a new broker is started, and this is announced; an external cluster's outages
+    are handled by the clients' retries instead.
+    """
+    while True:
+        with pipeline_run(settings) as run:
+            announce(
+                f"pipeline up: broker {run.address} "
+                f"({'embedded' if settings.embedded else 'external'}), home {settings.home}; "
+                f"send traffic with: PIPELINE_BROKER={run.address} pipeline simulate"
+            )
+            broker_died = _process_while_broker_lives(run, services=services)
+        if not broker_died:
+            return
+        announce(
+            "the embedded broker died and its topics are gone: processor state and local "
+            "stores were reset to stay consistent; starting a new broker"
+        )
 
 
 def simulate_for(settings: Settings, events: int, seed: int, catalog: Catalog) -> Simulation:
@@ -200,6 +368,20 @@ def summarize(run: Run, sim: Simulation, *, produce_s: float) -> dict[str, Any]:
         "identities_merged": m.identities_merged,
         "events_merged": m.events_merged,
         "replays_dropped": m.replays_dropped,
+        "segment_changes": m.segment_changes,
+        "segment_sizes": {
+            str(k): int(v)
+            for k, v in wh.query(
+                "SELECT segment, SUM(CASE change WHEN 'enter' THEN 1 ELSE -1 END) AS n "
+                "FROM segment_changes GROUP BY segment"
+            ).itertuples(index=False)
+        },
+        "triggers_emitted": {
+            str(k): int(v)
+            for k, v in wh.query(
+                "SELECT trigger, COUNT(*) FROM email_triggers GROUP BY trigger"
+            ).itertuples(index=False)
+        },
         "produce_s": round(produce_s, 2),
         "process_s": round(elapsed, 2),
         "throughput_eps": round(m.raw_in / elapsed, 1) if elapsed == elapsed and elapsed else None,

@@ -132,6 +132,7 @@ class Profile:
     updated_ms: int = 0
     # Event time of the newest Identify merged into traits, so a late one cannot overwrite it.
     traits_ms: int | None = None
+    segments: list[str] = field(default_factory=list)
 
 
 ITEM_EVENTS = frozenset({"Order Completed", "Cart Viewed", "Checkout Started"})
@@ -495,6 +496,7 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
         "version": p.version,
         "updated_ms": p.updated_ms,
         "traits_ms": p.traits_ms,
+        "segments": list(p.segments),
     }
 
 
@@ -534,4 +536,5 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         version=g("version", 0),
         updated_ms=g("updated_ms", 0),
         traits_ms=g("traits_ms"),
+        segments=list(g("segments") or ()),
     )

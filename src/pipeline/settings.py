@@ -13,7 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.api.config import ApiSettings
+from pipeline.collector.config import CollectorSettings
+from pipeline.delivery.config import DeliverySettings
 from pipeline.scoring import ScoringParams
+from pipeline.triggers import TriggerParams
 
 ProcessingGuarantee = Literal["exactly-once", "at-least-once"]
 
@@ -34,6 +38,10 @@ class TopicNames(BaseModel):
     identities: str = "identities.links"
     by_device: str = "events.by_device"
     attributed: str = "events.attributed"
+    segment_changes: str = "segments.changes"
+    triggers: str = "email.triggers"
+    email_dlq: str = "email.dlq"
+    crm_customers: str = "crm.customers"
 
     def all(self) -> tuple[str, ...]:
         return (
@@ -44,7 +52,52 @@ class TopicNames(BaseModel):
             self.identities,
             self.by_device,
             self.attributed,
+            self.segment_changes,
+            self.triggers,
+            self.email_dlq,
+            self.crm_customers,
         )
+
+
+class BigQuerySettings(BaseModel):
+    """The BigQuery warehouse: off unless ``enabled``; credentials from Google's ADC."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    project: str | None = Field(None, description="GCP project; unset = the ADC default.")
+    dataset: str = "pipeline"
+    location: str = "US"
+    api_endpoint: str | None = Field(
+        None, description="Override (e.g. an emulator's http://127.0.0.1:PORT): no credentials."
+    )
+    partition_expiration_days: int | None = Field(
+        None, ge=1, description="Expiry of every partitioned table; unset = per-table retention."
+    )
+    insert_batch_size: int = Field(500, ge=1, le=10_000)
+    retry_deadline_s: float = Field(120.0, gt=0)
+
+
+class RetentionSettings(BaseModel):
+    """Days raw-ish data is kept (unset = forever); applied by ``pipeline retention``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    events_days: int | None = Field(400, ge=1)
+    dead_letters_days: int | None = Field(30, ge=1)
+    sent_emails_days: int | None = Field(90, ge=1)
+
+
+class SyncSettings(BaseModel):
+    """CRM import sources: a CSV export and, optionally, a SQLite database table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    crm_csv_path: Path | None = Field(
+        default_factory=lambda: _repo_sample_data() / "crm_customers.csv"
+    )
+    crm_sqlite_path: Path | None = None
+    crm_sqlite_table: str = Field("customers", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Settings(BaseSettings):
@@ -94,6 +147,18 @@ class Settings(BaseSettings):
     max_future_skew_s: int = Field(86_400, ge=0)
     catalog_path: Path = Field(default_factory=lambda: _repo_sample_data() / "catalog.csv")
     scoring: ScoringParams = ScoringParams()
+    triggers: TriggerParams = TriggerParams()
+    workbench_host: str = "127.0.0.1"
+    workbench_port: int = Field(8501, ge=1, le=65535)
+    segments_path: Path | None = Field(
+        None, description="Segment rules (YAML); unset = the rules shipped in the package."
+    )
+    collector: CollectorSettings = CollectorSettings()
+    api: ApiSettings = ApiSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    bigquery: BigQuerySettings = BigQuerySettings()
+    retention: RetentionSettings = RetentionSettings()
+    sync: SyncSettings = SyncSettings()
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> Settings:

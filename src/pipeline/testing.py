@@ -18,7 +18,7 @@ from pipeline.identity import is_anonymous
 from pipeline.parsing import parse_event
 from pipeline.schemas import SchemaRegistry, default_registry
 from pipeline.settings import Settings
-from pipeline.stream.stages import KIND_LINK, KIND_PROFILE, fold, stitch
+from pipeline.stream.stages import KIND_LINK, KIND_PROFILE, KIND_SEGMENT_CHANGE, fold, stitch
 
 # Monday 2024-01-01 00:00:00 UTC: a week start, so hour-of-week bins read off directly.
 T0_MS = 1_704_067_200_000
@@ -85,6 +85,7 @@ class ReplayResult:
     events_by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
+    segment_changes: list[dict[str, Any]] = field(default_factory=list)
     duplicates_dropped: int = 0
 
     @property
@@ -155,6 +156,8 @@ def replay(
             for out in fold(record, customer_state, config, now_ms=ingested):
                 if out["kind"] == KIND_PROFILE:
                     result.profiles[out["customer_id"]] = out
+                elif out["kind"] == KIND_SEGMENT_CHANGE:
+                    result.segment_changes.append(out)
                 else:
                     _keep_attribution(result.events_by_id, out)
     return result

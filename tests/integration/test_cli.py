@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.broker import free_port
 from pipeline.catalog import load_catalog
 from pipeline.runner import simulate_for
 from pipeline.settings import Settings
@@ -20,10 +21,12 @@ from pipeline.stores.local import LocalWarehouse
 pytestmark = pytest.mark.integration
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, collector_port: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env["PIPELINE_HOME"] = str(home)
     env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
+    env["PIPELINE_API__PORT"] = "0"
+    env["PIPELINE_COLLECTOR__PORT"] = str(collector_port or free_port())
     return env
 
 
@@ -100,9 +103,10 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
 
 def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    port = free_port()
     up = subprocess.Popen(
-        _pipeline("up"),
-        env=_env(home),
+        _pipeline("up", "--no-workbench"),
+        env=_env(home, port),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -123,9 +127,34 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
             timeout=120,
         )
         assert sent.returncode == 0, sent.stderr
-        # the same seeded simulation, to know what must arrive
-        sim = simulate_for(Settings(home=home), 1500, 3, load_catalog())
-        expected = sum(sim.ground_truth.expected_event_counts.values())
+        # and as a browser or backend would: through the collector over HTTP
+        via_http = subprocess.run(
+            _pipeline(
+                "simulate",
+                "--events",
+                "800",
+                "--seed",
+                "4",
+                "--via-http",
+                f"http://127.0.0.1:{port}",
+            ),
+            env=_env(home),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert via_http.returncode == 0, via_http.stderr
+        assert "accepted" in via_http.stdout + via_http.stderr
+        # the same seeded simulations, to know what must arrive
+        expected = sum(
+            sum(
+                simulate_for(
+                    Settings(home=home), n, seed, load_catalog()
+                ).ground_truth.expected_event_counts.values()
+            )
+            for n, seed in ((1500, 3), (800, 4))
+        )
         # another process reads the warehouse while the processor writes to it
         stored = 0
         deadline = time.monotonic() + 90
@@ -143,3 +172,62 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
     assert up.returncode == 0, err[-3000:]
     assert "stopped" in err
     assert not (home / "broker.json").exists()
+
+
+def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    up = subprocess.Popen(
+        _pipeline("up", "--no-workbench"),
+        env=_env(home),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker = home / "broker.json"
+
+    def wait_for(predicate: object, what: str, limit: float = 90) -> None:
+        deadline = time.monotonic() + limit
+        while not predicate():  # type: ignore[operator]
+            assert up.poll() is None, up.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.3)
+
+    def stored() -> int:
+        if not (home / "warehouse.sqlite").exists():
+            return 0
+        with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+            return wh.counts()["events"]
+
+    def send(seed: int) -> None:
+        sent = subprocess.run(
+            _pipeline("simulate", "--events", "500", "--seed", str(seed)),
+            env=_env(home),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+
+    try:
+        wait_for(marker.exists, "no broker started")
+        first = json.loads(marker.read_text())
+        send(1)
+        wait_for(lambda: stored() > 0, "first traffic not processed")
+        os.kill(first["embedded_pid"], signal.SIGKILL)
+        # a new broker (new address) and wiped stores: nothing stale is served
+        wait_for(
+            lambda: (
+                marker.exists() and json.loads(marker.read_text())["address"] != first["address"]
+            ),
+            "no new broker after the old one died",
+        )
+        assert stored() == 0
+        send(2)
+        wait_for(lambda: stored() > 0, "traffic after the restart not processed")
+    finally:
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=60)
+    assert "embedded broker died" in err
+    assert up.returncode == 0, err[-3000:]

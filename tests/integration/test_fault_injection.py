@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import EmbeddedBroker, ensure_topics
+from pipeline.broker import EmbeddedBroker, ensure_topics, free_port
 from pipeline.catalog import load_catalog
 from pipeline.runner import produce_messages
 from pipeline.settings import Settings
@@ -58,6 +58,8 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
         PIPELINE_BROKER=broker.address,
         PIPELINE_CONSUMER_SESSION_TIMEOUT_MS="6000",
         PIPELINE_COMMIT_INTERVAL_S="0.5",
+        PIPELINE_COLLECTOR__PORT=str(free_port()),
+        PIPELINE_API__PORT="0",
     )
     settings = Settings(home=home, broker=broker.address)
     ensure_topics(settings, broker.address)
@@ -71,7 +73,7 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "up"],
+            [sys.executable, "-m", "pipeline", "up", "--no-workbench"],
             env=env,
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,

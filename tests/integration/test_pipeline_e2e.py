@@ -219,3 +219,136 @@ def _consume_all(settings: Settings, address: str, topic: str) -> list[dict[str,
             out.append(orjson.loads(msg.value()))
     consumer.close()
     return out
+
+
+def test_cart_abandonment_triggers_match_what_customers_did(outcome: Outcome) -> None:
+    """Triggered customers really left items in the cart (from the raw truth), at most once."""
+    import orjson
+
+    from pipeline.runner import emit_triggers
+    from pipeline.stream.trigger_scan import watermark
+
+    run, sim = outcome.run, outcome.sim
+    first = emit_triggers(run)
+    assert emit_triggers(run) == []  # a second scan finds nothing new
+    mark = watermark(run.warehouse)
+    assert mark is not None
+    params = run.settings.triggers
+    last_add: dict[str, int] = {}
+    last_order: dict[str, int] = {}
+    for m in sim.messages:
+        if m.kind != "valid" or m.true_customer_id.startswith("anon:"):
+            continue
+        name = orjson.loads(m.value).get("event")
+        book = (
+            last_add
+            if name == "Product Added"
+            else last_order
+            if name == "Order Completed"
+            else None
+        )
+        if book is not None:
+            book[m.true_customer_id] = max(book.get(m.true_customer_id, 0), m.timestamp_ms)
+    due_before = mark - int((params.cart_abandonment_minutes + params.grace_minutes) * 60_000)
+    candidates = {c for c, t in last_add.items() if t > last_order.get(c, 0) and t <= due_before}
+    triggered = {t.customer_id for t in first if t.trigger == "cart_abandonment"}
+    assert triggered <= candidates
+    assert len(triggered) >= 0.7 * len(candidates)  # the rest emptied their carts by hand
+    assert len({t.trigger_id for t in first}) == len(first)
+
+
+def test_crm_sync_flows_through_kafka_into_profiles_and_forgotten_customers_are_dropped(
+    settings: Settings,
+) -> None:
+    """CRM records reach the profile via crm.customers; a suppressed customer's events don't."""
+    import hashlib
+    import json
+
+    from pipeline.gdpr import suppression_path
+    from pipeline.simulate import RawMessage
+    from pipeline.sync import KafkaRecordProducer
+
+    now = datetime.now(UTC)
+
+    def event(i: int, user: str) -> RawMessage:
+        body = {
+            "type": "track",
+            "event": "Product Viewed",
+            "messageId": f"crm-{user}-{i}",
+            "userId": user,
+            "timestamp": now.isoformat(),
+            "context": {"sessionId": "s1", "device": {"type": "desktop"}},
+            "properties": {"product_id": "P00001"},
+        }
+        return RawMessage(
+            key=user.encode(),
+            value=json.dumps(body).encode(),
+            kind="valid",
+            message_id=body["messageId"],
+            true_customer_id=user,
+            malformed_reason=None,
+            timestamp_ms=0,
+            delivered_ms=0,
+        )
+
+    # cus_gone was forgotten before its events arrive (the suppression list holds hashes only)
+    suppression_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(b"cus_gone").hexdigest()
+    suppression_path(settings).write_text(json.dumps({"ids": [digest]}) + "\n")
+    messages = [event(i, "cus_kept") for i in range(3)] + [event(i, "cus_gone") for i in range(3)]
+    crm = {
+        "customer_id": "cus_kept",
+        "email": "  Kept@Example.COM ",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "timezone": "Europe/London",
+        "loyalty_tier": "gold",
+        "email_consent": True,
+        "updated_at": now.isoformat(),
+        "source": "test",
+    }
+    with pipeline_run(settings) as run:
+
+        def feed() -> None:
+            produce_messages(settings, run.address, messages)
+            producer = KafkaRecordProducer(settings, run.address)
+            producer.send("cus_kept", crm)
+            producer.flush()
+
+        process_until_idle(run, expected_raw=len(messages), feed=feed, idle_s=2.0, timeout_s=120)
+        traits = run.warehouse.get_profile("cus_kept")["traits"]
+        assert traits["email"] == "kept@example.com"
+        assert (traits["loyaltyTier"], traits["emailConsent"]) == ("gold", True)
+        assert run.warehouse.get_profile("cus_kept")["event_count"] == 3
+        assert run.metrics.suppressed == 3
+        gone = run.warehouse.scalar("SELECT COUNT(*) FROM events WHERE customer_id = 'cus_gone'")
+        assert gone == 0
+
+
+def test_triggers_become_rendered_emails_delivered_once_at_their_send_time(
+    outcome: Outcome,
+) -> None:
+    from pipeline.delivery.client import MemoryEmailPlatform
+    from pipeline.runner import make_producer, trigger_delivery
+    from pipeline.stream.trigger_scan import find_due
+
+    run = outcome.run
+    triggers = find_due(run.warehouse, run.settings.triggers)
+    assert triggers
+    platform = MemoryEmailPlatform()
+    delivery = trigger_delivery(run, make_producer(run.settings, run.address), platform)
+    now = [0]
+    delivery.clock_ms = lambda: now[0]
+    queued = delivery.schedule(triggers)
+    assert queued + delivery.stats.skipped_no_consent == len(triggers)
+    assert delivery.schedule(triggers) == 0  # the same as-of emails are not queued twice
+    now[0] = int(datetime.now(UTC).timestamp() * 1000)
+    early, _ = delivery.deliver()
+    assert early < queued  # optimized send times lie ahead: not everything is due at once
+    now[0] += 8 * 86_400_000  # a week later every send time has passed
+    delivery.deliver()
+    assert platform.calls == len(platform.sent) == queued  # each email sent exactly once
+    sent = run.warehouse.query("SELECT customer_id, campaign_id, html FROM sent_emails")
+    assert len(sent) == queued
+    assert set(sent.campaign_id) <= {"cart_abandonment", "browse_abandonment"}
+    assert all("unsubscribe" in html.lower() for html in sent.html)

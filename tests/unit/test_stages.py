@@ -93,3 +93,35 @@ def test_fold_counts_each_message_once_and_retires() -> None:
     retired = fold(retire, anon_state, CONFIG, now_ms=T0_MS)
     assert len(retired) == 1 and retired[0]["merged_into"] == "cus_1"
     assert fold(retire, anon_state, CONFIG, now_ms=T0_MS) == []
+
+
+def test_fold_emits_segment_enter_and_exit_in_event_time() -> None:
+    from pipeline.events import LineItem
+    from pipeline.segments import load_segments
+    from pipeline.stream.stages import KIND_SEGMENT_CHANGE
+
+    config = replace(CONFIG, segments=tuple(load_segments()))
+    state = MemoryState({}, "cus_1")
+    added = make_event(
+        "Product Added",
+        T0_MS,
+        customer_id="cus_1",
+        product_id="P1",
+        properties={"product_id": "P1", "quantity": 1},
+    )
+    out = fold({**added.to_dict(), "kind": KIND_EVENT}, state, config, now_ms=T0_MS)
+    changes = [r for r in out if r["kind"] == KIND_SEGMENT_CHANGE]
+    assert [(c["segment"], c["change"], c["at_ms"]) for c in changes] == [
+        ("cart_abandoners", "enter", T0_MS)
+    ]
+    order = make_event(
+        "Order Completed",
+        T0_MS + HOUR,
+        customer_id="cus_1",
+        revenue=50.0,
+        items=[LineItem("P1", 1, 50.0)],
+    )
+    out = fold({**order.to_dict(), "kind": KIND_EVENT}, state, config, now_ms=T0_MS)
+    changes = [(r["segment"], r["change"]) for r in out if r["kind"] == KIND_SEGMENT_CHANGE]
+    assert ("cart_abandoners", "exit") in changes
+    assert out[1]["segments"] == sorted(c for c, ch in changes if ch == "enter")

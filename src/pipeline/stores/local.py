@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
+from pipeline.pii import scrub_event
 
 SCHEMA_VERSION = 1
 
@@ -88,6 +89,38 @@ CREATE TABLE IF NOT EXISTS identity_links (
     merged_events  INTEGER NOT NULL,
     stored_ms      INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS segment_changes (
+    customer_id     TEXT NOT NULL,
+    segment         TEXT NOT NULL,
+    change          TEXT NOT NULL,
+    at_ms           INTEGER NOT NULL,
+    profile_version INTEGER NOT NULL,
+    stored_ms       INTEGER NOT NULL,
+    PRIMARY KEY (customer_id, profile_version, segment)
+);
+CREATE INDEX IF NOT EXISTS segment_changes_segment ON segment_changes (segment, at_ms);
+CREATE TABLE IF NOT EXISTS email_triggers (
+    trigger_id   TEXT PRIMARY KEY,
+    customer_id  TEXT NOT NULL,
+    trigger      TEXT NOT NULL,
+    due_ms       INTEGER NOT NULL,
+    emitted_ms   INTEGER NOT NULL,
+    context      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sent_emails (
+    email_id     TEXT PRIMARY KEY,
+    customer_id  TEXT NOT NULL,
+    campaign_id  TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    email_sha256 TEXT,
+    sent_ms      INTEGER NOT NULL,
+    sent_date    TEXT NOT NULL,
+    stored_ms    INTEGER NOT NULL,
+    html         TEXT NOT NULL,
+    text         TEXT NOT NULL,
+    snapshot     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_emails_customer ON sent_emails (customer_id, sent_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -130,6 +163,21 @@ ON CONFLICT (anonymous_id) DO UPDATE SET
     merged_events = excluded.merged_events, stored_ms = excluded.stored_ms
 WHERE excluded.linked_ms >= identity_links.linked_ms
 """
+
+
+_RETENTION_COLUMNS = frozenset(
+    {("events", "event_ts_ms"), ("dead_letters", "failed_ms"), ("sent_emails", "sent_ms")}
+)
+
+
+class WarehouseWriter(Protocol):
+    """What the processor's sinks write to: the local warehouse, BigQuery."""
+
+    def write_events(self, events: Sequence[Mapping[str, Any]]) -> int: ...
+    def write_profiles(self, profiles: Iterable[Mapping[str, Any]]) -> int: ...
+    def write_dead_letters(self, failures: Sequence[Mapping[str, Any]]) -> int: ...
+    def write_identity_links(self, links: Sequence[Mapping[str, Any]]) -> int: ...
+    def write_segment_changes(self, changes: Sequence[Mapping[str, Any]]) -> int: ...
 
 
 def _now_ms() -> int:
@@ -212,7 +260,7 @@ class LocalWarehouse:
                 "merged_from": e.get("merged_from"),
                 "ingested_ms": e["ingested_ms"],
                 "stored_ms": stored,
-                "payload": orjson.dumps(e).decode(),
+                "payload": orjson.dumps(scrub_event(e)).decode(),
             }
             for e in events
         ]
@@ -282,6 +330,40 @@ class LocalWarehouse:
             conn.executemany(_UPSERT_LINK, rows)
         return stored
 
+    def write_segment_changes(self, changes: Sequence[Mapping[str, Any]]) -> int:
+        """Insert segment enter/exit records once per (customer, profile version, segment)."""
+        stored = _now_ms()
+        rows = [
+            (c["customer_id"], c["segment"], c["change"], c["at_ms"], c["profile_version"], stored)
+            for c in changes
+        ]
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO segment_changes VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
+        return stored
+
+    def write_triggers(self, triggers: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Record emitted triggers once per trigger_id; returns the ids that were new."""
+        stored = _now_ms()
+        new: list[str] = []
+        with self._tx() as conn:
+            for t in triggers:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO email_triggers VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        t["trigger_id"],
+                        t["customer_id"],
+                        t["trigger"],
+                        t["due_ms"],
+                        stored,
+                        orjson.dumps(t.get("context", {})).decode(),
+                    ),
+                )
+                if cur.rowcount:
+                    new.append(t["trigger_id"])
+        return new
+
     def get_profile(self, customer_id: str) -> dict[str, Any]:
         """The stored profile of one customer, following a merged anonymous profile to its owner."""
         for _ in range(3):
@@ -314,5 +396,110 @@ class LocalWarehouse:
         """Row counts of every table (for summaries and health checks)."""
         return {
             t: int(self.scalar(f"SELECT COUNT(*) FROM {t}"))
-            for t in ("events", "profiles", "dead_letters", "identity_links")
+            for t in (
+                "events",
+                "profiles",
+                "dead_letters",
+                "identity_links",
+                "segment_changes",
+                "email_triggers",
+            )
         }
+
+    def write_sent_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
+        """Insert sent e-mails once per email_id (the address only as its SHA-256)."""
+        from pipeline.stores.bigquery import sent_email_row
+
+        stored = _now_ms()
+        rows = [sent_email_row(m, stored) for m in emails]
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO sent_emails VALUES (:email_id, :customer_id, :campaign_id,"
+                " :subject, :email_sha256, :sent_ms, :sent_date, :stored_ms, :html, :text,"
+                " :snapshot)",
+                rows,
+            )
+        return stored
+
+    def delete_older_than(self, table: str, time_column: str, cutoff_ms: int) -> int:
+        """Delete the rows of ``table`` whose ``time_column`` (epoch ms) is before the cutoff."""
+        if (table, time_column) not in _RETENTION_COLUMNS:
+            raise StoreError(f"no retention rule for {table}.{time_column}")
+        with self._tx() as conn:
+            return conn.execute(
+                f"DELETE FROM {table} WHERE {time_column} < ?", (cutoff_ms,)
+            ).rowcount
+
+    def _customer_conditions(
+        self, keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
+    ) -> dict[str, tuple[str, list[Any]]]:
+        k = ",".join("?" * len(keys))
+        a = ",".join("?" * len(anonymous_ids)) or "NULL"
+        texts = [f'"{i}"' for i in (user_id, *anonymous_ids)]
+        raw = " OR ".join("instr(raw_text, ?) > 0" for _ in texts)
+        out = {
+            "events": (
+                f"customer_id IN ({k}) OR user_id = ? OR anonymous_id IN ({a})",
+                [*keys, user_id, *anonymous_ids],
+            ),
+            "profiles": (f"customer_id IN ({k}) OR merged_into IN ({k})", [*keys, *keys]),
+            "identity_links": (
+                f"customer_id IN ({k}) OR anonymous_id IN ({a})",
+                [*keys, *anonymous_ids],
+            ),
+            "segment_changes": (f"customer_id IN ({k})", list(keys)),
+            "email_triggers": (f"customer_id IN ({k})", list(keys)),
+            "sent_emails": (f"customer_id IN ({k})", list(keys)),
+            "dead_letters": (
+                f"message_key IN ({k}) OR message_key IN ({a}) OR {raw}",
+                [*keys, *anonymous_ids, *texts],
+            ),
+        }
+        present = {
+            r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        return {t: c for t, c in out.items() if t in present}
+
+    def delete_customer(
+        self, keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
+    ) -> dict[str, int]:
+        """Delete every row about a customer and its devices (GDPR); rows deleted per table."""
+        conditions = self._customer_conditions(keys, anonymous_ids, user_id)
+        with self._tx() as conn:
+            deleted = {
+                t: conn.execute(f"DELETE FROM {t} WHERE {cond}", params).rowcount
+                for t, (cond, params) in conditions.items()
+            }
+            k = ",".join("?" * len(keys))
+            conn.execute(
+                "UPDATE identity_links SET previous_customer_id = NULL "
+                f"WHERE previous_customer_id IN ({k})",
+                list(keys),
+            )
+        return deleted
+
+    def count_customer_rows(
+        self, keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
+    ) -> dict[str, int]:
+        """Rows per table that still mention the customer (0 everywhere after forgetting)."""
+        conditions = self._customer_conditions(keys, anonymous_ids, user_id)
+        k = ",".join("?" * len(keys))
+        links, params = conditions["identity_links"]
+        conditions["identity_links"] = (
+            f"{links} OR previous_customer_id IN ({k})",
+            [*params, *keys],
+        )
+        return {
+            t: int(self.scalar(f"SELECT COUNT(*) FROM {t} WHERE {cond}", params))
+            for t, (cond, params) in conditions.items()
+        }
+
+    def linked_devices(self, customer_id: str) -> list[str]:
+        """The anonymous ids ever linked to or seen with a customer."""
+        rows = self._conn.execute(
+            "SELECT anonymous_id FROM identity_links WHERE customer_id = ? "
+            "UNION SELECT anonymous_id FROM events WHERE (user_id = ? OR customer_id = ?) "
+            "AND anonymous_id IS NOT NULL",
+            (customer_id, customer_id, customer_id),
+        ).fetchall()
+        return sorted(r[0] for r in rows)

@@ -24,6 +24,8 @@ from pipeline.scoring import (
     profile_from_dict,
     profile_to_dict,
 )
+from pipeline.segments import SegmentRule, diff, evaluate
+from pipeline.sync import merge_crm_record
 
 # Every record between and out of the stages is a flat dict tagged with its ``kind``.
 KIND_EVENT = "event"
@@ -31,6 +33,9 @@ KIND_RETIRE = "retire"
 KIND_LINK = "link"
 KIND_PROFILE = "profile"
 KIND_DEAD_LETTER = "dead_letter"
+KIND_SEGMENT_CHANGE = "segment_change"
+KIND_CRM = "crm"
+KIND_SUPPRESSED = "suppressed"
 
 _SEEN = "seen:"
 _LINKED = "linked"
@@ -54,6 +59,7 @@ class StageConfig:
     dedupe_window: timedelta
     history_limit: int
     scoring: ScoringParams
+    segments: tuple[SegmentRule, ...] = ()
 
 
 def first_sighting(state: KeyValueState, message_id: str, window: timedelta) -> bool:
@@ -156,6 +162,8 @@ def fold(
         stored = profile_to_dict(profile)
         state.set(_PROFILE, stored)
         return [{**stored, "kind": KIND_PROFILE}]
+    if record["kind"] == KIND_CRM:
+        return _apply_crm(record, state, now_ms=now_ms)
     if not first_sighting(state, record["message_id"], config.dedupe_window):
         return []
     event = CleanEvent.from_dict(record)
@@ -166,6 +174,50 @@ def fold(
             profile, device, linked_ms=event.timestamp_ms, via_message_id=event.message_id
         )
     apply_event(profile, event, config.scoring, processed_ms=now_ms)
+    changes = _update_segments(profile, config) if config.segments else []
     stored = profile_to_dict(profile)
     state.set(_PROFILE, stored)
-    return [record, {**stored, "kind": KIND_PROFILE}]
+    return [record, {**stored, "kind": KIND_PROFILE}, *changes]
+
+
+def _apply_crm(
+    record: dict[str, Any], state: KeyValueState, *, now_ms: int
+) -> list[dict[str, Any]]:
+    """Merge one CRM record into the profile's traits (precedence rules in pipeline.sync)."""
+    profile = load_profile(state, record["customer_id"])
+    traits = merge_crm_record(profile.traits, record, traits_updated_ms=profile.traits_ms)
+    if traits == profile.traits:
+        return []  # a re-sent or older record: nothing changes, no new version
+    profile.traits = traits
+    profile.timezone = traits.get("timezone") or profile.timezone
+    profile.version += 1
+    profile.updated_ms = now_ms
+    stored = profile_to_dict(profile)
+    state.set(_PROFILE, stored)
+    return [{**stored, "kind": KIND_PROFILE}]
+
+
+def _update_segments(profile: Profile, config: StageConfig) -> list[dict[str, Any]]:
+    """Re-evaluate segment membership as of the profile's newest event; enter/exit records.
+
+    Evaluated in event time, so a replay of the same events yields the same changes.
+    """
+    assert profile.as_of_ms is not None
+    before = frozenset(profile.segments)
+    after = evaluate(profile, profile.as_of_ms, config.segments, scoring=config.scoring)
+    if after == before:
+        return []
+    entered, exited = diff(before, after)
+    profile.segments = sorted(after)
+    return [
+        {
+            "kind": KIND_SEGMENT_CHANGE,
+            "customer_id": profile.customer_id,
+            "segment": name,
+            "change": change,
+            "at_ms": profile.as_of_ms,
+            "profile_version": profile.version,
+        }
+        for change, names in (("enter", entered), ("exit", exited))
+        for name in sorted(names)
+    ]

@@ -4,8 +4,10 @@
                                         └─▶ events.by_device       (keyed by device)
     events.by_device ─ stitch: dedupe, identity ─┬─▶ identities.links  (+ identity_links table)
                                                  └─▶ events.attributed (keyed by customer)
-    events.attributed ─ fold: replay guard, profile scoring ─┬─▶ events.clean    (+ events table)
-                                                             └─▶ profiles.updates (+ profiles table)
+    events.attributed ─ fold: replay guard, scoring, segments
+                        ├─▶ events.clean      (+ events table)
+                        ├─▶ profiles.updates  (+ profiles table)
+                        └─▶ segments.changes  (+ segment_changes table)
 
 Three consumer stages in one application; a real cluster can run several replicas of it.
 """
@@ -13,7 +15,7 @@ Three consumer stages in one application; a real cluster can run several replica
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence, Set
 from datetime import timedelta
 from typing import Any
 
@@ -25,16 +27,21 @@ from quixstreams.sinks import BatchingSink, SinkBatch
 from pipeline.broker import client_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import CleanEvent, Failure
+from pipeline.gdpr import is_suppressed
 from pipeline.metrics import StreamMetrics
 from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import SchemaRegistry
+from pipeline.segments import load_segments
 from pipeline.settings import Settings
-from pipeline.stores.local import LocalWarehouse
+from pipeline.stores.local import LocalWarehouse, WarehouseWriter
 from pipeline.stream.stages import (
+    KIND_CRM,
     KIND_DEAD_LETTER,
     KIND_EVENT,
     KIND_LINK,
     KIND_PROFILE,
+    KIND_SEGMENT_CHANGE,
+    KIND_SUPPRESSED,
     StageConfig,
     fold,
     stitch,
@@ -46,16 +53,12 @@ def _now_ms() -> int:
 
 
 class WarehouseSink(BatchingSink):
-    """Writes a stage's records of the given kinds to the local warehouse at every checkpoint."""
+    """Writes a stage's records of the given kinds to the warehouses at every checkpoint."""
 
     def __init__(
-        self,
-        warehouse: LocalWarehouse,
-        write: Callable[[LocalWarehouse, list[dict[str, Any]]], None],
-        kinds: frozenset[str],
+        self, write: Callable[[list[dict[str, Any]]], None], kinds: frozenset[str]
     ) -> None:
         super().__init__()
-        self._warehouse = warehouse
         self._write = write
         self._kinds = kinds
 
@@ -73,7 +76,7 @@ class WarehouseSink(BatchingSink):
             super().add(value, key, timestamp, headers, topic, partition, offset)
 
     def write(self, batch: SinkBatch) -> None:
-        self._write(self._warehouse, [item.value for item in batch])
+        self._write([item.value for item in batch])
 
 
 def stage_config(settings: Settings) -> StageConfig:
@@ -81,6 +84,7 @@ def stage_config(settings: Settings) -> StageConfig:
         dedupe_window=timedelta(hours=settings.dedupe_window_hours),
         history_limit=settings.anonymous_history_limit,
         scoring=settings.scoring,
+        segments=tuple(load_segments(settings.segments_path)),
     )
 
 
@@ -99,6 +103,8 @@ def build_application(
     registry: SchemaRegistry,
     warehouse: LocalWarehouse,
     metrics: StreamMetrics,
+    extra_warehouses: Sequence[WarehouseWriter] = (),
+    suppressed: Callable[[], Set[str]] = frozenset,
 ) -> Application:
     """Build the processor application for the broker at ``address``."""
     exactly_once = settings.processing_guarantee == "exactly-once"
@@ -163,6 +169,10 @@ def build_application(
         if isinstance(result, Failure):
             metrics.dead_lettered[result.reason] += 1
             return {**result.to_dict(), "kind": KIND_DEAD_LETTER}
+        if is_suppressed(suppressed(), user_id=result.user_id, anonymous_id=result.anonymous_id):
+            # a forgotten customer: dropped, not dead-lettered (that would keep their data)
+            metrics.suppressed += 1
+            return {"kind": KIND_SUPPRESSED}
         metrics.valid += 1
         return {**enrich(result, catalog).to_dict(), "kind": KIND_EVENT}
 
@@ -188,24 +198,37 @@ def build_application(
             metrics.replays_dropped += 1
         else:
             metrics.profile_updates += 1
-            metrics.clean_out += len(out) - 1
+            metrics.clean_out += sum(1 for r in out if r["kind"] == KIND_EVENT)
         return out
 
-    def write(wh: LocalWarehouse, records: list[dict[str, Any]]) -> None:
+    targets: list[WarehouseWriter] = [warehouse, *extra_warehouses]
+
+    def write(records: list[dict[str, Any]]) -> None:
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             by_kind.setdefault(r["kind"], []).append(r)
-        if events := by_kind.get(KIND_EVENT):
-            stored = wh.write_events(events)
-            metrics.stored_events([e["ingested_ms"] for e in events], stored)
-        if profiles := by_kind.get(KIND_PROFILE):
-            wh.write_profiles(profiles)
-            metrics.profiles_stored += len(profiles)
-        if failures := by_kind.get(KIND_DEAD_LETTER):
-            wh.write_dead_letters(failures)
-            metrics.dead_letters_stored += len(failures)
-        if links := by_kind.get(KIND_LINK):
-            wh.write_identity_links([{k: v for k, v in r.items() if k != "kind"} for r in links])
+        events = by_kind.get(KIND_EVENT)
+        profiles = by_kind.get(KIND_PROFILE)
+        failures = by_kind.get(KIND_DEAD_LETTER)
+        changes = by_kind.get(KIND_SEGMENT_CHANGE)
+        links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
+        # the local warehouse first: it is the serving store, and latency is measured on it
+        for primary, wh in zip((True, *[False] * len(extra_warehouses)), targets, strict=True):
+            if events:
+                stored = wh.write_events(events)
+                if primary:
+                    metrics.stored_events([e["ingested_ms"] for e in events], stored)
+            if profiles:
+                wh.write_profiles(profiles)
+                metrics.profiles_stored += len(profiles) * primary
+            if failures:
+                wh.write_dead_letters(failures)
+                metrics.dead_letters_stored += len(failures) * primary
+            if changes:
+                wh.write_segment_changes(changes)
+                metrics.segment_changes += len(changes) * primary
+            if links:
+                wh.write_identity_links(links)
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.
@@ -215,6 +238,8 @@ def build_application(
     identities = out_topic(names.identities)
     clean = out_topic(names.clean)
     profiles = out_topic(names.profiles)
+    segment_changes = out_topic(names.segment_changes)
+    by_kind_out = {KIND_EVENT: clean, KIND_PROFILE: profiles, KIND_SEGMENT_CHANGE: segment_changes}
 
     def route_parsed(value: dict[str, Any], *_: Any) -> Any:
         return dlq if value["kind"] == KIND_DEAD_LETTER else by_device
@@ -227,8 +252,9 @@ def build_application(
     (
         app.dataframe(raw)
         .apply(parse, metadata=True)
+        .filter(lambda v: v["kind"] != KIND_SUPPRESSED)
         .to_topic(route_parsed, key=parsed_key)
-        .sink(WarehouseSink(warehouse, write, frozenset({KIND_DEAD_LETTER})))
+        .sink(WarehouseSink(write, frozenset({KIND_DEAD_LETTER})))
     )
     (
         app.dataframe(by_device)
@@ -237,12 +263,21 @@ def build_application(
             lambda v, *_: identities if v["kind"] == KIND_LINK else attributed,
             key=lambda v: v["anonymous_id"] if v["kind"] == KIND_LINK else v["customer_id"],
         )
-        .sink(WarehouseSink(warehouse, write, frozenset({KIND_LINK})))
+        .sink(WarehouseSink(write, frozenset({KIND_LINK})))
     )
     (
         app.dataframe(attributed)
         .apply(run_fold, stateful=True, expand=True)
-        .to_topic(lambda v, *_: profiles if v["kind"] == KIND_PROFILE else clean)
-        .sink(WarehouseSink(warehouse, write, frozenset({KIND_EVENT, KIND_PROFILE})))
+        .to_topic(lambda v, *_: by_kind_out[v["kind"]])
+        .sink(WarehouseSink(write, frozenset(by_kind_out)))
+    )
+    # CRM records join the customer's stream: fold merges them into the profile's traits
+    crm = app.topic(
+        names.crm_customers, key_deserializer="str", value_deserializer="json", config=topic_config
+    )
+    (
+        app.dataframe(crm)
+        .apply(lambda v: {**v, "kind": KIND_CRM})
+        .to_topic(attributed, key=lambda v: v["customer_id"])
     )
     return app

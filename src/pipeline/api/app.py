@@ -1,0 +1,328 @@
+"""The FastAPI app: routes translate HTTP to :class:`PersonalizationService` calls and back.
+
+Every ``/api`` route needs an API key (``X-API-Key``) or an OAuth2 bearer JWT; ``/health``,
+``/openapi.json`` and ``/docs`` are open. Errors are JSON ``{"error", "detail"}`` bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.api.auth import AuthenticationFailed, Authenticator, Principal
+from pipeline.api.models import (
+    ID_PATTERN,
+    CustomerResponse,
+    ErrorBody,
+    HealthResponse,
+    RecommendationsResponse,
+    RecommendedItem,
+    RenderedCampaignEmail,
+    RenderRequest,
+    RenderResponse,
+    Score,
+    SegmentSize,
+    SegmentsResponse,
+    SendTimeResponse,
+)
+from pipeline.api.service import PersonalizationService, wall_clock_ms
+from pipeline.errors import ProfileNotFoundError, StoreError
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CAMPAIGN_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+NO_STORE = {"Cache-Control": "no-store"}
+_PREVIEW_HEADERS = {
+    **NO_STORE,
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="An API key configured in api.api_keys."
+)
+bearer_token = HTTPBearer(
+    auto_error=False,
+    bearerFormat="JWT",
+    description="An OAuth2 access token (JWT, HS256 or RS256) for the configured audience.",
+)
+
+CustomerId = Annotated[
+    str, PathParam(pattern=ID_PATTERN, description="Customer id, or anon:<anonymousId>.")
+]
+
+
+def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"error": code, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, headers=NO_STORE)
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def _service(request: Request) -> PersonalizationService:
+    service: PersonalizationService = request.app.state.service
+    return service
+
+
+async def _principal(
+    request: Request,
+    api_key: Annotated[str | None, Security(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_token)],
+) -> Principal:
+    authenticator: Authenticator = request.app.state.authenticator
+    return authenticator.authenticate(api_key, bearer.credentials if bearer else None)
+
+
+ServiceDep = Annotated[PersonalizationService, Depends(_service)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key or bearer token."},
+    422: {"model": ErrorBody, "description": "A parameter or the body is not valid."},
+    503: {"model": ErrorBody, "description": "The profile store is not available yet."},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No profile for this customer id."}
+}
+
+router = APIRouter(prefix="/api", dependencies=[Depends(_principal)], responses=_ERRORS)
+
+
+@router.get("/customers/{customer_id}", responses=_NOT_FOUND, tags=["customers"])
+async def get_customer(customer_id: CustomerId, service: ServiceDep) -> CustomerResponse:
+    """The stored profile with its interaction score, intent stage and segments now."""
+    view = service.customer(customer_id)
+    s = view.score
+    return CustomerResponse(
+        customer_id=view.profile.customer_id,
+        requested_id=view.requested_id,
+        at_ms=view.at_ms,
+        score=Score(score=s.score, recency=s.recency, frequency=s.frequency, monetary=s.monetary),
+        intent_stage=view.intent_stage,
+        segments=sorted(view.segments),
+        profile=view.stored,
+    )
+
+
+@router.get("/customers/{customer_id}/recommendations", responses=_NOT_FOUND, tags=["customers"])
+async def get_recommendations(
+    customer_id: CustomerId,
+    service: ServiceDep,
+    k: Annotated[int, Query(ge=1, le=50, description="How many products.")] = 10,
+) -> RecommendationsResponse:
+    """Up to ``k`` diverse products for the customer, each with the reason it was picked."""
+    profile, at_ms, recs = service.recommendations(customer_id, k)
+    products = service.catalog
+    items = []
+    for rec in recs:
+        p = products[rec.product_id]
+        items.append(
+            RecommendedItem(
+                product_id=p.product_id,
+                name=p.name,
+                brand=p.brand,
+                category=p.category,
+                price=p.price,
+                currency=p.currency,
+                score=rec.score,
+                reason=rec.reason,
+                source=rec.source,
+            )
+        )
+    return RecommendationsResponse(
+        customer_id=profile.customer_id,
+        at_ms=at_ms,
+        k=k,
+        cold_start=all(r.source == "popular" for r in recs),
+        items=items,
+    )
+
+
+@router.get("/customers/{customer_id}/send-time", responses=_NOT_FOUND, tags=["customers"])
+async def get_send_time(customer_id: CustomerId, service: ServiceDep) -> SendTimeResponse:
+    """The next start of the hour the customer most likely reads email, with its confidence."""
+    profile, st = service.send_time(customer_id)
+    return SendTimeResponse(
+        customer_id=profile.customer_id,
+        send_at=st.send_at,
+        send_at_ms=st.send_at_ms,
+        local_time=st.local_time,
+        timezone=st.timezone,
+        hour_of_week=st.hour_of_week,
+        confidence=st.confidence,
+        probability=st.probability,
+        observations=st.observations,
+        fallback=st.fallback,
+    )
+
+
+@router.get(
+    "/customers/{customer_id}/email",
+    response_class=HTMLResponse,
+    responses={**_NOT_FOUND, 200: {"content": {"text/html": {}}, "description": "The HTML."}},
+    tags=["customers"],
+)
+async def get_email(
+    customer_id: CustomerId,
+    service: ServiceDep,
+    campaign: Annotated[
+        str | None, Query(pattern=CAMPAIGN_PATTERN, description="Campaign id (default: preview).")
+    ] = None,
+) -> HTMLResponse:
+    """The HTML part of the email the customer would get if it were rendered now."""
+    email = service.email(customer_id, campaign or service.config.default_campaign)
+    return HTMLResponse(email.html, headers=_PREVIEW_HEADERS)
+
+
+@router.post("/campaigns/{campaign_id}/render", tags=["campaigns"])
+async def render_campaign(
+    campaign_id: Annotated[str, PathParam(pattern=CAMPAIGN_PATTERN)],
+    body: RenderRequest,
+    service: ServiceDep,
+) -> RenderResponse:
+    """Render the campaign for the members of a segment (as of now); subjects and snapshots."""
+    if not service.has_segment(body.segment):
+        raise _UnknownSegment(body.segment)
+    limit = min(body.limit, service.config.render_limit_max)
+    result = await run_in_threadpool(service.render_campaign, campaign_id, body.segment, limit)
+    return RenderResponse(
+        campaign_id=result.campaign_id,
+        segment=result.segment,
+        at_ms=result.at_ms,
+        members=result.members,
+        rendered=len(result.emails),
+        emails=[
+            RenderedCampaignEmail(
+                customer_id=e.email.customer_id,
+                to=e.to,
+                subject=e.email.subject,
+                preheader=e.email.preheader,
+                send_at_ms=e.send_time.send_at_ms,
+                idempotency_key=e.idempotency_key,
+                snapshot=dict(e.email.snapshot),
+            )
+            for e in result.emails
+        ],
+    )
+
+
+@router.get("/segments", tags=["segments"])
+async def get_segments(service: ServiceDep) -> SegmentsResponse:
+    """Every segment rule with its live size (refreshed every ``population_ttl_s``)."""
+    population, sizes = await run_in_threadpool(service.segment_sizes)
+    return SegmentsResponse(
+        at_ms=population.at_ms,
+        customers=population.customers,
+        segments=[
+            SegmentSize(name=r.name, title=r.title, description=r.description, size=n)
+            for r, n in sizes
+        ],
+    )
+
+
+class _UnknownSegment(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AuthenticationFailed)
+    async def _unauthorized(request: Request, exc: AuthenticationFailed) -> JSONResponse:
+        response = _error(401, exc.code, exc.detail)
+        response.headers["WWW-Authenticate"] = exc.challenge
+        return response
+
+    @app.exception_handler(ProfileNotFoundError)
+    async def _not_found(request: Request, exc: ProfileNotFoundError) -> JSONResponse:
+        return _error(404, "customer_not_found", str(exc))
+
+    @app.exception_handler(_UnknownSegment)
+    async def _no_segment(request: Request, exc: _UnknownSegment) -> JSONResponse:
+        return _error(404, "segment_not_found", f"no segment named {exc.name!r}")
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError) -> JSONResponse:
+        log.warning("profile store unavailable: %s", exc)
+        return _error(503, "store_unavailable", "the profile store is not available yet")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        return _error(422, "validation_error", where, errors=jsonable_encoder(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        response = _error(exc.status_code, code, str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+
+def create_app(
+    settings: Settings,
+    warehouse_path: Path | None = None,
+    *,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+) -> FastAPI:
+    """The API over the warehouse at ``warehouse_path`` (default: the settings' warehouse)."""
+    service = PersonalizationService(settings, warehouse_path, clock_ms=clock_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if service.warehouse_ready():
+            # Build the shared signals before the first request, not during it.
+            try:
+                await run_in_threadpool(service.signals.get)
+                await run_in_threadpool(service.population.get)
+            except StoreError as exc:
+                log.warning("could not warm the API caches: %s", exc)
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="Email personalization API",
+        version="1",
+        description="Profiles, recommendations with reasons, send times and rendered emails, "
+        "served from the pipeline's profile store.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.authenticator = Authenticator(settings.api.api_keys, settings.api.jwt)
+    _install_error_handlers(app)
+
+    @app.get("/health", tags=["health"])
+    async def health() -> HealthResponse:
+        """Liveness and whether the profile store exists; needs no credentials."""
+        return HealthResponse(status="ok", warehouse=service.warehouse_ready())
+
+    app.include_router(router)
+    return app

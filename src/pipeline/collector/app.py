@@ -1,0 +1,140 @@
+"""The collector's ASGI app: Segment's HTTP Tracking API in front of the raw topic.
+
+``POST /v1/batch|track|identify|page|screen|alias|group`` answer ``200 {"success": true}``
+only after the broker acknowledged every event of the request; every refusal is
+``{"success": false, "error": {"code", "message"[, "index"]}}`` with its status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from starlette.middleware.cors import CORSMiddleware
+
+from pipeline.collector.auth import WriteKeys, write_key_from_authorization
+from pipeline.collector.enrich import utc_now_ms
+from pipeline.collector.errors import BrokerUnavailableError, RequestRejected
+from pipeline.collector.intake import events_of, parse_body, prepare_messages
+from pipeline.collector.limits import Clock, RateLimiter, read_body
+from pipeline.collector.publish import Publisher
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SINGLE_EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
+_SUCCESS = orjson.dumps({"success": True})
+
+
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def create_app(
+    settings: Settings,
+    producer_factory: Callable[[], Publisher],
+    *,
+    clock_ms: Callable[[], int] = utc_now_ms,
+    rate_clock: Clock | None = None,
+) -> FastAPI:
+    """The collector app; ``producer_factory`` is called once at start-up, closed at shutdown."""
+    cfg = settings.collector
+    keys = WriteKeys(cfg.write_keys)
+    limiter = (
+        RateLimiter(cfg.rate_limit_events_per_s, cfg.rate_limit_burst, rate_clock)
+        if rate_clock is not None
+        else RateLimiter(cfg.rate_limit_events_per_s, cfg.rate_limit_burst)
+    )
+    topic = settings.topics.raw
+    publishers: list[Publisher] = []
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        publishers.append(producer_factory())
+        log.info("collector ready: %d write keys, raw topic %s", len(keys), topic)
+        try:
+            yield
+        finally:
+            publishers.pop().close()
+
+    app = FastAPI(
+        title="pipeline collector",
+        description="Segment-compatible HTTP tracking API.",
+        lifespan=lifespan,
+        openapi_url=None,
+    )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(cfg.cors_origins),
+        allow_methods=["POST", "GET", "OPTIONS"],
+        allow_headers=["Content-Type", "Authorization", "Content-Encoding"],
+        expose_headers=["Retry-After"],
+        max_age=600,
+    )
+
+    async def ingest(request: Request, endpoint_type: str | None) -> Response:
+        received_ms = clock_ms()
+        source: str | None = None
+        try:
+            header_key = write_key_from_authorization(request.headers.get("authorization"))
+            if header_key is not None:
+                source = keys.source_for(header_key)
+            raw = await read_body(
+                request.stream(),
+                content_length=request.headers.get("content-length"),
+                content_encoding=request.headers.get("content-encoding"),
+                limit=cfg.max_batch_bytes,
+            )
+            body = parse_body(raw)
+            if source is None:
+                body_key = body.pop("writeKey", None)
+                source = keys.source_for(body_key if type(body_key) is str else None)
+            events, batch_sent_at = events_of(body, endpoint_type)
+            limiter.check(source, max(1, len(events)))
+            messages = prepare_messages(
+                events,
+                endpoint_type=endpoint_type,
+                source_id=source,
+                received_ms=received_ms,
+                batch_sent_at=batch_sent_at,
+                max_event_bytes=settings.max_event_bytes,
+            )
+            await publishers[0].send(topic, messages)
+        except RequestRejected as exc:
+            log.info("refused %s from source %s: %s", request.url.path, source, exc.code)
+            headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+            return _json(exc.status, exc.body(), headers)
+        except BrokerUnavailableError as exc:
+            log.warning("503 for source %s: %s", source, exc.message)
+            error = {"code": exc.code, "message": exc.message}
+            headers = {"Retry-After": str(cfg.retry_after_s)}
+            return _json(503, {"success": False, "error": error}, headers)
+        return Response(_SUCCESS, 200, media_type="application/json")
+
+    @app.post("/v1/batch")
+    async def batch(request: Request) -> Response:
+        """A batch of events of any type: ``{"batch": [...], "sentAt": ...}``."""
+        return await ingest(request, None)
+
+    def single(kind: str) -> Callable[[Request], object]:
+        async def endpoint(request: Request) -> Response:
+            return await ingest(request, kind)
+
+        endpoint.__name__ = kind
+        endpoint.__doc__ = f"One {kind} event."
+        return endpoint
+
+    for kind in SINGLE_EVENT_TYPES:
+        app.add_api_route(f"/v1/{kind}", single(kind), methods=["POST"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 when the broker answers, 503 otherwise."""
+        ok = bool(publishers) and await publishers[0].healthy()
+        body = {"status": "ok" if ok else "unavailable", "broker": ok, "topic": topic}
+        return _json(200 if ok else 503, body)
+
+    return app

@@ -1,0 +1,136 @@
+"""Light checks of a request's events and their conversion into keyed raw-topic messages.
+
+The processor validates every event fully; the collector refuses only what it cannot forward
+safely or what a client must fix: unreadable bodies, events without an id, identity or type,
+and events over the size limit. The first bad event of a batch refuses the whole request,
+naming its index, so that a client never has to guess what was kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import orjson
+
+from pipeline.collector.enrich import enrich_context, enrich_times
+from pipeline.collector.errors import RequestRejected
+
+EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
+"""Segment's message types; the processor dead-letters the ones it does not model."""
+
+KeyedMessage = tuple[bytes, bytes]
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; not UTF-8, not JSON or not an object is a 400."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise RequestRejected(
+                400, "not_utf8", f"the body is not UTF-8: invalid byte at offset {bad.start}"
+            ) from None
+        raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if type(payload) is not dict:
+        raise RequestRejected(400, "not_an_object", "the body must be a JSON object")
+    return payload
+
+
+def events_of(body: dict[str, Any], endpoint_type: str | None) -> tuple[list[Any], Any]:
+    """The events of a request and the batch's ``sentAt`` (``/v1/batch`` when no type)."""
+    if endpoint_type is not None:
+        return [body], None
+    batch = body.get("batch")
+    if type(batch) is not list:
+        raise RequestRejected(400, "invalid_batch", "batch must be an array of events")
+    return batch, body.get("sentAt")
+
+
+def identity_key(event: dict[str, Any]) -> str | None:
+    """userId, else anonymousId (else an alias's previousId) as the partition key."""
+    for field in ("userId", "anonymousId"):
+        value = event.get(field)
+        if type(value) is str and value:
+            return value
+        if type(value) in (int, float):
+            return str(value)
+    previous = event.get("previousId")
+    if event.get("type") == "alias" and type(previous) is str and previous:
+        return previous
+    return None
+
+
+def prepare_messages(
+    events: Sequence[Any],
+    *,
+    endpoint_type: str | None,
+    source_id: str,
+    received_ms: int,
+    batch_sent_at: Any,
+    max_event_bytes: int,
+) -> list[KeyedMessage]:
+    """Check and enrich each event; return (key, value) messages or refuse the request."""
+    batched = endpoint_type is None
+    return [
+        _prepare_one(
+            event,
+            i if batched else None,
+            endpoint_type=endpoint_type,
+            source_id=source_id,
+            received_ms=received_ms,
+            batch_sent_at=batch_sent_at,
+            max_event_bytes=max_event_bytes,
+        )
+        for i, event in enumerate(events)
+    ]
+
+
+def _prepare_one(
+    event: Any,
+    index: int | None,
+    *,
+    endpoint_type: str | None,
+    source_id: str,
+    received_ms: int,
+    batch_sent_at: Any,
+    max_event_bytes: int,
+) -> KeyedMessage:
+    if type(event) is not dict:
+        _refuse(index, "invalid_event", "is not a JSON object")
+    event.pop("writeKey", None)
+    if endpoint_type is not None:
+        event["type"] = endpoint_type
+    elif event.get("type") not in EVENT_TYPES:
+        _refuse(index, "invalid_type", f"has no valid type (one of {', '.join(EVENT_TYPES)})")
+    message_id = event.get("messageId")
+    if type(message_id) is not str or not message_id:
+        _refuse(index, "missing_message_id", "has no messageId")
+    key = identity_key(event)
+    if key is None:
+        _refuse(index, "missing_identity", "has neither userId nor anonymousId")
+    context = event.get("context")
+    if context is None:
+        context = event["context"] = {}
+    elif type(context) is not dict:
+        _refuse(index, "invalid_context", "has a context that is not an object")
+    enrich_context(context, source_id=source_id)
+    enrich_times(event, received_ms=received_ms, batch_sent_at=batch_sent_at)
+    try:
+        value = orjson.dumps(event)
+    except orjson.JSONEncodeError as exc:
+        _refuse(index, "invalid_event", f"cannot be serialized: {exc}")
+    if len(value) > max_event_bytes:
+        _refuse(
+            index,
+            "event_too_large",
+            f"is {len(value)} bytes after enrichment, over the {max_event_bytes}-byte limit",
+        )
+    return key.encode("utf-8"), value
+
+
+def _refuse(index: int | None, code: str, problem: str) -> NoReturn:
+    where = "the event" if index is None else f"event {index}"
+    raise RequestRejected(400, code, f"{where} {problem}", index=index)

@@ -1,0 +1,96 @@
+"""Running the collector under uvicorn: in the foreground (`pipeline collect`) or in a thread."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+
+from pipeline.collector.app import create_app
+from pipeline.collector.config import DEV_WRITE_KEYS
+from pipeline.collector.publish import KafkaPublisher
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def broker_address(settings: Settings) -> str:
+    """The configured broker, else the one a running ``pipeline up`` recorded."""
+    if settings.broker is not None:
+        return settings.broker
+    from pipeline.runner import BROKER_FILE  # deferred: the runner imports the whole processor
+
+    marker = settings.home / BROKER_FILE
+    if not marker.exists():
+        raise PipelineError("no broker: start `pipeline up` first or set PIPELINE_BROKER")
+    return str(json.loads(marker.read_text())["address"])
+
+
+def kafka_app(settings: Settings, address: str) -> FastAPI:
+    """The collector app producing to the broker at ``address``."""
+    _warn_on_dev_key(settings)
+    return create_app(settings, lambda: KafkaPublisher.connect(settings, address))
+
+
+def _server(settings: Settings, address: str) -> uvicorn.Server:
+    cfg = settings.collector
+    config = uvicorn.Config(
+        kafka_app(settings, address),
+        host=cfg.host,
+        port=cfg.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(settings: Settings, address: str) -> None:
+    """Run the collector in this thread until interrupted (Ctrl-C / SIGTERM)."""
+    _server(settings, address).run()
+
+
+def serve_in_thread(
+    settings: Settings, address: str, *, ready_timeout_s: float = 15.0
+) -> Callable[[], None]:
+    """Start the collector in a background thread once it accepts connections; return its stop."""
+    server = _server(settings, address)
+    thread = threading.Thread(target=server.run, name="collector", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=5)
+            cfg = settings.collector
+            raise PipelineError(f"collector did not start on {cfg.host}:{cfg.port}")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=settings.collector.ack_timeout_s + 5)
+
+    return stop
+
+
+def _warn_on_dev_key(settings: Settings) -> None:
+    cfg = settings.collector
+    dev = DEV_WRITE_KEYS["local"].get_secret_value()
+    if any(key.get_secret_value() == dev for key in cfg.write_keys.values()):
+        try:
+            loopback = ipaddress.ip_address(cfg.host).is_loopback
+        except ValueError:
+            loopback = cfg.host == "localhost"
+        if not loopback:
+            log.warning(
+                "the collector on %s accepts the development write key; "
+                "set PIPELINE_COLLECTOR__WRITE_KEYS",
+                cfg.host,
+            )

@@ -1,0 +1,93 @@
+"""What is sent for one email: the payload, its deterministic idempotency key, and outcomes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from pipeline.emails import RenderedEmail
+
+
+def idempotency_key(campaign_id: str, customer_id: str, version: int) -> str:
+    """``campaign + customer + profile version`` hashed: the same email always has the same key.
+
+    A retry or a re-render of the same as-of profile reuses the key, so the platform sends once.
+    """
+    material = "\x1f".join((campaign_id, customer_id, str(version))).encode("utf-8")
+    return "pl-" + hashlib.sha256(material).hexdigest()[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class EmailPayload:
+    """The JSON body sent to the email platform for one email."""
+
+    to: str
+    subject: str
+    html: str
+    text: str
+    campaign: str
+    customer: str
+    idempotency_key: str
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def payload_for(email: RenderedEmail, to: str) -> EmailPayload:
+    """The payload of a rendered email; the key comes from the snapshot's profile version."""
+    version = int(email.snapshot.get("profile", {}).get("version", 0))
+    return EmailPayload(
+        to=to,
+        subject=email.subject,
+        html=email.html,
+        text=email.text,
+        campaign=email.campaign_id,
+        customer=email.customer_id,
+        idempotency_key=idempotency_key(email.campaign_id, email.customer_id, version),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The platform accepted the email (2xx); ``message_id`` if it returned one."""
+
+    idempotency_key: str
+    customer: str
+    campaign: str
+    status: int
+    attempts: int
+    message_id: str | None
+    delivered_ms: int
+
+
+FailureReason = Literal[
+    "rejected", "unauthorized", "token_rejected", "retries_exhausted", "invalid_response"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailure:
+    """A send that will not succeed by retrying: a dead-letter record (JSON-safe via to_dict).
+
+    ``reason``: ``rejected`` (a permanent 4xx), ``unauthorized`` (401 even with a fresh token),
+    ``token_rejected`` (the token endpoint refused the client credentials),
+    ``retries_exhausted`` (429/5xx/timeouts until ``max_attempts``), ``invalid_response``.
+    The payload is kept whole so the email can be re-driven from the dead-letter topic.
+    """
+
+    reason: FailureReason
+    detail: str
+    status: int | None
+    attempts: int
+    idempotency_key: str
+    customer: str
+    campaign: str
+    failed_ms: int
+    payload: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DeliveryOutcome = Delivered | DeliveryFailure

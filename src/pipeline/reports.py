@@ -1,0 +1,125 @@
+"""Scheduled reports: execute a parameterized notebook with papermill into a dated folder.
+
+``pipeline report`` (cron, Airflow) calls :func:`run_report`, which writes
+``<output_root>/<YYYY-MM-DD>/<notebook name>.ipynb`` and an HTML export beside it.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill  # type: ignore[import-untyped]
+from nbconvert import HTMLExporter
+from papermill.exceptions import PapermillExecutionError  # type: ignore[import-untyped]
+
+from pipeline.errors import PipelineError
+
+KERNEL_NAME = "python3"
+LANGUAGE = "python"
+
+
+class ReportError(PipelineError):
+    """A report notebook is missing, or a cell failed while executing it."""
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where a report run wrote its executed notebook and its HTML export."""
+
+    notebook: Path
+    html: Path
+    parameters: dict[str, Any]
+    date: date
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: a Python literal (number, bool, None, list, dict, string) or raw text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def parse_parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``[(name, value), ...]`` from the command line as notebook parameters (last one wins)."""
+    return {name: parse_value(value) for name, value in pairs}
+
+
+def parameters_from_args(args: Sequence[str]) -> dict[str, Any]:
+    """Parameters from ``-p NAME VALUE`` / ``--parameter NAME VALUE`` command-line words.
+
+    Raises ValueError on any other word or a pair cut short, naming the offending word.
+    """
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if flag not in ("-p", "--parameter"):
+            raise ValueError(f"unexpected argument {flag!r}: parameters are -p NAME VALUE")
+        if len(args) - i < 3:
+            raise ValueError(f"{flag} needs NAME and VALUE (got {' '.join(args[i + 1 :])!r})")
+        pairs.append((args[i + 1], args[i + 2]))
+        i += 3
+    return parse_parameters(pairs)
+
+
+def report_paths(notebook: Path, output_root: Path, day: date) -> tuple[Path, Path]:
+    """The executed notebook's and the HTML export's paths for ``notebook`` run on ``day``."""
+    folder = output_root / day.isoformat()
+    return folder / f"{notebook.stem}.ipynb", folder / f"{notebook.stem}.html"
+
+
+def export_html(executed: Path, html: Path) -> Path:
+    """Write ``executed`` (a notebook with outputs) as a standalone HTML page."""
+    node = nbformat.read(executed, as_version=4)  # type: ignore[no-untyped-call]
+    body, _ = HTMLExporter().from_notebook_node(node)  # type: ignore[no-untyped-call]
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def run_report(
+    notebook: Path,
+    parameters: Mapping[str, Any],
+    output_root: Path,
+    *,
+    date: date | None = None,
+    cwd: Path | None = None,
+    progress_bar: bool = False,
+) -> ReportResult:
+    """Execute ``notebook`` with ``parameters`` (kernel python3) and export it to HTML.
+
+    A failing cell still leaves the executed notebook and its HTML (showing the error) in
+    place for whoever reads the report, then raises :class:`ReportError`.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise ReportError(f"report: no notebook at {notebook}")
+    day = date or datetime.now(UTC).date()
+    executed, html = report_paths(notebook, Path(output_root), day)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    params = dict(parameters)
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(executed),
+            parameters=params,
+            kernel_name=KERNEL_NAME,
+            language=LANGUAGE,
+            progress_bar=progress_bar,
+            # relative outputs (a results JSON, a data directory) land beside the report
+            cwd=str(cwd if cwd is not None else executed.parent),
+        )
+    except PapermillExecutionError as exc:
+        export_html(executed, html)
+        raise ReportError(
+            f"report {notebook.name}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}"
+            f" (see {html})"
+        ) from exc
+    export_html(executed, html)
+    return ReportResult(notebook=executed, html=html, parameters=params, date=day)

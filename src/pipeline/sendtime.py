@@ -1,0 +1,183 @@
+"""Send-time optimization: the hour of the week a customer most likely reads email.
+
+Each profile keeps ``hour_of_week``: weighted counts ``n_b`` of activity per local hour-of-week
+bin ``b`` (0..167, Monday 00:00-00:59 local time is 0; email opens and clicks weigh more, see
+:mod:`pipeline.scoring`). With few observations those counts are noise, so they are smoothed
+towards the population's distribution ``p`` with a Dirichlet-multinomial model: the prior is
+``Dirichlet(alpha * p)`` and the posterior mean of bin ``b`` is::
+
+    theta_b = (n_b + alpha * p_b) / (N + alpha)          N = sum_b n_b
+
+``alpha`` is the prior's weight in pseudo-observations. The best bin is the one with the largest
+``theta_b`` among the hours ahead (``horizon_days``), ties to the earliest. ``confidence`` is
+``N / (N + alpha)``: the share of the estimate that comes from the customer's own data (0 with
+none, the ``fallback`` case, tending to 1 as data accrue); ``probability`` is ``theta_b`` of
+the chosen bin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.scoring import DAY_MS, HOUR_MS, Profile, _zone, hour_of_week_bin
+
+BINS = 168
+MINUTE_MS = 60_000
+HOURS_PER_DAY = 24
+
+# Relative share of email reading per local hour: low at night, a morning commute and lunch
+# bump, the evening peak. Used when there is no population data yet.
+DEFAULT_DAILY_CURVE: tuple[float, ...] = (
+    0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.7, 1.0, 0.9, 0.8, 0.8,
+    1.0, 0.9, 0.7, 0.7, 0.8, 0.9, 1.1, 1.4, 1.6, 1.5, 1.0, 0.5,
+)  # fmt: skip
+
+
+class SendTimeParams(BaseModel):
+    """Every parameter of send-time optimization (see the module formulas)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(10.0, gt=0, description="prior weight in pseudo-observations")
+    horizon_days: int = Field(7, ge=1, le=28, description="how far ahead to look for a slot")
+    min_lead_minutes: int = Field(0, ge=0, description="earliest slot after the as-of time")
+    prior_floor: float = Field(
+        0.01, ge=0, lt=1, description="share of a uniform distribution mixed into the prior"
+    )
+    default_timezone: str = "UTC"
+    default_daily_curve: tuple[float, ...] = DEFAULT_DAILY_CURVE
+
+    @field_validator("default_daily_curve")
+    @classmethod
+    def _curve(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) != HOURS_PER_DAY or min(value) < 0 or sum(value) <= 0:
+            raise ValueError("default_daily_curve needs 24 non-negative values, not all zero")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class SendTime:
+    """When to send: the next start of the best local hour, and how sure we are of it."""
+
+    send_at_ms: int
+    hour_of_week: int
+    timezone: str
+    confidence: float
+    probability: float
+    observations: float
+    fallback: bool
+
+    @property
+    def send_at(self) -> datetime:
+        """``send_at_ms`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.send_at_ms / 1000, UTC)
+
+    @property
+    def local_time(self) -> datetime:
+        """``send_at_ms`` in the customer's time zone."""
+        return datetime.fromtimestamp(self.send_at_ms / 1000, _zone(self.timezone))
+
+
+def _normalized(weights: Sequence[float], floor: float) -> list[float]:
+    """``weights`` scaled to sum to 1, then mixed with ``floor`` of the uniform distribution."""
+    total = math.fsum(weights)
+    uniform = 1.0 / len(weights)
+    if total <= 0:
+        return [uniform] * len(weights)
+    return [(1.0 - floor) * w / total + floor * uniform for w in weights]
+
+
+def default_prior(params: SendTimeParams | None = None) -> list[float]:
+    """The default curve repeated over the 7 days, normalized: the prior before any data."""
+    params = params or SendTimeParams()
+    return _normalized(list(params.default_daily_curve) * 7, params.prior_floor)
+
+
+def histogram(profile: Profile) -> list[float]:
+    """The profile's 168 hour-of-week counts; malformed or out-of-range keys are ignored."""
+    counts = [0.0] * BINS
+    for key, value in profile.hour_of_week.items():
+        try:
+            b = int(key)
+        except ValueError:
+            continue
+        if 0 <= b < BINS and value > 0:
+            counts[b] += value
+    return counts
+
+
+def population_prior(
+    profiles: Iterable[Profile], params: SendTimeParams | None = None
+) -> list[float]:
+    """The population's hour-of-week distribution (168 values summing to 1).
+
+    Each customer's histogram is normalized first, so every customer counts once and heavy
+    users do not dominate; with no data at all, :func:`default_prior`.
+    """
+    params = params or SendTimeParams()
+    total = [0.0] * BINS
+    customers = 0
+    for profile in profiles:
+        counts = histogram(profile)
+        n = math.fsum(counts)
+        if n <= 0:
+            continue
+        customers += 1
+        for b, c in enumerate(counts):
+            total[b] += c / n
+    if customers == 0:
+        return default_prior(params)
+    return _normalized(total, params.prior_floor)
+
+
+def posterior(counts: Sequence[float], prior: Sequence[float], alpha: float) -> list[float]:
+    """Posterior mean ``(n_b + alpha * p_b) / (N + alpha)`` of every bin."""
+    n = math.fsum(counts)
+    return [(c + alpha * p) / (n + alpha) for c, p in zip(counts, prior, strict=True)]
+
+
+def _first_local_hour_after(at_ms: int, tz: str) -> int:
+    """The first UTC instant strictly after ``at_ms`` that starts a local hour in ``tz``."""
+    offset = datetime.fromtimestamp(at_ms / 1000, _zone(tz)).utcoffset()
+    offset_ms = int(offset.total_seconds() * 1000) if offset is not None else 0
+    return at_ms + HOUR_MS - (at_ms + offset_ms) % HOUR_MS
+
+
+def best_send_time(
+    profile: Profile,
+    prior: Sequence[float],
+    *,
+    at_ms: int,
+    params: SendTimeParams | None = None,
+) -> SendTime:
+    """The next start of the hour with the highest posterior mean within the horizon."""
+    params = params or SendTimeParams()
+    if len(prior) != BINS:
+        raise ValueError(f"prior has {len(prior)} bins, expected {BINS}")
+    counts = histogram(profile)
+    n = math.fsum(counts)
+    theta = posterior(counts, prior, params.alpha)
+    tz = profile.timezone or params.default_timezone
+    start = _first_local_hour_after(at_ms + params.min_lead_minutes * MINUTE_MS, tz)
+    slots = params.horizon_days * DAY_MS // HOUR_MS
+    best_ms = start
+    best_bin = hour_of_week_bin(start, tz)
+    for k in range(1, slots):
+        t = start + k * HOUR_MS
+        b = hour_of_week_bin(t, tz)
+        if theta[b] > theta[best_bin]:
+            best_ms, best_bin = t, b
+    return SendTime(
+        send_at_ms=best_ms,
+        hour_of_week=best_bin,
+        timezone=tz,
+        confidence=n / (n + params.alpha),
+        probability=theta[best_bin],
+        observations=n,
+        fallback=n <= 0,
+    )

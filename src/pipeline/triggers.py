@@ -1,0 +1,95 @@
+"""Email triggers: cart and browse abandonment, due in event time, from profile timestamps.
+
+quixstreams has no timers, and a trigger must fire precisely when the customer sends nothing
+more. So triggers are found by a scheduled scan of the profile store against the stream's
+watermark (the newest event time seen, minus a grace period for late events): a profile whose
+last add-to-cart is older than the abandonment delay, with no order since, is due. Each trigger
+has a deterministic id (customer, kind, the event time that armed it), so a scan repeated after a
+crash re-emits the same id and consumers drop it; a new add-to-cart arms a new trigger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.scoring import Profile
+
+TriggerKind = Literal["cart_abandonment", "browse_abandonment"]
+MINUTE_MS = 60_000
+
+
+class TriggerParams(BaseModel):
+    """Delays after which silence counts as abandonment, and the allowance for late events."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cart_abandonment_minutes: float = Field(60.0, gt=0)
+    browse_abandonment_minutes: float = Field(240.0, gt=0)
+    grace_minutes: float = Field(5.0, ge=0)
+    scan_interval_s: float = Field(5.0, gt=0)
+    browse_views_kept: int = Field(5, ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """One email to send because a customer stopped short of buying."""
+
+    trigger_id: str
+    customer_id: str
+    trigger: TriggerKind
+    due_ms: int
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trigger_id": self.trigger_id,
+            "customer_id": self.customer_id,
+            "trigger": self.trigger,
+            "due_ms": self.due_ms,
+            "context": self.context,
+        }
+
+
+def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> list[Trigger]:
+    """Triggers due for ``profile`` once the stream has reached ``watermark_ms`` (event time).
+
+    Only identified, not-merged customers are emailable. Cart abandonment: items in the cart,
+    no order after the last add, and ``cart_abandonment_minutes`` passed. Browse abandonment:
+    products viewed after the last add-to-cart and the last order, and
+    ``browse_abandonment_minutes`` passed with nothing added.
+    """
+    if profile.is_anonymous or profile.merged_into is not None:
+        return []
+    now = watermark_ms - int(params.grace_minutes * MINUTE_MS)
+    out: list[Trigger] = []
+    cart, order, view = profile.last_cart_ms, profile.last_order_ms, profile.last_view_ms
+    cid = profile.customer_id
+    if cart is not None and profile.cart and (order is None or order < cart):
+        due = cart + int(params.cart_abandonment_minutes * MINUTE_MS)
+        if due <= now:
+            out.append(
+                Trigger(
+                    f"{cid}:cart_abandonment:{cart}",
+                    cid,
+                    "cart_abandonment",
+                    due,
+                    {"cart": dict(profile.cart)},
+                )
+            )
+    if view is not None and (cart is None or cart < view) and (order is None or order < view):
+        due = view + int(params.browse_abandonment_minutes * MINUTE_MS)
+        if due <= now:
+            viewed = profile.recent_views[: params.browse_views_kept]
+            out.append(
+                Trigger(
+                    f"{cid}:browse_abandonment:{view}",
+                    cid,
+                    "browse_abandonment",
+                    due,
+                    {"viewed": viewed},
+                )
+            )
+    return out

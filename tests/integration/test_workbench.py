@@ -1,0 +1,293 @@
+"""Every workbench page under Streamlit's AppTest: with a filled warehouse, an empty one, none."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from pipeline.api.service import PersonalizationService
+from pipeline.catalog import load_catalog
+from pipeline.settings import Settings
+from pipeline.simulate import SimulationConfig, default_end, simulate
+from pipeline.stores.local import LocalWarehouse
+from pipeline.testing import replay
+
+APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
+PAGES = (
+    "pages/live.py",
+    "pages/segments.py",
+    "pages/customer.py",
+    "pages/quality.py",
+    "pages/email.py",
+)
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def filled_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pipeline home whose warehouse holds a replayed 1,500-message simulation."""
+    home = tmp_path_factory.mktemp("filled")
+    settings = Settings(home=home, _env_file=None)
+    catalog = load_catalog(settings.catalog_path)
+    sim = simulate(SimulationConfig(events=1500, seed=3, end=default_end()), catalog)
+    result = replay([(m.key, m.value) for m in sim.messages], catalog=catalog, settings=settings)
+    with LocalWarehouse(settings.warehouse_path) as wh:
+        wh.write_events(result.events)
+        wh.write_profiles(result.profiles.values())
+        wh.write_dead_letters([f.to_dict() for f in result.failures])
+        wh.write_identity_links(
+            [{k: v for k, v in link.items() if k != "kind"} for link in result.links]
+        )
+    return home
+
+
+@pytest.fixture
+def use_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """Isolate settings (no stray PIPELINE_* or .env) and Streamlit's process-wide caches."""
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("PIPELINE_")]:
+        monkeypatch.delenv(key)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield monkeypatch
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _run(page: str, query: dict[str, str] | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    at.query_params.update(query or {})
+    at.run()
+    if page != PAGES[0]:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _frame(at: AppTest, column: str) -> pd.DataFrame:
+    """The first table on the page that has ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(str(m.value) for m in at.metric if m.label == label)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_without_warehouse_says_how_to_start(
+    page: str, use_home: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_home.setenv("PIPELINE_HOME", str(tmp_path / "nothing-yet"))
+    at = _run(page)
+    assert any("pipeline up" in i.value for i in at.info)
+    assert any("pipeline simulate --events 10000" in c.value for c in at.code)
+    assert not (tmp_path / "nothing-yet").exists()  # the workbench never creates stores
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_with_empty_warehouse_says_how_to_start(
+    page: str, use_home: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    LocalWarehouse(Settings(home=home, _env_file=None).warehouse_path).close()
+    use_home.setenv("PIPELINE_HOME", str(home))
+    at = _run(page)
+    assert any("pipeline up" in i.value for i in at.info)
+    assert not at.metric
+
+
+def test_live_page_shows_totals_and_charts(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("pages/live.py")
+    with LocalWarehouse(filled_home / "warehouse.sqlite", read_only=True) as wh:
+        counts = wh.counts()
+    assert _metric(at, "Events stored") == f"{counts['events']:,}"
+    assert _metric(at, "Dead letters") == f"{counts['dead_letters']:,}"
+    assert _metric(at, "Identity links") == f"{counts['identity_links']:,}"
+    assert float(_metric(at, "Events/s in")) >= 0
+    assert len(at.get("plotly_chart")) >= 3
+    assert not at.info
+
+
+def test_segments_page_lists_members_and_exports(
+    use_home: pytest.MonkeyPatch, filled_home: Path
+) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("pages/segments.py")
+    stage_metrics = {m.label for m in at.metric}
+    assert {"Browsing", "Cart", "Purchased", "Lapsed"} <= stage_metrics
+    members = at.dataframe[0].value
+    assert len(members) > 0 and {"customer_id", "score", "intent_stage"} <= set(members.columns)
+    assert len(at.get("download_button")) == 1
+    assert len(at.get("plotly_chart")) == 2
+
+    at.multiselect(key="seg_stages").set_value(["browsing"]).run()
+    assert not at.exception
+    filtered = at.dataframe[0].value
+    assert set(filtered["intent_stage"].astype(str)) <= {"browsing"}
+    at.slider(key="seg_score").set_range(90.0, 100.0).run()
+    assert (at.dataframe[0].value["score"] >= 90.0).all()
+
+
+def test_customer_page_searches_and_shows_360(
+    use_home: pytest.MonkeyPatch, filled_home: Path
+) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("pages/customer.py")
+    top = at.selectbox(key="cust_pick").value
+    assert top is not None and top.startswith("cus_")
+    assert at.header[0].value
+    assert {"Interaction score", "Intent stage", "Revenue"} <= {m.label for m in at.metric}
+    assert len(at.get("plotly_chart")) >= 3
+
+    with LocalWarehouse(filled_home / "warehouse.sqlite", read_only=True) as wh:
+        linked = wh.query(
+            "SELECT anonymous_id, customer_id FROM identity_links ORDER BY anonymous_id LIMIT 1"
+        ).iloc[0]
+    at.text_input(key="cust_search").input(str(linked["anonymous_id"])[:8]).run()
+    assert not at.exception
+    assert at.selectbox(key="cust_pick").value == linked["customer_id"]
+    identities = _frame(at, "provenance")
+    assert linked["anonymous_id"] in set(identities["anonymous_id"])
+    assert identities["provenance"].str.contains("identity link").any()
+
+    at.text_input(key="cust_search").input("no-such-customer").run()
+    assert not at.exception
+    assert any("No customer matches" in w.value for w in at.warning)
+
+
+def test_customer_page_opens_a_deep_link(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    with LocalWarehouse(filled_home / "warehouse.sqlite", read_only=True) as wh:
+        cid = str(
+            wh.query("SELECT customer_id FROM profiles ORDER BY cis LIMIT 1")["customer_id"][0]
+        )
+    at = _run("pages/customer.py", {"customer": cid})
+    assert at.selectbox(key="cust_pick").value == cid
+    assert cid in at.caption[0].value
+
+
+def test_quality_page_shows_dead_letters_and_schema_versions(
+    use_home: pytest.MonkeyPatch, filled_home: Path
+) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("pages/quality.py")
+    reasons = _frame(at, "dead_letters")
+    assert reasons["dead_letters"].sum() > 0
+    assert _frame(at, "schema_version")["events"].sum() > 0
+    reason = str(reasons["reason"].iloc[0])
+    at.selectbox(key="dq_reason").select(reason).run()
+    assert not at.exception
+    assert set(_frame(at, "raw_text")["reason"]) == {reason}
+
+
+def _email_frame(at: AppTest) -> str:
+    """The rendered email's document as the browser gets it, entities decoded."""
+    (frame,) = at.get("iframe")
+    outer: str = frame.proto.srcdoc
+    assert 'sandbox="allow-popups allow-popups-to-escape-sandbox"' in outer
+    assert "allow-scripts" not in outer and "allow-same-origin" not in outer
+    return html.unescape(html.unescape(outer))
+
+
+def _assert_preview(at: AppTest, customer_id: str, campaign: str) -> dict[str, Any]:
+    """One coherent preview: subject, reasons, send time, plain text and snapshot agree."""
+    assert not at.exception, [e.value for e in at.exception]
+    subject = at.header[0].value
+    document = _email_frame(at)
+    text = at.code[0].value
+    assert subject and subject in document
+    products = at.table[0].value
+    assert len(products) > 0 and (products["reason"].str.len() > 0).all()
+    for reason in products["reason"]:
+        assert reason in document and reason in text
+    assert {"Send at (local)", "Send at (UTC)", "Confidence", "Fallback"} <= {
+        m.label for m in at.metric
+    }
+    assert _metric(at, "Fallback") in {"yes", "no"}
+    snapshot: dict[str, Any] = json.loads(at.json[0].value)
+    assert snapshot["customer_id"] == customer_id and snapshot["campaign_id"] == campaign
+    assert [r["reason"] for r in snapshot["recommendations"]] == list(products["reason"])
+    assert {"send_at_ms", "timezone", "confidence", "fallback"} <= set(snapshot["send_time"])
+    return snapshot
+
+
+def test_email_page_previews_a_customer(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("pages/email.py")
+    chosen = at.selectbox(key="email_pick").value
+    assert chosen is not None and chosen.startswith("cus_")
+    _assert_preview(at, chosen, "preview")
+    assert at.query_params["customer"] in (chosen, [chosen])
+
+    at.text_input(key="email_campaign").input("spring_sale").run()
+    _assert_preview(at, chosen, "spring_sale")
+    assert "utm_campaign=spring_sale" in _email_frame(at)
+
+    at.text_input(key="email_search").input("no-such-customer").run()
+    assert not at.exception
+    assert any("No customer matches" in w.value for w in at.warning)
+    assert not at.get("iframe")
+
+
+def test_email_page_opens_a_deep_link(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    with LocalWarehouse(filled_home / "warehouse.sqlite", read_only=True) as wh:
+        cid = str(
+            wh.query(
+                "SELECT customer_id FROM profiles WHERE merged_into IS NULL ORDER BY cis LIMIT 1"
+            )["customer_id"][0]
+        )
+    at = _run("pages/email.py", {"customer": cid, "campaign": "winter"})
+    assert at.selectbox(key="email_pick").value == cid
+    _assert_preview(at, cid, "winter")
+
+    missing = _run("pages/email.py", {"customer": "cus_nobody"})
+    assert any("cus_nobody" in e.value for e in missing.error)
+    assert not missing.get("iframe")
+
+
+def test_email_page_previews_a_segment(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    service = PersonalizationService(
+        Settings(home=filled_home, _env_file=None), background_refresh=False
+    )
+    try:
+        _, sizes = service.segment_sizes()
+    finally:
+        service.close()
+    full = next(rule.name for rule, n in sizes if n > 0)
+    empty = [rule.name for rule, n in sizes if n == 0]
+
+    at = _run("pages/email.py", {"segment": full, "campaign": "vip_weekend"})
+    assert at.radio(key="email_mode").value == "Segment"
+    assert at.selectbox(key="email_segment").value == full
+    table = _frame(at, "send_at_utc")
+    assert len(table) > 0 and (table["subject"].str.len() > 0).all()
+    assert {"to", "send_at_local", "confidence", "fallback"} <= set(table.columns)
+    assert list(table["preview"]) == [
+        f"/email?customer={c}&campaign=vip_weekend" for c in table["customer_id"]
+    ]
+    first = table.iloc[0]
+    assert at.selectbox(key="email_member").value == first["customer_id"]
+    _assert_preview(at, str(first["customer_id"]), "vip_weekend")
+    assert at.header[0].value == first["subject"]
+
+    if empty:
+        at.selectbox(key="email_segment").set_value(empty[0]).run()
+        assert not at.exception
+        assert any("right now" in i.value for i in at.info)
+        assert not at.get("iframe")
+
+    at.radio(key="email_mode").set_value("Customer").run()
+    assert not at.exception and at.get("iframe")
+    assert "segment" not in at.query_params

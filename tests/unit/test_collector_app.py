@@ -1,0 +1,76 @@
+"""The collector app with the in-memory publisher: routing, responses, 503 mapping, lifecycle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from pipeline.collector.app import create_app
+from pipeline.collector.config import CollectorSettings
+from pipeline.collector.publish import MemoryPublisher
+from pipeline.settings import Settings
+
+KEY = "wk_unit"
+
+
+def _settings(**collector: Any) -> Settings:
+    return Settings(collector=CollectorSettings(write_keys={"web": SecretStr(KEY)}, **collector))
+
+
+def _event(**extra: object) -> dict[str, object]:
+    return {"type": "track", "event": "Signed Up", "messageId": "m1", "userId": "u1", **extra}
+
+
+def test_accepted_batch_is_published_with_key_and_received_at() -> None:
+    publisher = MemoryPublisher()
+    app = create_app(_settings(), lambda: publisher, clock_ms=lambda: 1_767_225_600_000)
+    with TestClient(app) as http:
+        response = http.post("/v1/batch", json={"batch": [_event()]}, auth=(KEY, ""))
+    assert response.status_code == 200
+    assert response.json() == {"success": True}
+    [(topic, key, value)] = publisher.sent
+    assert (topic, key) == ("events.raw", b"u1")
+    assert orjson.loads(value)["receivedAt"] == "2026-01-01T00:00:00.000Z"
+    assert publisher.closed
+
+
+def test_unavailable_broker_is_503_with_retry_after() -> None:
+    publisher = MemoryPublisher(available=False)
+    app = create_app(_settings(retry_after_s=7), lambda: publisher)
+    with TestClient(app) as http:
+        response = http.post("/v1/track", json=_event(), auth=(KEY, ""))
+        health = http.get("/health")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.json()["error"]["code"] == "delivery_timeout"
+    assert health.status_code == 503
+
+
+def test_empty_batch_is_a_success_without_messages() -> None:
+    publisher = MemoryPublisher()
+    with TestClient(create_app(_settings(), lambda: publisher)) as http:
+        response = http.post("/v1/batch", json={"batch": [], "writeKey": KEY})
+    assert response.status_code == 200
+    assert publisher.sent == []
+
+
+def test_rate_limit_uses_the_injected_clock() -> None:
+    now = [0.0]
+    publisher = MemoryPublisher()
+    app = create_app(
+        _settings(rate_limit_events_per_s=1.0, rate_limit_burst=2),
+        lambda: publisher,
+        rate_clock=lambda: now[0],
+    )
+    with TestClient(app) as http:
+        body = {"batch": [_event(), _event(messageId="m2")]}
+        assert http.post("/v1/batch", json=body, auth=(KEY, "")).status_code == 200
+        limited = http.post("/v1/batch", json=body, auth=(KEY, ""))
+        now[0] += 2.0
+        again = http.post("/v1/batch", json=body, auth=(KEY, ""))
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "2"
+    assert again.status_code == 200

@@ -1,0 +1,146 @@
+"""Retention in the local warehouse; forget and verify on a warehouse filled by a replay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.catalog import load_catalog
+from pipeline.gdpr import audit_path, forget, is_suppressed, load_suppressed, verify_forgotten
+from pipeline.identity import is_anonymous
+from pipeline.retention import apply_retention
+from pipeline.settings import RetentionSettings, Settings
+from pipeline.simulate import SimulationConfig, simulate
+from pipeline.stores.local import LocalWarehouse
+from pipeline.testing import T0_MS, replay
+
+_DAY = 86_400_000
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Iterator[LocalWarehouse]:
+    with LocalWarehouse(tmp_path / "w.sqlite") as wh:
+        yield wh
+
+
+def _event(mid: str, ts: int) -> dict[str, Any]:
+    return {
+        "message_id": mid,
+        "customer_id": "c1",
+        "type": "track",
+        "name": "Order Completed",
+        "timestamp_ms": ts,
+        "ingested_ms": ts,
+    }
+
+
+def test_retention_deletes_only_expired_rows(tmp_path: Path, warehouse: LocalWarehouse) -> None:
+    now = datetime.fromtimestamp((T0_MS + 100 * _DAY) / 1000, UTC)
+    warehouse.write_events([_event("old", T0_MS), _event("new", T0_MS + 95 * _DAY)])
+    warehouse.write_dead_letters(
+        [
+            {
+                "topic": "t",
+                "partition": 0,
+                "offset": i,
+                "reason": "not_json",
+                "detail": "",
+                "ingested_ms": ts,
+                "failed_ms": ts,
+                "raw_text": "x",
+                "raw_b64": "eA==",
+            }
+            for i, ts in enumerate((T0_MS, T0_MS + 99 * _DAY))
+        ]
+    )
+    warehouse.write_sent_emails(
+        [
+            {
+                "email_id": f"e{i}",
+                "customer_id": "c1",
+                "campaign_id": "k",
+                "subject": "s",
+                "to": "a@b.c",
+                "sent_ms": ts,
+            }
+            for i, ts in enumerate((T0_MS, T0_MS + 50 * _DAY))
+        ]
+    )
+    settings = Settings(
+        home=tmp_path,
+        retention=RetentionSettings(events_days=30, dead_letters_days=7, sent_emails_days=None),
+    )
+    assert apply_retention(warehouse, settings, now) == {
+        "events": 1,
+        "dead_letters": 1,
+        "sent_emails": 0,
+    }
+    assert list(warehouse.query("SELECT message_id FROM events")["message_id"]) == ["new"]
+    assert warehouse.counts()["dead_letters"] == 1
+    assert apply_retention(warehouse, settings, now)["events"] == 0
+
+
+def _filled(warehouse: LocalWarehouse, settings: Settings) -> Any:
+    catalog = load_catalog(settings.catalog_path)
+    sim = simulate(
+        SimulationConfig(events=3000, seed=7, end=datetime(2024, 3, 1, tzinfo=UTC)), catalog
+    )
+    result = replay(
+        [(m.key, m.value) for m in sim.messages],
+        catalog=catalog,
+        settings=settings,
+        now_ms=int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000),
+    )
+    warehouse.write_events(result.events)
+    warehouse.write_profiles(result.profiles.values())
+    warehouse.write_identity_links(
+        [{k: v for k, v in r.items() if k != "kind"} for r in result.links]
+    )
+    warehouse.write_dead_letters([f.to_dict() for f in result.failures])
+    warehouse.write_segment_changes(result.segment_changes)
+    return sim
+
+
+def test_forget_ten_customers_everywhere(tmp_path: Path, warehouse: LocalWarehouse) -> None:
+    settings = Settings(home=tmp_path / "home")
+    sim = _filled(warehouse, settings)
+    known = [c for c in sim.customers if c.is_known]
+    by_events = warehouse.query(
+        "SELECT customer_id, COUNT(*) AS n FROM events GROUP BY customer_id ORDER BY n DESC"
+    )
+    active = [c for c in by_events["customer_id"] if not is_anonymous(c)][:10]
+    assert len(active) == 10
+    before = warehouse.counts()["events"]
+    for cid in active:
+        report = forget(cid, settings, warehouse=warehouse)
+        assert report.deleted["local.events"] > 0
+        assert report.deleted["local.profiles"] >= 1
+    assert warehouse.counts()["events"] < before
+    suppressed = load_suppressed(settings)
+    devices = {c.customer_id: c.anonymous_ids for c in known}
+    for cid in active:
+        assert set(verify_forgotten(cid, settings, warehouse=warehouse).values()) == {0}
+        assert is_suppressed(suppressed, user_id=cid)
+        assert all(is_suppressed(suppressed, anonymous_id=a) for a in devices[cid])
+    others = [c.customer_id for c in known if c.customer_id not in active]
+    assert not any(is_suppressed(suppressed, user_id=c) for c in others)
+    assert sum(verify_forgotten(others[0], settings, warehouse=warehouse).values()) >= 0
+    audit = [orjson.loads(line) for line in audit_path(settings).read_bytes().splitlines()]
+    assert len(audit) == 10 and all(cid not in str(audit) for cid in active)
+    assert all(cid not in suppression_text(settings) for cid in active)
+
+
+def suppression_text(settings: Settings) -> str:
+    return (settings.home / "suppression.jsonl").read_text()
+
+
+def test_verify_finds_rows_left_behind(tmp_path: Path, warehouse: LocalWarehouse) -> None:
+    settings = Settings(home=tmp_path / "home")
+    forget("c1", settings, warehouse=warehouse)
+    warehouse.write_events([_event("late", T0_MS)])  # written by a processor not yet suppressing
+    assert verify_forgotten("c1", settings, warehouse=warehouse)["local.events"] == 1

@@ -1,0 +1,165 @@
+"""Unit tests of send-time optimization: the Dirichlet posterior, slot search and time zones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from pipeline.scoring import DAY_MS, HOUR_MS, Profile, hour_of_week_bin
+from pipeline.sendtime import (
+    BINS,
+    SendTimeParams,
+    best_send_time,
+    default_prior,
+    histogram,
+    population_prior,
+    posterior,
+)
+from pipeline.testing import T0_MS
+
+UNIFORM = [1.0 / BINS] * BINS
+
+
+def customer(hours: dict[str, float], tz: str | None = "UTC") -> Profile:
+    return Profile(customer_id="c1", is_anonymous=False, hour_of_week=hours, timezone=tz)
+
+
+def test_posterior_is_the_dirichlet_mean() -> None:
+    counts = [0.0] * BINS
+    counts[10] = 6.0
+    theta = posterior(counts, UNIFORM, alpha=10.0)
+    # (6 + 10/168) / (6 + 10) and (0 + 10/168) / 16
+    assert theta[10] == pytest.approx((6 + 10 / 168) / 16)
+    assert theta[11] == pytest.approx((10 / 168) / 16)
+    assert math.fsum(theta) == pytest.approx(1.0)
+
+
+def test_best_hour_with_confidence_from_personal_data() -> None:
+    # T0 is Monday 00:00 UTC; bin 20 is Monday 20:00.
+    sent = best_send_time(customer({"20": 5.0}), UNIFORM, at_ms=T0_MS)
+    assert sent.send_at_ms == T0_MS + 20 * HOUR_MS
+    assert sent.hour_of_week == 20
+    assert sent.timezone == "UTC"
+    assert sent.confidence == pytest.approx(5 / (5 + 10))
+    assert sent.probability == pytest.approx((5 + 10 / 168) / 15)
+    assert sent.observations == 5.0
+    assert not sent.fallback
+    assert sent.send_at.hour == 20
+
+
+def test_slot_is_in_the_customers_time_zone() -> None:
+    # In January Paris is UTC+1: Monday 20:00 local is 19:00 UTC.
+    sent = best_send_time(customer({"20": 5.0}, "Europe/Paris"), UNIFORM, at_ms=T0_MS)
+    assert sent.send_at_ms == T0_MS + 19 * HOUR_MS
+    assert sent.local_time.hour == 20
+    assert sent.local_time.weekday() == 0
+
+
+def test_half_hour_zone_slots_start_on_the_local_hour() -> None:
+    sent = best_send_time(customer({"30": 2.0}, "Asia/Kolkata"), UNIFORM, at_ms=T0_MS)
+    # Tuesday 06:00 in Kolkata (UTC+5:30) is Tuesday 00:30 UTC.
+    assert sent.send_at_ms == T0_MS + DAY_MS + 30 * 60_000
+    assert sent.local_time.minute == 0
+
+
+def test_a_passed_slot_moves_to_next_week() -> None:
+    at = T0_MS + 21 * HOUR_MS  # Monday 21:00, the Monday 20:00 slot has passed
+    sent = best_send_time(customer({"20": 5.0}), UNIFORM, at_ms=at)
+    assert sent.send_at_ms == T0_MS + 7 * DAY_MS + 20 * HOUR_MS
+
+
+def test_the_slot_is_strictly_after_the_as_of_time() -> None:
+    at = T0_MS + 20 * HOUR_MS  # exactly Monday 20:00
+    sent = best_send_time(customer({"20": 5.0}), UNIFORM, at_ms=at)
+    assert sent.send_at_ms == at + 7 * DAY_MS
+
+
+def test_min_lead_time_is_respected() -> None:
+    params = SendTimeParams(min_lead_minutes=90)
+    sent = best_send_time(customer({}), UNIFORM, at_ms=T0_MS, params=params)
+    assert sent.send_at_ms == T0_MS + 2 * HOUR_MS  # uniform prior: the first slot wins ties
+
+
+def test_no_personal_data_falls_back_to_the_prior() -> None:
+    prior = default_prior()
+    sent = best_send_time(customer({}, None), prior, at_ms=T0_MS)
+    assert sent.fallback
+    assert sent.confidence == 0.0
+    assert sent.timezone == "UTC"
+    daily = SendTimeParams().default_daily_curve
+    assert sent.local_time.hour == daily.index(max(daily))
+    assert sent.probability == pytest.approx(max(prior))
+
+
+def test_strong_prior_outweighs_little_data() -> None:
+    prior = [0.0] * BINS
+    prior[40] = 1.0
+    sent = best_send_time(customer({"20": 1.0}), prior, at_ms=T0_MS)
+    # theta_20 = 1 / 11 and theta_40 = 10 / 11
+    assert sent.hour_of_week == 40
+    assert sent.probability == pytest.approx(10 / 11)
+
+
+def test_population_prior_counts_each_customer_once() -> None:
+    params = SendTimeParams(prior_floor=0.0)
+    heavy = customer({"0": 10.0})
+    light = customer({"1": 1.0})
+    prior = population_prior([heavy, light, customer({})], params)
+    assert prior[0] == pytest.approx(0.5)
+    assert prior[1] == pytest.approx(0.5)
+    assert sum(prior) == pytest.approx(1.0)
+
+
+def test_population_prior_mixes_in_a_uniform_floor() -> None:
+    prior = population_prior([customer({"0": 1.0})], SendTimeParams(prior_floor=0.1))
+    assert prior[0] == pytest.approx(0.9 + 0.1 / 168)
+    assert prior[5] == pytest.approx(0.1 / 168)
+
+
+def test_empty_population_gets_the_default_curve() -> None:
+    prior = population_prior([])
+    assert len(prior) == BINS
+    assert math.fsum(prior) == pytest.approx(1.0)
+    assert prior == default_prior()
+    assert prior[20] > prior[3]  # Monday evening over Monday 03:00
+
+
+def test_histogram_ignores_malformed_bins() -> None:
+    counts = histogram(customer({"5": 2.0, "x": 1.0, "200": 1.0, "6": -1.0}))
+    assert counts[5] == 2.0
+    assert math.fsum(counts) == 2.0
+
+
+def test_params_are_validated() -> None:
+    with pytest.raises(ValidationError):
+        SendTimeParams(alpha=0)
+    with pytest.raises(ValidationError):
+        SendTimeParams(default_daily_curve=(1.0,) * 23)
+    with pytest.raises(ValidationError):
+        SendTimeParams(horizons_days=3)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="167 bins"):
+        best_send_time(customer({}), UNIFORM[:-1], at_ms=T0_MS)
+
+
+ZONES = ["UTC", "Europe/London", "America/New_York", "Asia/Kolkata", "Australia/Sydney"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    at=st.integers(T0_MS, T0_MS + 3 * 365 * DAY_MS),
+    tz=st.sampled_from(ZONES),
+    hours=st.dictionaries(st.integers(0, BINS - 1).map(str), st.floats(0.1, 50.0), max_size=6),
+)
+def test_slot_is_a_local_hour_start_within_the_horizon(
+    at: int, tz: str, hours: dict[str, float]
+) -> None:
+    sent = best_send_time(customer(hours, tz), default_prior(), at_ms=at)
+    assert at < sent.send_at_ms <= at + 7 * DAY_MS
+    assert sent.local_time.minute == 0
+    assert hour_of_week_bin(sent.send_at_ms, tz) == sent.hour_of_week
+    assert 0.0 <= sent.confidence < 1.0
+    assert sent.fallback == (not hours)

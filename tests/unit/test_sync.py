@@ -1,0 +1,162 @@
+"""CRM sync: incremental, idempotent re-runs, documented conflict resolution."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.settings import Settings, SyncSettings
+from pipeline.sync import (
+    CRM_FIELDS,
+    CRM_UPDATED_TRAIT,
+    SyncError,
+    load_watermark,
+    merge_crm_record,
+    sync_crm,
+)
+
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "crm_customers.csv"
+
+
+class ListProducer:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self.flushes = 0
+
+    def send(self, key: str, value: dict[str, Any]) -> None:
+        self.records.append((key, value))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _settings(tmp_path: Path, **sync: Any) -> Settings:
+    return Settings(home=tmp_path / "home", sync=SyncSettings(**sync))
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CRM_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _row(cid: str, updated: str, **over: str) -> dict[str, str]:
+    row = {
+        "customer_id": cid,
+        "email": f" {cid.upper()}@Example.com",
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "timezone": "Europe/Paris",
+        "loyalty_tier": "gold",
+        "email_consent": "true",
+        "updated_at": updated,
+    }
+    return row | over
+
+
+def test_sample_csv_imports_once(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, crm_csv_path=SAMPLE)
+    first = ListProducer()
+    [result] = sync_crm(settings, first)
+    assert result.produced == len(first.records) > 100
+    key, value = first.records[0]
+    assert key == value["customer_id"] and value["source"] == "csv:crm_customers.csv"
+    again = ListProducer()
+    [rerun] = sync_crm(settings, again)
+    assert rerun.produced == 0 and again.records == []
+    assert load_watermark(settings, "csv:crm_customers.csv") == result.watermark
+
+
+def test_only_changed_rows_are_produced(tmp_path: Path) -> None:
+    path = tmp_path / "crm.csv"
+    _write_csv(path, [_row("c1", "2024-01-01T00:00:00Z"), _row("c2", "2024-01-02T00:00:00Z")])
+    settings = _settings(tmp_path, crm_csv_path=path)
+    assert sync_crm(settings, ListProducer())[0].produced == 2
+    _write_csv(
+        path,
+        [
+            _row("c1", "2024-01-03T00:00:00+00:00", loyalty_tier="platinum"),
+            _row("c2", "2024-01-02T00:00:00Z"),
+        ],
+    )
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert producer.records[0][1]["loyalty_tier"] == "platinum"
+    assert producer.records[0][1]["email"] == "c1@example.com"
+
+
+def test_sqlite_source_with_watermark(tmp_path: Path) -> None:
+    db = tmp_path / "crm.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE customers ({', '.join(CRM_FIELDS)})")
+        conn.executemany(
+            f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
+            [tuple(_row(f"c{i}", f"2024-02-0{i}T10:00:00+00:00").values()) for i in (1, 2, 3)],
+        )
+    settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
+    assert sync_crm(settings, ListProducer())[0].produced == 3
+    assert sync_crm(settings, ListProducer())[0].produced == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE customers SET email_consent = 'false', "
+            "updated_at = '2024-03-01T00:00:00+00:00' WHERE customer_id = 'c2'"
+        )
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert producer.records[0][1]["email_consent"] is False
+
+
+def test_bad_row_names_source_and_customer(tmp_path: Path) -> None:
+    path = tmp_path / "crm.csv"
+    _write_csv(path, [_row("c9", "yesterday")])
+    with pytest.raises(SyncError, match=r"csv:crm\.csv.*c9"):
+        sync_crm(_settings(tmp_path, crm_csv_path=path), ListProducer())
+
+
+def test_crm_consent_and_email_always_win_over_tracked_traits() -> None:
+    tracked = {"email": "old@example.com", "emailConsent": True, "firstName": "Annie"}
+    record = {
+        "customer_id": "c1",
+        "email": " New@Example.com",
+        "email_consent": False,
+        "first_name": "Ann",
+        "loyalty_tier": "gold",
+        "updated_at": "2024-01-01T00:00:00Z",
+    }
+    newer_tracking = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000)
+    merged = merge_crm_record(tracked, record, traits_updated_ms=newer_tracking)
+    assert merged["email"] == "new@example.com"
+    assert merged["emailConsent"] is False
+    assert merged["loyaltyTier"] == "gold"
+    assert merged["firstName"] == "Annie"  # tracked traits are newer: CRM only fills gaps
+    assert merge_crm_record(tracked, record)["firstName"] == "Ann"  # no newer tracking
+
+
+def test_newest_crm_update_wins_and_stale_records_are_ignored() -> None:
+    newer = {
+        "customer_id": "c1",
+        "loyalty_tier": "platinum",
+        "email_consent": True,
+        "updated_at": "2024-05-01T00:00:00+00:00",
+    }
+    older = {
+        "customer_id": "c1",
+        "loyalty_tier": "bronze",
+        "email_consent": False,
+        "updated_at": "2024-04-01T00:00:00+00:00",
+    }
+    traits = merge_crm_record({}, newer)
+    assert merge_crm_record(traits, older) == traits
+    assert traits[CRM_UPDATED_TRAIT] == "2024-05-01T00:00:00+00:00"
+    assert merge_crm_record(traits, newer) == traits  # re-applying is a no-op
+
+
+def test_empty_crm_field_never_erases() -> None:
+    merged = merge_crm_record({"lastName": "Lee"}, {"last_name": "", "updated_at": "2024-01-01"})
+    assert merged["lastName"] == "Lee"

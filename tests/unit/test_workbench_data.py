@@ -1,0 +1,274 @@
+"""Read-side views of the warehouse, over a warehouse filled from a replayed simulation."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import workbench_data as wd
+from pipeline.catalog import load_catalog
+from pipeline.errors import ProfileNotFoundError
+from pipeline.scoring import ScoringParams
+from pipeline.settings import Settings
+from pipeline.simulate import SimulationConfig, default_end, simulate
+from pipeline.stores.local import LocalWarehouse
+from pipeline.testing import ReplayResult, make_event, replay
+
+PARAMS = ScoringParams()
+
+
+def store_replay(path: Path, result: ReplayResult) -> None:
+    """Write what the stream would have written for ``result`` into the warehouse at ``path``."""
+    with LocalWarehouse(path) as wh:
+        wh.write_events(result.events)
+        wh.write_profiles(result.profiles.values())
+        wh.write_dead_letters([f.to_dict() for f in result.failures])
+        wh.write_identity_links(
+            [{k: v for k, v in link.items() if k != "kind"} for link in result.links]
+        )
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ReplayResult, Path]]:
+    settings = Settings(_env_file=None)
+    catalog = load_catalog(settings.catalog_path)
+    sim = simulate(SimulationConfig(events=1500, seed=11, end=default_end()), catalog)
+    result = replay([(m.key, m.value) for m in sim.messages], catalog=catalog, settings=settings)
+    path = tmp_path_factory.mktemp("wb") / "warehouse.sqlite"
+    store_replay(path, result)
+    yield result, path
+
+
+@pytest.fixture
+def wh(replayed: tuple[ReplayResult, Path]) -> Iterator[LocalWarehouse]:
+    handle = wd.open_warehouse(replayed[1])
+    assert handle is not None
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def result(replayed: tuple[ReplayResult, Path]) -> ReplayResult:
+    return replayed[0]
+
+
+def _known(result: ReplayResult) -> list[dict[str, object]]:
+    return [
+        p for p in result.profiles.values() if not p["is_anonymous"] and p["merged_into"] is None
+    ]
+
+
+def test_missing_or_empty_warehouse_has_no_data(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite"
+    assert wd.open_warehouse(path) is None
+    assert not wd.has_data(None)
+    LocalWarehouse(path).close()  # what `pipeline up` creates before any traffic
+    empty = wd.open_warehouse(path)
+    assert empty is not None and empty.read_only
+    assert not wd.has_data(empty)
+    assert wd.totals(empty)["last_stored_ms"] is None
+    assert wd.throughput(empty, now_ms=wd.now_ms(), minutes=1)["in_per_s"].sum() == 0
+    assert math.isnan(wd.latency_summary(empty, since_ms=0)["p50"])
+    assert wd.latency_over_time(empty, now_ms=wd.now_ms()).empty
+    assert wd.segment_members(empty, PARAMS, at_ms=wd.now_ms()).empty
+    assert wd.segment_sizes(wd.segment_members(empty, PARAMS, at_ms=0))["customers"].sum() == 0
+    assert wd.search_customers(empty, "").empty
+    assert wd.dead_letters_by_reason(empty).empty
+
+
+def test_totals_count_what_was_written(wh: LocalWarehouse, result: ReplayResult) -> None:
+    totals = wd.totals(wh)
+    assert wd.has_data(wh)
+    assert totals["events"] == len({e["message_id"] for e in result.events})
+    assert totals["dead_letters"] == len(result.failures) > 0
+    assert totals["customers"] == len(_known(result))
+    assert totals["events_merged"] == sum(1 for e in result.events if e["merged_from"])
+    assert totals["last_stored_ms"] is not None
+
+
+def test_throughput_counts_every_message_once(wh: LocalWarehouse) -> None:
+    totals = wd.totals(wh)
+    frame = wd.throughput(wh, now_ms=wd.now_ms() + 10_000, minutes=10)
+    assert list(frame.columns) == ["time", "in_per_s", "out_per_s"]
+    assert (
+        frame["time"].is_monotonic_increasing
+        and frame["time"].diff().dropna().eq(pd.Timedelta(seconds=1)).all()
+    )
+    assert frame["in_per_s"].sum() == totals["events"] + totals["dead_letters"]  # type: ignore[operator]
+    assert frame["out_per_s"].sum() == totals["events"]
+    assert wd.rates(wh, now_ms=wd.now_ms() + 3_600_000) == {"in_per_s": 0.0, "out_per_s": 0.0}
+
+
+def test_latency_is_storage_minus_broker_time(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite"
+    now = wd.now_ms()
+    with LocalWarehouse(path) as writer:
+        writer.write_events(
+            [
+                make_event(ingested_ms=now - 1000 - i, customer_id=f"c{i}").to_dict()
+                for i in range(10)
+            ]
+        )
+    wh = wd.open_warehouse(path)
+    assert wh is not None
+    summary = wd.latency_summary(wh, since_ms=now - 60_000)
+    assert summary["events"] == 10
+    assert 1000 <= summary["p50"] <= summary["p95"] <= summary["p99"] < 60_000
+    over_time = wd.latency_over_time(wh, now_ms=wd.now_ms(), minutes=1, bucket_s=5)
+    assert over_time["events"].sum() == 10
+    assert (over_time["p50"] >= 1000).all()
+
+
+def test_dead_letters_by_reason_and_samples(wh: LocalWarehouse, result: ReplayResult) -> None:
+    by_reason = wd.dead_letters_by_reason(wh)
+    expected = pd.Series([f.reason for f in result.failures]).value_counts()
+    assert dict(zip(by_reason["reason"], by_reason["dead_letters"], strict=True)) == dict(expected)
+    reason = str(by_reason["reason"].iloc[0])
+    samples = wd.dead_letter_samples(wh, reason=reason, limit=100, raw_chars=20)
+    assert len(samples) == expected[reason]
+    assert set(samples["reason"]) == {reason}
+    assert samples["raw_text"].str.len().max() <= 20
+    assert len(wd.dead_letter_samples(wh, limit=3)) == 3
+    assert wd.dead_letters_by_reason(wh, since_ms=wd.now_ms() + 60_000).empty
+
+
+def test_schema_versions_cover_every_event(wh: LocalWarehouse) -> None:
+    versions = wd.schema_versions(wh)
+    assert versions["events"].sum() == wd.totals(wh)["events"]
+    assert set(versions["schema_version"]) == {1}
+    assert {"track", "identify", "page"} <= set(versions["event_type"])
+
+
+def test_segment_members_rescore_at_the_given_time(
+    wh: LocalWarehouse, result: ReplayResult
+) -> None:
+    at = wd.now_ms()
+    members = wd.segment_members(wh, PARAMS, at_ms=at)
+    assert len(members) == len(_known(result))
+    assert list(members.columns) == list(wd.MEMBER_COLUMNS)
+    assert members["score"].is_monotonic_decreasing
+    assert set(members["intent_stage"]) <= set(wd.STAGES)
+    stored = _known(result)[0]
+    as_of = wd.member_row(stored, PARAMS, int(stored["as_of_ms"]))  # type: ignore[call-overload]
+    assert as_of["score"] == pytest.approx(stored["cis"])
+    assert as_of["intent_stage"] == stored["intent_stage"]
+    far = wd.segment_members(wh, PARAMS, at_ms=at + 365 * 86_400_000)
+    assert set(far["intent_stage"]) == {"lapsed"}
+    with_anon = wd.segment_members(wh, PARAMS, at_ms=at, include_anonymous=True)
+    assert with_anon["is_anonymous"].any() and len(with_anon) > len(members)
+
+
+def test_segment_sizes_filters_and_csv(wh: LocalWarehouse) -> None:
+    members = wd.segment_members(wh, PARAMS, at_ms=wd.now_ms())
+    sizes = wd.segment_sizes(members)
+    assert list(sizes["intent_stage"]) == list(wd.STAGES)
+    assert sizes["customers"].sum() == len(members)
+    assert sizes["share"].sum() == pytest.approx(1.0)
+
+    largest = sizes.sort_values("customers").iloc[-1]
+    only = wd.filter_members(members, stages=[str(largest["intent_stage"])])
+    assert len(only) == largest["customers"]
+    high = wd.filter_members(members, min_score=50.0)
+    assert (high["score"] >= 50.0).all()
+    email = str(members["email"].dropna().iloc[0])
+    found = wd.filter_members(members, text=email.upper())
+    assert email in set(found["email"])
+    category = str(members["top_category"].dropna().iloc[0])
+    assert set(wd.filter_members(members, categories=[category])["top_category"]) == {category}
+    assert wd.filter_members(members, text="no-such-customer-anywhere").empty
+
+    back = pd.read_csv(io.BytesIO(wd.members_csv(members)))
+    assert list(back.columns) == list(wd.MEMBER_COLUMNS)
+    assert len(back) == len(members)
+
+
+def test_stage_history_ends_where_the_profiles_are(wh: LocalWarehouse) -> None:
+    end = wd.now_ms()
+    history = wd.stage_history(wh, PARAMS, end_ms=end, days=7)
+    assert history.customers == history.customers_total > 0
+    assert len(history.frame) == 7 * len(wd.STAGES)
+    last = history.frame[history.frame["day_end"] == history.frame["day_end"].max()]
+    now = wd.segment_sizes(wd.segment_members(wh, PARAMS, at_ms=end))
+    assert last["customers"].sum() == now["customers"].sum()
+    by_day = history.frame.groupby("day_end")["customers"].sum()
+    assert by_day.is_monotonic_increasing  # customers only ever appear
+    capped = wd.stage_history(wh, PARAMS, end_ms=end, days=2, max_events=100)
+    assert capped.customers < capped.customers_total
+
+
+def test_search_by_id_email_and_anonymous_id(wh: LocalWarehouse, result: ReplayResult) -> None:
+    top = wd.search_customers(wh, "", limit=5)
+    assert len(top) == 5 and top["cis"].is_monotonic_decreasing
+    assert not top["is_anonymous"].any()
+
+    customer = _known(result)[0]
+    cid = str(customer["customer_id"])
+    by_id = wd.search_customers(wh, cid[:-1])
+    assert cid in set(by_id["customer_id"])
+    assert by_id["customer_id"].str.startswith(cid[:-1]).all()
+
+    emails = {str(p["customer_id"]): p["traits"].get("email") for p in _known(result)}  # type: ignore[attr-defined]
+    with_email, email = next((c, e) for c, e in sorted(emails.items()) if e)
+    by_email = wd.search_customers(wh, str(email).split("@")[0].upper())
+    assert by_email["customer_id"].iloc[0] == with_email
+    assert set(by_email["matched_by"]) == {"e-mail"}
+
+    link = result.links[0]
+    by_device = wd.search_customers(wh, str(link["anonymous_id"])[:8])
+    assert link["customer_id"] in set(by_device["customer_id"])
+    assert by_device["matched_by"].str.startswith("anonymous id").any()
+
+    assert wd.search_customers(wh, "%").empty  # LIKE wildcards are literal
+    assert wd.search_customers(wh, "_").empty
+
+
+def test_customer_360(wh: LocalWarehouse, result: ReplayResult) -> None:
+    with_devices = [p for p in _known(result) if p["anonymous_ids"]]
+    stored = max(with_devices, key=lambda p: p["event_count"])  # type: ignore[arg-type,return-value]
+    cid = str(stored["customer_id"])
+    at = wd.now_ms()
+    view = wd.customer_360(wh, cid, PARAMS, at_ms=at)
+    assert view.customer_id == view.requested_id == cid
+    assert view.profile["version"] == stored["version"]
+    parts = wd.score_contributions(view.score, PARAMS)
+    assert parts["points"].sum() == pytest.approx(view.score.score)
+    assert 0 <= view.score.score <= 100
+    assert view.category_affinity["share"].sum() == pytest.approx(1.0)
+    assert view.event_counts["events"].sum() == stored["event_count"]
+    stored_events = [e for e in result.events if e["customer_id"] == cid]
+    assert len(view.timeline) == min(200, len({e["message_id"] for e in stored_events}))
+    assert view.timeline["time"].is_monotonic_decreasing
+
+    devices = set(stored["anonymous_ids"])  # type: ignore[call-overload]
+    assert devices <= set(view.identities["anonymous_id"])
+    linked = view.identities[view.identities["anonymous_id"].isin(devices)]
+    assert linked["provenance"].str.contains("identity link").all()
+    assert linked["provenance"].str.contains("profile merge").all()
+    assert linked["via_message_id"].notna().all()
+
+    nodes, edges = wd.identity_graph(view)
+    assert nodes["kind"].iloc[0] == "customer"
+    assert (nodes["kind"] == "device").sum() == len(view.identities)
+    assert set(edges["source"]) | set(edges["target"]) <= set(nodes["id"])
+
+    device = next(iter(devices))
+    assert wd.customer_360(wh, device, PARAMS, at_ms=at).customer_id == cid
+    assert wd.customer_360(wh, f"anon:{device}", PARAMS, at_ms=at).customer_id == cid
+    with pytest.raises(ProfileNotFoundError):
+        wd.customer_360(wh, "nobody-at-all", PARAMS, at_ms=at)
+
+
+def test_reads_while_a_writer_commits(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite"
+    with LocalWarehouse(path) as writer:
+        reader = wd.open_warehouse(path)
+        assert reader is not None
+        before = wd.totals(reader)["events"]
+        writer.write_events([make_event(ingested_ms=wd.now_ms()).to_dict()])
+        assert wd.totals(reader)["events"] == before + 1  # type: ignore[operator]
+        reader.close()

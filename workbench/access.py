@@ -1,0 +1,213 @@
+"""Cached, read-only access to the warehouse for the workbench pages, and the empty state.
+
+Queries are cached per warehouse path; the handle is one read-only connection per process,
+so the pages never block the processor that writes concurrently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pandas as pd
+import streamlit as st
+
+from pipeline import workbench_data as wd
+from pipeline.api.service import CampaignEmail, CampaignRender, PersonalizationService
+from pipeline.scoring import ScoringParams
+from pipeline.settings import load_settings
+from pipeline.stores.local import LocalWarehouse
+
+
+def warehouse_path() -> str:
+    """Absolute path of the warehouse of the configured home (it may not exist yet)."""
+    return str(Path(load_settings().warehouse_path).resolve())
+
+
+def scoring() -> ScoringParams:
+    return load_settings().scoring
+
+
+@st.cache_resource(show_spinner=False)
+def _open(path: str) -> LocalWarehouse:
+    return LocalWarehouse(Path(path), read_only=True)
+
+
+def warehouse(path: str) -> LocalWarehouse | None:
+    """The read-only handle, or None while the warehouse file does not exist (not cached)."""
+    if not Path(path).exists():
+        return None
+    return _open(path)
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def has_data(path: str) -> bool:
+    return wd.has_data(warehouse(path))
+
+
+def show_empty_state() -> None:
+    """What to do when there is nothing to show yet."""
+    st.info(wd.START_HINT, icon=":material/rocket_launch:")
+    st.code("pipeline up\n# in a second terminal:\npipeline simulate --events 10000", "bash")
+
+
+def data_path() -> str | None:
+    """The warehouse path when it holds data; otherwise shows the empty state and returns None."""
+    path = warehouse_path()
+    if not has_data(path):
+        show_empty_state()
+        return None
+    return path
+
+
+def _wh(path: str) -> LocalWarehouse:
+    wh = warehouse(path)
+    if wh is None:
+        raise FileNotFoundError(path)
+    return wh
+
+
+@st.cache_data(ttl=1, show_spinner=False)
+def live(path: str, now_ms: int, minutes: float) -> dict[str, Any]:
+    """Everything the Live page shows at ``now_ms`` (cached per second)."""
+    wh = _wh(path)
+    since = now_ms - int(minutes * 60_000)
+    return {
+        "totals": wd.totals(wh),
+        "rates": wd.rates(wh, now_ms=now_ms),
+        "latency_last_minute": wd.latency_summary(wh, since_ms=now_ms - 60_000),
+        "throughput": wd.throughput(wh, now_ms=now_ms, minutes=minutes),
+        "latency": wd.latency_over_time(wh, now_ms=now_ms, minutes=minutes),
+        "dead_letters": wd.dead_letters_by_reason(wh, since_ms=since),
+        "dead_letters_all": wd.dead_letters_by_reason(wh),
+    }
+
+
+@st.cache_data(ttl=15, show_spinner=False)
+def members(path: str, at_ms: int, include_anonymous: bool) -> pd.DataFrame:
+    return wd.segment_members(
+        _wh(path), scoring(), at_ms=at_ms, include_anonymous=include_anonymous
+    )
+
+
+@st.cache_data(ttl=120, show_spinner=False)
+def stage_history(path: str, end_ms: int, days: int, include_anonymous: bool) -> wd.StageHistory:
+    return wd.stage_history(
+        _wh(path), scoring(), end_ms=end_ms, days=days, include_anonymous=include_anonymous
+    )
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def search(path: str, text: str) -> pd.DataFrame:
+    return wd.search_customers(_wh(path), text)
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def customer(path: str, customer_id: str, at_ms: int) -> wd.Customer360:
+    return wd.customer_360(_wh(path), customer_id, scoring(), at_ms=at_ms)
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def quality(path: str) -> dict[str, pd.DataFrame]:
+    wh = _wh(path)
+    return {
+        "by_reason": wd.dead_letters_by_reason(wh),
+        "schema_versions": wd.schema_versions(wh),
+    }
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def dead_letter_samples(path: str, reason: str | None, limit: int) -> pd.DataFrame:
+    return wd.dead_letter_samples(_wh(path), reason=reason, limit=limit)
+
+
+@st.cache_resource(show_spinner=False)
+def service(path: str) -> PersonalizationService:
+    """The API's personalization service over the warehouse at ``path`` (one per process)."""
+    return PersonalizationService(load_settings(), Path(path))
+
+
+def default_campaign() -> str:
+    return load_settings().api.default_campaign
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def campaign_email(path: str, customer_id: str, campaign_id: str, at_ms: int) -> CampaignEmail:
+    """The email ``customer_id`` would get in ``campaign_id`` now (``at_ms`` keys the cache)."""
+    return service(path).campaign_email(customer_id, campaign_id)
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def campaign_segments(path: str, at_ms: int) -> pd.DataFrame:
+    """The campaign segments (``segments.yaml``) with their member counts."""
+    _, sizes = service(path).segment_sizes()
+    return pd.DataFrame(
+        [
+            {
+                "segment": rule.name,
+                "label": rule.label or rule.name,
+                "description": rule.description,
+                "members": members,
+            }
+            for rule, members in sizes
+        ],
+        columns=["segment", "label", "description", "members"],
+    )
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def campaign_render(
+    path: str, campaign_id: str, segment: str, limit: int, at_ms: int
+) -> CampaignRender:
+    """The emails of up to ``limit`` members of ``segment`` in ``campaign_id``."""
+    return service(path).render_campaign(campaign_id, segment, limit)
+
+
+def recommended_products(path: str, email: CampaignEmail) -> pd.DataFrame:
+    """The email's products, in order, with the reason the customer reads and the score."""
+    catalog = service(path).catalog
+    rows = []
+    for rec in email.email.snapshot.get("recommendations", []):
+        product = catalog.get(rec["product_id"])
+        rows.append(
+            {
+                "product_id": rec["product_id"],
+                "name": product.name if product else None,
+                "category": product.category if product else None,
+                "reason": rec["reason"],
+                "source": rec["source"],
+                "score": round(rec["score"], 3),
+            }
+        )
+    columns = ["product_id", "name", "category", "reason", "source", "score"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def campaign_table(render: CampaignRender) -> pd.DataFrame:
+    """One row per rendered member email: recipient, subject, send time and a preview link."""
+    rows = [
+        {
+            "customer_id": e.email.customer_id,
+            "to": e.to,
+            "subject": e.email.subject,
+            "send_at_local": e.send_time.local_time.strftime("%a %Y-%m-%d %H:%M %Z"),
+            "send_at_utc": e.send_time.send_at.strftime("%Y-%m-%d %H:%M"),
+            "confidence": e.send_time.confidence,
+            "fallback": e.send_time.fallback,
+            "preview": f"/email?customer={quote(e.email.customer_id, safe='')}"
+            f"&campaign={quote(render.campaign_id, safe='')}",
+        }
+        for e in render.emails
+    ]
+    columns = [
+        "customer_id", "to", "subject", "send_at_local", "send_at_utc", "confidence",
+        "fallback", "preview",
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def bucket(ms: int, seconds: int) -> int:
+    """``ms`` rounded down to ``seconds``, so cached results are shared within that bucket."""
+    step = seconds * 1000
+    return ms // step * step

@@ -1,0 +1,15 @@
+"""The marketers' workbench: `streamlit run workbench/app.py` (reads $PIPELINE_HOME)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="Pipeline workbench", page_icon=":material/mail:", layout="wide")
+
+pages = [
+    st.Page("pages/live.py", title="Live", icon=":material/monitoring:", default=True),
+    st.Page("pages/segments.py", title="Segments", icon=":material/groups:"),
+    st.Page("pages/customer.py", title="Customer 360", icon=":material/person_search:"),
+    st.Page("pages/quality.py", title="Data quality", icon=":material/rule:"),
+]
+st.navigation(pages).run()

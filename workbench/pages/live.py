@@ -1,0 +1,94 @@
+"""Live: messages per second in and out, end-to-end latency, dead letters; refreshes itself."""
+
+from __future__ import annotations
+
+import math
+
+import access
+import plotly.express as px
+import streamlit as st
+
+from pipeline import workbench_data as wd
+
+st.title("Live pipeline")
+controls = st.columns([2, 1, 3])
+minutes = controls[0].segmented_control(
+    "Window (minutes)", options=[1, 5, 15, 60], default=5, key="live_window"
+)
+auto = controls[1].toggle("Auto-refresh", value=True, key="live_auto")
+
+
+def _fmt_ms(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.0f} ms"
+
+
+@st.fragment(run_every=2 if auto else None)
+def live_panel() -> None:
+    """Re-runs on its own every 2 s; the rest of the page stays put."""
+    path = access.data_path()
+    if path is None:
+        return
+    now = wd.now_ms()
+    snap = access.live(path, access.bucket(now, 1), float(minutes or 5))
+    totals, rates, lat = snap["totals"], snap["rates"], snap["latency_last_minute"]
+    row = st.columns(4)
+    row[0].metric("Events/s in", f"{rates['in_per_s']:,.1f}", help="last 10 s, by broker time")
+    row[1].metric("Events/s out", f"{rates['out_per_s']:,.1f}", help="last 10 s, readable")
+    row[2].metric("Latency p95 (1 min)", _fmt_ms(lat["p95"]), help="broker → warehouse")
+    row[3].metric("Events stored", f"{totals['events']:,}")
+    row = st.columns(4)
+    row[0].metric("Customers", f"{totals['customers']:,}")
+    row[1].metric("Anonymous profiles", f"{totals['anonymous_profiles']:,}")
+    row[2].metric("Dead letters", f"{totals['dead_letters']:,}")
+    row[3].metric("Identity links", f"{totals['identity_links']:,}")
+    last = totals["last_stored_ms"]
+    idle_s = None if last is None else max(0.0, (now - last) / 1000)
+    st.caption(
+        f"Last write {idle_s:,.1f} s ago · {totals['events_merged']:,} anonymous events merged "
+        "into customers · duplicates are dropped in the processor (counted in its metrics, not "
+        "stored) · consumer lag is not recorded in the warehouse"
+        if idle_s is not None
+        else "No writes yet."
+    )
+
+    left, right = st.columns(2)
+    tp = snap["throughput"].melt("time", var_name="flow", value_name="messages/s")
+    left.plotly_chart(
+        px.line(tp, x="time", y="messages/s", color="flow", title="Throughput per second"),
+        key="live_throughput",
+    )
+    latency = snap["latency"]
+    if latency.empty:
+        right.info("No events stored in this window.")
+    else:
+        lat_long = latency.melt(
+            ["time", "events"],
+            value_vars=["p50", "p95", "p99"],
+            var_name="percentile",
+            value_name="ms",
+        )
+        right.plotly_chart(
+            px.line(
+                lat_long,
+                x="time",
+                y="ms",
+                color="percentile",
+                markers=True,
+                title="End-to-end latency per 5 s",
+            ),
+            key="live_latency",
+        )
+    left, right = st.columns(2)
+    window_dl, all_dl = snap["dead_letters"], snap["dead_letters_all"]
+    if all_dl.empty:
+        left.success("No dead letters.")
+    else:
+        left.plotly_chart(
+            px.bar(all_dl, x="reason", y="dead_letters", title="Dead letters by reason (all time)"),
+            key="live_dead_letters",
+        )
+    right.dataframe(window_dl, hide_index=True)
+    right.caption(f"Dead letters in the last {minutes} min.")
+
+
+live_panel()

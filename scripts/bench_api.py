@@ -2,7 +2,8 @@
 from the local store + recommend) and the HTTP endpoint (uvicorn on loopback, keep-alive).
 
 Usage: ``python scripts/bench_api.py [--events 20000] [--requests 3000] [--k 10]``.
-The warehouse is a fresh simulation replayed into a temporary directory.
+The warehouse is a fresh simulation replayed into a temporary directory. The timing helpers and
+the HTTP measurement are shared with ``pipeline bench`` (:mod:`pipeline.bench`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,14 @@ import argparse
 import json
 import os
 import random
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from pipeline.api.service import PersonalizationService
+from pipeline.bench import BENCH_API_KEY, api_http_latencies, percentiles, timed
 from pipeline.catalog import load_catalog
 from pipeline.recommend import recommend
 from pipeline.scoring import profile_from_dict
@@ -32,8 +27,6 @@ from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, simulate
 from pipeline.stores.local import LocalWarehouse
 from pipeline.testing import replay
-
-API_KEY = "ak_bench_0123456789"
 
 
 def fill_warehouse(path: Path, events: int, seed: int) -> dict[str, dict[str, Any]]:
@@ -52,76 +45,6 @@ def fill_warehouse(path: Path, events: int, seed: int) -> dict[str, dict[str, An
     return result.profiles
 
 
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
-    q = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {
-        "n": len(ordered),
-        "p50_ms": round(q[49], 3),
-        "p90_ms": round(q[89], 3),
-        "p99_ms": round(q[98], 3),
-        "max_ms": round(ordered[-1], 3),
-    }
-
-
-def timed(call: Callable[[], object], repeats: int, warmup: int = 50) -> list[float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        call()
-        samples.append((time.perf_counter_ns() - start) / 1e6)
-    return samples
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def bench_http(settings: Settings, picks: list[str], args: argparse.Namespace) -> list[float]:
-    """Latencies of the recommendations endpoint served by `pipeline api` in a subprocess."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PIPELINE_HOME": str(settings.home),
-        "PIPELINE_API__API_KEYS": json.dumps({"bench": API_KEY}),
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the API did not start")
-            time.sleep(0.1)
-        with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}) as client:
-            it = iter(picks * 2)
-
-            def call() -> None:
-                response = client.get(
-                    f"/api/customers/{next(it)}/recommendations", params={"k": args.k}
-                )
-                response.raise_for_status()
-
-            return timed(call, args.requests)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=20_000)
@@ -134,7 +57,7 @@ def main() -> None:
         settings = Settings(
             _env_file=None,
             home=Path(tmp),
-            api={"host": "127.0.0.1", "port": 0, "api_keys": {"bench": API_KEY}},
+            api={"host": "127.0.0.1", "port": 0, "api_keys": {"bench": BENCH_API_KEY}},
         )
         started = time.perf_counter()
         profiles = fill_warehouse(settings.warehouse_path, args.events, args.seed)
@@ -161,8 +84,7 @@ def main() -> None:
         in_process = timed(lambda: service.recommendations(next(it2), args.k), args.requests)
         service.close()
 
-        # The server runs in its own process, so client and server do not share one GIL.
-        over_http = bench_http(settings, picks, args)
+        over_http = api_http_latencies(settings.home, picks, k=args.k, requests=args.requests)
 
     report = {
         "events": args.events,

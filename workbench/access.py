@@ -201,8 +201,8 @@ def campaign_table(render: CampaignRender) -> pd.DataFrame:
         for e in render.emails
     ]
     columns = [
-        "customer_id", "to", "subject", "send_at_local", "send_at_utc", "confidence",
-        "fallback", "preview",
+        "customer_id", "preview", "to", "subject", "send_at_local", "send_at_utc",
+        "confidence", "fallback",
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 

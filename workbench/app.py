@@ -7,9 +7,10 @@ import streamlit as st
 st.set_page_config(page_title="Pipeline workbench", page_icon=":material/mail:", layout="wide")
 
 pages = [
-    st.Page("pages/live.py", title="Live", icon=":material/monitoring:", default=True),
-    st.Page("pages/segments.py", title="Segments", icon=":material/groups:"),
-    st.Page("pages/customer.py", title="Customer 360", icon=":material/person_search:"),
-    st.Page("pages/quality.py", title="Data quality", icon=":material/rule:"),
+    st.Page("views/live.py", title="Live", icon=":material/monitoring:", default=True),
+    st.Page("views/segments.py", title="Segments", icon=":material/groups:"),
+    st.Page("views/customer.py", title="Customer 360", icon=":material/person_search:"),
+    st.Page("views/email.py", title="Email preview", icon=":material/drafts:"),
+    st.Page("views/quality.py", title="Data quality", icon=":material/rule:"),
 ]
 st.navigation(pages).run()

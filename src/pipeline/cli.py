@@ -129,7 +129,7 @@ def up(
     from pipeline.runner import Run, serve
 
     settings = _settings(home)
-    services = []
+    services: list[Any] = []
     if collector:
         from pipeline.collector.server import serve_in_thread
 
@@ -140,6 +140,16 @@ def up(
             return stop
 
         services.append(start_collector)
+    def start_metrics(run: Run) -> Any:
+        from pipeline.observability import start_metrics_server
+
+        running = start_metrics_server(
+            run.metrics, run.settings.metrics_host, run.settings.metrics_port
+        )
+        console.print(f"metrics: {running.url}")
+        return running
+
+    services.append(start_metrics)
     if api:
         from pipeline.api.server import serve_api_in_thread
 
@@ -368,6 +378,46 @@ def api(
         + ("; JWT bearer tokens accepted" if cfg.jwt.enabled else "")
     )
     serve_api(settings)
+
+
+@app.command()
+def bench(
+    events: Annotated[
+        int | None,
+        typer.Option("--events", "-n", min=100, help="Backlog for the throughput phases."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 42,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (tests, smoke).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Benchmark on a fresh embedded broker: bare counter floor, full processor path, latency
+    at 25/50/75% of max, collector and API; writes HOME/bench/<timestamp>.json and .html."""
+    from pipeline.bench import BenchConfig, run_bench, write_results
+
+    settings = _settings(home)
+    if quick:
+        config = BenchConfig.quick_config(seed=seed, events=events)
+    else:
+        config = BenchConfig(seed=seed) if events is None else BenchConfig(seed=seed, events=events)
+    report = run_bench(settings, config)
+    json_path, html_path = write_results(report, settings.home)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    floor, proc = report["floor"], report["processor"]
+    console.print(
+        f"floor {floor['events_per_s']:,.0f} ev/s · full path {proc['events_per_s']:,.0f} ev/s "
+        f"(ratio {proc['ratio_to_floor']}) · collector {report['collector']['events_per_s']:,.0f}"
+        f" ev/s · API p50/p99 {report['api']['http']['p50_ms']}/{report['api']['http']['p99_ms']}"
+        " ms"
+    )
+    for p in report["latency"]:
+        console.print(
+            f"  load {p['load_fraction']:.0%} ({p['offered_eps']:,.0f} ev/s): "
+            f"p50 {p['p50_ms']} · p95 {p['p95_ms']} · p99 {p['p99_ms']} ms"
+        )
+    console.print(f"written: {json_path}\n         {html_path}")
 
 
 def main() -> None:

@@ -7,10 +7,12 @@ single increments safe); the demo, tests and later the Prometheus exporter read 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+LATENCY_SAMPLES = 500_000
 
 
 @dataclass
@@ -35,7 +37,8 @@ class StreamMetrics:
     events_stored: int = 0
     profiles_stored: int = 0
     dead_letters_stored: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    # the newest samples only: a long-running processor must not grow with every event
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     first_in_s: float | None = None
     last_stored_s: float | None = None
 

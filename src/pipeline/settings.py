@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     processing_guarantee: ProcessingGuarantee = "exactly-once"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     commit_interval_s: float = Field(0.5, gt=0)
+    state_write_buffer_mb: int = Field(
+        4, ge=1, description="RocksDB write buffer per state store (quixstreams' default is 64)."
+    )
+    state_block_cache_mb: int = Field(
+        16, ge=1, description="RocksDB block cache per state store (quixstreams' default 1024)."
+    )
     consumer_session_timeout_ms: int | None = Field(
         None,
         ge=1000,
@@ -148,6 +154,8 @@ class Settings(BaseSettings):
     catalog_path: Path = Field(default_factory=lambda: _repo_sample_data() / "catalog.csv")
     scoring: ScoringParams = ScoringParams()
     triggers: TriggerParams = TriggerParams()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics; 0 = any.")
     workbench_host: str = "127.0.0.1"
     workbench_port: int = Field(8501, ge=1, le=65535)
     segments_path: Path | None = Field(

@@ -26,6 +26,7 @@ def _env(home: Path, collector_port: int | None = None) -> dict[str, str]:
     env["PIPELINE_HOME"] = str(home)
     env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
     env["PIPELINE_API__PORT"] = "0"
+    env["PIPELINE_METRICS_PORT"] = "0"
     env["PIPELINE_COLLECTOR__PORT"] = str(collector_port or free_port())
     return env
 

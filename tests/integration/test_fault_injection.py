@@ -60,6 +60,7 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
         PIPELINE_COMMIT_INTERVAL_S="0.5",
         PIPELINE_COLLECTOR__PORT=str(free_port()),
         PIPELINE_API__PORT="0",
+        PIPELINE_METRICS_PORT="0",
     )
     settings = Settings(home=home, broker=broker.address)
     ensure_topics(settings, broker.address)

@@ -23,11 +23,11 @@ from pipeline.testing import replay
 
 APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
 PAGES = (
-    "pages/live.py",
-    "pages/segments.py",
-    "pages/customer.py",
-    "pages/quality.py",
-    "pages/email.py",
+    "views/live.py",
+    "views/segments.py",
+    "views/customer.py",
+    "views/quality.py",
+    "views/email.py",
 )
 TIMEOUT_S = 60
 
@@ -107,7 +107,7 @@ def test_page_with_empty_warehouse_says_how_to_start(
 
 def test_live_page_shows_totals_and_charts(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
     use_home.setenv("PIPELINE_HOME", str(filled_home))
-    at = _run("pages/live.py")
+    at = _run("views/live.py")
     with LocalWarehouse(filled_home / "warehouse.sqlite", read_only=True) as wh:
         counts = wh.counts()
     assert _metric(at, "Events stored") == f"{counts['events']:,}"
@@ -122,7 +122,7 @@ def test_segments_page_lists_members_and_exports(
     use_home: pytest.MonkeyPatch, filled_home: Path
 ) -> None:
     use_home.setenv("PIPELINE_HOME", str(filled_home))
-    at = _run("pages/segments.py")
+    at = _run("views/segments.py")
     stage_metrics = {m.label for m in at.metric}
     assert {"Browsing", "Cart", "Purchased", "Lapsed"} <= stage_metrics
     members = at.dataframe[0].value
@@ -142,7 +142,7 @@ def test_customer_page_searches_and_shows_360(
     use_home: pytest.MonkeyPatch, filled_home: Path
 ) -> None:
     use_home.setenv("PIPELINE_HOME", str(filled_home))
-    at = _run("pages/customer.py")
+    at = _run("views/customer.py")
     top = at.selectbox(key="cust_pick").value
     assert top is not None and top.startswith("cus_")
     assert at.header[0].value
@@ -171,7 +171,7 @@ def test_customer_page_opens_a_deep_link(use_home: pytest.MonkeyPatch, filled_ho
         cid = str(
             wh.query("SELECT customer_id FROM profiles ORDER BY cis LIMIT 1")["customer_id"][0]
         )
-    at = _run("pages/customer.py", {"customer": cid})
+    at = _run("views/customer.py", {"customer": cid})
     assert at.selectbox(key="cust_pick").value == cid
     assert cid in at.caption[0].value
 
@@ -180,7 +180,7 @@ def test_quality_page_shows_dead_letters_and_schema_versions(
     use_home: pytest.MonkeyPatch, filled_home: Path
 ) -> None:
     use_home.setenv("PIPELINE_HOME", str(filled_home))
-    at = _run("pages/quality.py")
+    at = _run("views/quality.py")
     reasons = _frame(at, "dead_letters")
     assert reasons["dead_letters"].sum() > 0
     assert _frame(at, "schema_version")["events"].sum() > 0
@@ -207,6 +207,7 @@ def _assert_preview(at: AppTest, customer_id: str, campaign: str) -> dict[str, A
     text = at.code[0].value
     assert subject and subject in document
     products = at.table[0].value
+    assert list(products.columns) == ["name", "reason", "source"]
     assert len(products) > 0 and (products["reason"].str.len() > 0).all()
     for reason in products["reason"]:
         assert reason in document and reason in text
@@ -223,7 +224,7 @@ def _assert_preview(at: AppTest, customer_id: str, campaign: str) -> dict[str, A
 
 def test_email_page_previews_a_customer(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
     use_home.setenv("PIPELINE_HOME", str(filled_home))
-    at = _run("pages/email.py")
+    at = _run("views/email.py")
     chosen = at.selectbox(key="email_pick").value
     assert chosen is not None and chosen.startswith("cus_")
     _assert_preview(at, chosen, "preview")
@@ -247,11 +248,11 @@ def test_email_page_opens_a_deep_link(use_home: pytest.MonkeyPatch, filled_home:
                 "SELECT customer_id FROM profiles WHERE merged_into IS NULL ORDER BY cis LIMIT 1"
             )["customer_id"][0]
         )
-    at = _run("pages/email.py", {"customer": cid, "campaign": "winter"})
+    at = _run("views/email.py", {"customer": cid, "campaign": "winter"})
     assert at.selectbox(key="email_pick").value == cid
     _assert_preview(at, cid, "winter")
 
-    missing = _run("pages/email.py", {"customer": "cus_nobody"})
+    missing = _run("views/email.py", {"customer": "cus_nobody"})
     assert any("cus_nobody" in e.value for e in missing.error)
     assert not missing.get("iframe")
 
@@ -268,7 +269,7 @@ def test_email_page_previews_a_segment(use_home: pytest.MonkeyPatch, filled_home
     full = next(rule.name for rule, n in sizes if n > 0)
     empty = [rule.name for rule, n in sizes if n == 0]
 
-    at = _run("pages/email.py", {"segment": full, "campaign": "vip_weekend"})
+    at = _run("views/email.py", {"segment": full, "campaign": "vip_weekend"})
     assert at.radio(key="email_mode").value == "Segment"
     assert at.selectbox(key="email_segment").value == full
     table = _frame(at, "send_at_utc")

@@ -48,6 +48,7 @@ def _env(home: Path) -> dict[str, str]:
     env["PIPELINE_HOME"] = str(home)
     env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
     env["PIPELINE_API__PORT"] = "0"
+    env["PIPELINE_METRICS_PORT"] = "0"
     env["PIPELINE_COLLECTOR__PORT"] = str(free_port())
     return env
 
@@ -202,6 +203,27 @@ def test_live_numbers_move_and_a_customer_opens(tmp_path: Path) -> None:
                 _charts_drawn(page, 4)
                 page.screenshot(path=str(shots / "customer.png"), full_page=True)
 
+                page.goto(f"{url}/email?customer={customer}&campaign=browser_check")
+                page.get_by_text("Why these products").wait_for(timeout=60_000)
+                subject = page.locator('[data-testid="stHeading"] h2').first.inner_text().strip()
+                products = page.get_by_test_id("stTable")
+                products.locator("tbody tr").first.wait_for(timeout=30_000)
+                headers = [
+                    h.strip().lower() for h in products.locator("thead th").all_inner_texts()
+                ]
+                assert "reason" in headers, headers
+                first_row = products.locator("tbody tr").first.locator("th, td")
+                reason = first_row.nth(headers.index("reason")).inner_text().strip()
+                assert subject and reason, (subject, reason)
+                inbox = page.frame_locator('iframe[title="Email preview"]')
+                inbox.get_by_text(subject, exact=True).wait_for(timeout=30_000)
+                rendered = inbox.frame_locator('iframe[title="Rendered email"]')
+                rendered.get_by_text(reason, exact=True).first.wait_for(timeout=30_000)
+                assert rendered.locator("title").text_content() == subject
+                body = page.inner_text("body")
+                assert "Send at (local)" in body and "browser_check" in body, body[:2000]
+                page.screenshot(path=str(shots / "email.png"), full_page=True)
+
                 page.goto(f"{url}/segments")
                 page.get_by_text("Export CSV").wait_for(timeout=60_000)
                 _charts_drawn(page, 2)
@@ -221,4 +243,4 @@ def test_live_numbers_move_and_a_customer_opens(tmp_path: Path) -> None:
             _stop(proc)
         for log in logs:
             log.close()
-    assert {p.name for p in shots.iterdir()} >= {"live_first.png", "customer.png"}
+    assert {p.name for p in shots.iterdir()} >= {"live_first.png", "customer.png", "email.png"}

@@ -21,6 +21,7 @@ from pipeline.collector.errors import BrokerUnavailableError, RequestRejected
 from pipeline.collector.intake import events_of, parse_body, prepare_messages
 from pipeline.collector.limits import Clock, RateLimiter, read_body
 from pipeline.collector.publish import Publisher
+from pipeline.collector.storefront import register_storefront
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,10 @@ def create_app(
 
     for kind in SINGLE_EVENT_TYPES:
         app.add_api_route(f"/v1/{kind}", single(kind), methods=["POST"])
+        # analytics.js posts to Segment's one-letter aliases: /v1/t, /v1/p, /v1/i, ... and /v1/b.
+        app.add_api_route(f"/v1/{kind[0]}", single(kind), methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v1/b", batch, methods=["POST"], include_in_schema=False)
+    register_storefront(app, settings)
 
     @app.get("/health")
     async def health() -> Response:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import orjson
@@ -43,7 +43,6 @@ from google.cloud import bigquery
 
 from pipeline.errors import StoreError
 from pipeline.identity import is_anonymous
-from pipeline.pii import hash_email, scrub_event
 from pipeline.settings import BigQuerySettings
 from pipeline.stores.bq_schema import (
     DEAD_LETTERS,
@@ -56,6 +55,7 @@ from pipeline.stores.bq_schema import (
     TABLES,
     TableSpec,
 )
+from pipeline.stores.rows import event_row, sent_email_row
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +84,9 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _day(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
-
-
 def _chunks(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
-
-
-def event_row(e: Mapping[str, Any], stored: int) -> dict[str, Any]:
-    """The ``events`` row of a clean event record (same columns as the local warehouse)."""
-    return {
-        "message_id": e["message_id"],
-        "customer_id": e["customer_id"],
-        "event_type": e["type"],
-        "event_name": e["name"],
-        "event_ts_ms": e["timestamp_ms"],
-        "event_date": _day(e["timestamp_ms"]),
-        "anonymous_id": e.get("anonymous_id"),
-        "user_id": e.get("user_id"),
-        "session_id": e.get("session_id"),
-        "device_type": e.get("device_type"),
-        "product_id": e.get("product_id"),
-        "category": e.get("category"),
-        "brand": e.get("brand"),
-        "price": e.get("price"),
-        "revenue": e.get("revenue"),
-        "merged_from": e.get("merged_from"),
-        "ingested_ms": e["ingested_ms"],
-        "stored_ms": stored,
-        "payload": orjson.dumps(scrub_event(e)).decode(),
-    }
 
 
 def profile_row(p: Mapping[str, Any], stored: int) -> dict[str, Any]:
@@ -152,24 +123,6 @@ def dead_letter_row(f: Mapping[str, Any], stored: int) -> dict[str, Any]:
         "stored_ms": stored,
         "raw_text": f["raw_text"],
         "raw_b64": f["raw_b64"],
-    }
-
-
-def sent_email_row(m: Mapping[str, Any], stored: int) -> dict[str, Any]:
-    """The ``sent_emails`` row of a sent e-mail record (the address only as its hash)."""
-    to = m.get("to") or m.get("email")
-    return {
-        "email_id": m["email_id"],
-        "customer_id": m["customer_id"],
-        "campaign_id": m["campaign_id"],
-        "subject": m["subject"],
-        "email_sha256": hash_email(to) if isinstance(to, str) and to else m.get("email_sha256"),
-        "sent_ms": m["sent_ms"],
-        "sent_date": _day(m["sent_ms"]),
-        "stored_ms": stored,
-        "html": m.get("html", ""),
-        "text": m.get("text", ""),
-        "snapshot": orjson.dumps(m.get("snapshot", {})).decode(),
     }
 
 

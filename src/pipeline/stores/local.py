@@ -21,7 +21,7 @@ import orjson
 import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
-from pipeline.pii import scrub_event
+from pipeline.stores.rows import event_row, sent_email_row
 
 SCHEMA_VERSION = 1
 
@@ -184,10 +184,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _day(ms: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
-
-
 class LocalWarehouse:
     """SQLite warehouse and profile store; safe to open from several processes at once."""
 
@@ -240,30 +236,7 @@ class LocalWarehouse:
     def write_events(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Insert clean events once per message_id; returns the time they became readable (ms)."""
         stored = _now_ms()
-        rows = [
-            {
-                "message_id": e["message_id"],
-                "customer_id": e["customer_id"],
-                "event_type": e["type"],
-                "event_name": e["name"],
-                "event_ts_ms": e["timestamp_ms"],
-                "event_date": _day(e["timestamp_ms"]),
-                "anonymous_id": e.get("anonymous_id"),
-                "user_id": e.get("user_id"),
-                "session_id": e.get("session_id"),
-                "device_type": e.get("device_type"),
-                "product_id": e.get("product_id"),
-                "category": e.get("category"),
-                "brand": e.get("brand"),
-                "price": e.get("price"),
-                "revenue": e.get("revenue"),
-                "merged_from": e.get("merged_from"),
-                "ingested_ms": e["ingested_ms"],
-                "stored_ms": stored,
-                "payload": orjson.dumps(scrub_event(e)).decode(),
-            }
-            for e in events
-        ]
+        rows = [event_row(e, stored) for e in events]
         with self._tx() as conn:
             conn.executemany(_UPSERT_EVENT, rows)
         return stored
@@ -408,8 +381,6 @@ class LocalWarehouse:
 
     def write_sent_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
         """Insert sent e-mails once per email_id (the address only as its SHA-256)."""
-        from pipeline.stores.bigquery import sent_email_row
-
         stored = _now_ms()
         rows = [sent_email_row(m, stored) for m in emails]
         with self._tx() as conn:

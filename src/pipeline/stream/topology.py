@@ -23,6 +23,7 @@ from quixstreams import Application, message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models import TopicConfig
 from quixstreams.sinks import BatchingSink, SinkBatch
+from quixstreams.state.rocksdb import RocksDBOptions
 
 from pipeline.broker import client_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
@@ -46,6 +47,8 @@ from pipeline.stream.stages import (
     fold,
     stitch,
 )
+
+MB = 1024 * 1024
 
 
 def _now_ms() -> int:
@@ -128,6 +131,13 @@ def build_application(
         consumer_extra_config=consumer_config,
         producer_extra_config=producer_extra,
         consumer_poll_timeout=0.2,
+        # quixstreams' RocksDB defaults (64 MB x 3 write buffers, 1 GB cache per store, 3 stores
+        # per partition) let a laptop process grow for minutes: keep state memory bounded
+        rocksdb_options=RocksDBOptions(
+            write_buffer_size=settings.state_write_buffer_mb * MB,
+            max_write_buffer_number=2,
+            block_cache_size=settings.state_block_cache_mb * MB,
+        ),
         loglevel=settings.log_level,
     )
     topic_config = TopicConfig(

@@ -1,0 +1,568 @@
+"""The reproducible benchmark behind ``pipeline bench``: floor, full path, latency, collector, API.
+
+One run on a fresh embedded broker measures (a) a bare quixstreams stateful per-key counter over
+the simulated raw messages, (b) the full processor over the same messages, (c) end-to-end latency
+(warehouse ``stored_ms - ingested_ms``) at fixed fractions of (b), (d) collector throughput and
+(e) recommendations API latency; results go to a JSON file and a plotly chart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from quixstreams import Application
+from quixstreams.kafka.configuration import ConnectionConfig
+from quixstreams.models import TopicConfig
+
+from pipeline.broker import client_config, free_port, topic_extra_config
+from pipeline.errors import PipelineError
+from pipeline.metrics import StreamMetrics
+from pipeline.settings import Settings
+
+BENCH_WRITE_KEY = "wk_bench"
+BENCH_API_KEY = "ak_bench_0123456789"
+FLOOR_GROUP = "bench-floor"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of one benchmark run; ``quick()`` gives the tiny one the tests use."""
+
+    events: int = 50_000
+    seed: int = 42
+    load_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    phase_events: int = 20_000
+    warmup_events: int = 2_000
+    collector_seconds: float = 10.0
+    collector_batch: int = 20
+    collector_connections: int = 8
+    api_requests: int = 2_000
+    api_k: int = 10
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, *, seed: int = 42, events: int | None = None) -> BenchConfig:
+        return cls(
+            events=events or 2_000,
+            seed=seed,
+            phase_events=400,
+            warmup_events=200,
+            collector_seconds=1.0,
+            collector_connections=2,
+            api_requests=100,
+            quick=True,
+        )
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    """n, p50/p90/p95/p99 and max of latency samples in milliseconds (inclusive quantiles)."""
+    ordered = sorted(samples_ms)
+    if len(ordered) < 2:
+        raise PipelineError(f"need at least 2 latency samples, got {len(ordered)}")
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "n": len(ordered),
+        "p50_ms": round(q[49], 3),
+        "p90_ms": round(q[89], 3),
+        "p95_ms": round(q[94], 3),
+        "p99_ms": round(q[98], 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+def timed(call: Callable[[], object], repeats: int, warmup: int = 50) -> list[float]:
+    """Milliseconds each of ``repeats`` calls took, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise PipelineError(f"the server for {url} did not start")
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    return {**env, **extra}
+
+
+def _bench_batch(n: int) -> bytes:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    events = [
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "messageId": str(uuid.uuid4()),
+            "anonymousId": str(uuid.uuid4()),
+            "timestamp": now,
+            "context": {
+                "sessionId": "s_bench",
+                "userAgent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:127.0) "
+                "Gecko/20100101 Firefox/127.0",
+                "library": {"name": "bench", "version": "1"},
+            },
+            "properties": {"product_id": "P00001", "price": 72.99, "category": "dresses"},
+        }
+        for _ in range(n)
+    ]
+    return orjson.dumps({"batch": events, "sentAt": now})
+
+
+async def _post_load(
+    url: str, batch: int, connections: int, seconds: float
+) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    events = 0
+    deadline = time.monotonic() + seconds
+    bodies = [_bench_batch(batch) for _ in range(64)]
+
+    async def worker(http: httpx.AsyncClient, i: int) -> None:
+        nonlocal events
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            response = await http.post("/v1/batch", content=bodies[i % len(bodies)])
+            latencies.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise PipelineError(f"collector answered {response.status_code}: {response.text}")
+            events += batch
+            i += connections
+
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=url, auth=(BENCH_WRITE_KEY, ""), limits=limits) as http:
+        await asyncio.gather(*(worker(http, i) for i in range(connections)))
+    return events, latencies
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def collector_throughput(
+    address: str,
+    *,
+    batch: int = 20,
+    connections: int = 8,
+    seconds: float = 10.0,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """Run ``pipeline collect`` (its own process) against the broker at ``address`` and post
+    batches from ``connections`` concurrent connections for ``seconds``, after a warm-up.
+
+    Returns events/s accepted (200 = broker acknowledged), ack latency and collector CPU use.
+    """
+    port = free_port()
+    env = _clean_env(
+        PIPELINE_BROKER=address,
+        PIPELINE_COLLECTOR__PORT=str(port),
+        PIPELINE_COLLECTOR__WRITE_KEYS=json.dumps({"bench": BENCH_WRITE_KEY}),
+        PIPELINE_COLLECTOR__RATE_LIMIT_EVENTS_PER_S="1e9",
+        PIPELINE_COLLECTOR__RATE_LIMIT_BURST="1000000000",
+    )
+    if home is not None:
+        env["PIPELINE_HOME"] = str(home)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "collect"],
+        env=env,
+        cwd=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url, server)
+        asyncio.run(_post_load(url, batch, connections, min(1.0, seconds)))
+        cpu_before = _cpu_seconds(server.pid)
+        started = time.monotonic()
+        events, latencies = asyncio.run(_post_load(url, batch, connections, seconds))
+        elapsed = time.monotonic() - started
+        cpu_s = _cpu_seconds(server.pid) - cpu_before
+    finally:
+        _stop(server)
+    ack = percentiles(latencies)
+    return {
+        "batch": batch,
+        "connections": connections,
+        "seconds": round(elapsed, 2),
+        "events": events,
+        "requests": len(latencies),
+        "events_per_s": round(events / elapsed, 1),
+        "ack_ms_p50": ack["p50_ms"],
+        "ack_ms_p99": ack["p99_ms"],
+        "collector_cpu_share": round(cpu_s / elapsed, 2),
+        "events_per_collector_cpu_s": round(events / cpu_s, 1) if cpu_s > 0 else None,
+    }
+
+
+def api_http_latencies(
+    home: Path, customers: Sequence[str], *, k: int, requests: int
+) -> list[float]:
+    """Milliseconds per ``GET /api/customers/{id}/recommendations`` of `pipeline api` serving
+    ``home``, in its own process so that client and server do not share one GIL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PIPELINE_HOME": str(home),
+        "PIPELINE_API__API_KEYS": json.dumps({"bench": BENCH_API_KEY}),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(base, server)
+        with httpx.Client(base_url=base, headers={"X-API-Key": BENCH_API_KEY}) as client:
+            picks = iter(list(customers) * (requests // max(1, len(customers)) + 2))
+
+            def call() -> None:
+                response = client.get(
+                    f"/api/customers/{next(picks)}/recommendations", params={"k": k}
+                )
+                response.raise_for_status()
+
+            return timed(call, requests, warmup=min(50, requests))
+    finally:
+        _stop(server)
+
+
+def floor_throughput(
+    settings: Settings, address: str, expected: int, *, timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """Events/s of a bare quixstreams stateful per-key counter over the raw topic's backlog.
+
+    Same broker, topic, partitions and processing guarantee as the processor; timed from the
+    first message counted to the ``expected``-th, so group assignment is not included.
+    """
+    state_dir = settings.home / "floor-state"
+    # the broker is new, so state from an earlier run's changelogs would be stale
+    shutil.rmtree(state_dir, ignore_errors=True)
+    app = Application(
+        broker_address=ConnectionConfig.from_librdkafka_dict(client_config(settings, address)),
+        consumer_group=FLOOR_GROUP,
+        auto_offset_reset="earliest",
+        commit_interval=settings.commit_interval_s,
+        processing_guarantee=settings.processing_guarantee,
+        state_dir=state_dir,
+        consumer_extra_config={"session.timeout.ms": 3000, "heartbeat.interval.ms": 500},
+        consumer_poll_timeout=0.2,
+        loglevel=settings.log_level,
+    )
+    topic = app.topic(
+        settings.topics.raw,
+        value_deserializer="bytes",
+        key_deserializer="bytes",
+        config=TopicConfig(
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            extra_config=topic_extra_config(settings),
+        ),
+    )
+    seen = [0]
+    marks: list[float] = []
+    done = threading.Event()
+
+    def count(value: bytes, state: Any) -> int:
+        n: int = state.get("n", 0) + 1
+        state.set("n", n)
+        seen[0] += 1
+        if seen[0] == 1:
+            marks.append(time.monotonic())
+        if seen[0] == expected:
+            marks.append(time.monotonic())
+            done.set()
+        return n
+
+    # Keyless messages have no per-key state; the processor dead-letters them anyway.
+    app.dataframe(topic).filter(lambda _v, key, _ts, _h: key is not None, metadata=True).apply(
+        count, stateful=True
+    )
+    finished = threading.Event()
+
+    def stop_when_done() -> None:
+        done.wait(timeout_s)
+        if not finished.is_set():
+            app.stop()
+
+    stopper = threading.Thread(target=stop_when_done, name="bench-floor-stop", daemon=True)
+    stopper.start()
+    try:
+        app.run()
+    finally:
+        finished.set()
+        done.set()
+        stopper.join()
+    if len(marks) < 2:
+        raise PipelineError(f"floor counter saw {seen[0]} of {expected} messages")
+    seconds = marks[1] - marks[0]
+    return {
+        "events": expected,
+        "seconds": round(seconds, 6),
+        "events_per_s": round(expected / seconds, 1),
+    }
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One paced latency phase: its offered load and the wall-clock window it was produced in."""
+
+    load_fraction: float
+    offered_eps: float
+    events: int
+    produce_s: float
+    start_ms: int
+    end_ms: int
+
+
+def _wait_drained(
+    metrics: StreamMetrics, expected_raw: int, *, still_s: float = 0.3, timeout_s: float = 600.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: tuple[int, ...] = ()
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = metrics.progress()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif metrics.drained(expected_raw) and time.monotonic() - still_since >= still_s:
+            return
+    raise PipelineError(
+        f"processor did not drain {expected_raw} raw messages within {timeout_s:.0f}s "
+        f"(saw {metrics.raw_in})"
+    )
+
+
+def _latency_of(warehouse: Any, phase: Phase) -> dict[str, Any]:
+    rows = warehouse.query(
+        "SELECT stored_ms - ingested_ms AS ms FROM events WHERE ingested_ms BETWEEN ? AND ?",
+        (phase.start_ms - 1, phase.end_ms + 1),
+    )
+    samples = [float(v) for v in rows["ms"]]
+    pct = percentiles(samples)
+    return {
+        **asdict(phase),
+        "achieved_eps": round(phase.events / phase.produce_s, 1) if phase.produce_s else None,
+        "events_stored": pct["n"],
+        "p50_ms": pct["p50_ms"],
+        "p95_ms": pct["p95_ms"],
+        "p99_ms": pct["p99_ms"],
+        "max_ms": pct["max_ms"],
+    }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
+    """Run every measurement once in ``settings.home / "bench" / "work"``; return the report.
+
+    The broker is always a fresh embedded one, whatever ``settings.broker`` says, so that the
+    floor and the processor read exactly the messages this run produced.
+    """
+    from pipeline.runner import (
+        pipeline_run,
+        process_until_idle,
+        produce_messages,
+        simulate_for,
+    )
+
+    work = settings.home / "bench" / "work"
+    bench_settings = settings.model_copy(update={"home": work, "broker": None})
+    started_at = datetime.now(UTC)
+    n_phases = len(config.load_fractions)
+    total = config.events + config.warmup_events + n_phases * config.phase_events
+    report: dict[str, Any] = {
+        "schema": 1,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m_before": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "config": {
+            **asdict(config),
+            "partitions": bench_settings.partitions,
+            "processing_guarantee": bench_settings.processing_guarantee,
+            "commit_interval_s": bench_settings.commit_interval_s,
+        },
+    }
+    with pipeline_run(bench_settings) as run:
+        sim = simulate_for(bench_settings, total, config.seed, run.catalog)
+        msgs = sim.messages
+        backlog = msgs[: config.events]
+        warmup = msgs[config.events : config.events + config.warmup_events]
+        phase_slices = [
+            msgs[config.events + config.warmup_events + i * config.phase_events :][
+                : config.phase_events
+            ]
+            for i in range(n_phases)
+        ]
+        produce_messages(bench_settings, run.address, backlog)
+        keyed = sum(1 for msg in backlog if msg.key is not None)
+        report["floor"] = floor_throughput(bench_settings, run.address, keyed)
+
+        phases: list[Phase] = []
+        measured: dict[str, float] = {}
+
+        def feed() -> None:
+            m = run.metrics
+            _wait_drained(m, len(backlog))
+            if m.first_in_s is None or m.last_stored_s is None:
+                raise PipelineError("the processor stored nothing from the backlog")
+            seconds = m.last_stored_s - m.first_in_s
+            measured.update(seconds=seconds, eps=m.raw_in / seconds, raw=m.raw_in)
+            expected = len(backlog)
+            # a warm-up at the lowest load: caches, connections and batches are in steady state
+            produce_messages(
+                bench_settings, run.address, warmup, rate=config.load_fractions[0] * measured["eps"]
+            )
+            expected += len(warmup)
+            _wait_drained(m, expected)
+            for fraction, messages in zip(config.load_fractions, phase_slices, strict=True):
+                rate = fraction * measured["eps"]
+                start_ms = _now_ms()
+                produce_s = produce_messages(bench_settings, run.address, messages, rate=rate)
+                end_ms = _now_ms()
+                expected += len(messages)
+                _wait_drained(m, expected)
+                phases.append(
+                    Phase(
+                        fraction,
+                        round(rate, 1),
+                        len(messages),
+                        round(produce_s, 3),
+                        start_ms,
+                        end_ms,
+                    )
+                )
+
+        process_until_idle(run, expected_raw=total, feed=feed, idle_s=0.3)
+        report["processor"] = {
+            "events": int(measured["raw"]),
+            "seconds": round(measured["seconds"], 6),
+            "events_per_s": round(measured["eps"], 1),
+            "ratio_to_floor": round(measured["eps"] / report["floor"]["events_per_s"], 3),
+            "dead_lettered": run.metrics.dead_lettered_total,
+            "duplicates_dropped": run.metrics.duplicates_dropped,
+        }
+        report["latency"] = [_latency_of(run.warehouse, phase) for phase in phases]
+        customers = [
+            str(c)
+            for c in run.warehouse.query(
+                "SELECT customer_id FROM profiles WHERE is_anonymous = 0 AND merged_into IS NULL "
+                "ORDER BY customer_id"
+            )["customer_id"]
+        ]
+        report["collector"] = collector_throughput(
+            run.address,
+            batch=config.collector_batch,
+            connections=config.collector_connections,
+            seconds=config.collector_seconds,
+            home=work,
+        )
+    rng = random.Random(config.seed)
+    picks = [rng.choice(customers) for _ in range(config.api_requests)]
+    http = percentiles(
+        api_http_latencies(work, picks, k=config.api_k, requests=config.api_requests)
+    )
+    report["api"] = {"k": config.api_k, "customers": len(customers), "http": http}
+    report["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    report["duration_s"] = round((datetime.now(UTC) - started_at).total_seconds(), 1)
+    return report
+
+
+def chart(report: dict[str, Any]) -> go.Figure:
+    """Latency percentiles against offered load, and throughput bars, side by side."""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("End-to-end latency vs offered load", "Throughput (events/s)"),
+    )
+    loads = [p["offered_eps"] for p in report["latency"]]
+    for q in ("p50", "p95", "p99"):
+        fig.add_trace(
+            go.Scatter(
+                x=loads, y=[p[f"{q}_ms"] for p in report["latency"]], mode="lines+markers", name=q
+            ),
+            row=1,
+            col=1,
+        )
+    bars = {
+        "floor (bare counter)": report["floor"]["events_per_s"],
+        "processor (full path)": report["processor"]["events_per_s"],
+        "collector (HTTP)": report["collector"]["events_per_s"],
+    }
+    fig.add_trace(
+        go.Bar(x=list(bars), y=list(bars.values()), name="events/s", showlegend=False),
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text="offered load (events/s)", row=1, col=1)
+    fig.update_yaxes(title_text="ms (stored - ingested)", row=1, col=1)
+    fig.update_layout(
+        title=f"pipeline bench {report['started_at']} "
+        f"(full path / floor = {report['processor']['ratio_to_floor']})",
+    )
+    return fig
+
+
+def write_results(report: dict[str, Any], home: Path) -> tuple[Path, Path]:
+    """Write ``home/bench/<timestamp>.json`` and ``.html``; return both paths."""
+    out = home / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromisoformat(report["started_at"]).strftime("%Y%m%dT%H%M%SZ")
+    json_path, html_path = out / f"{stamp}.json", out / f"{stamp}.html"
+    report["files"] = {"json": str(json_path), "chart": str(html_path)}
+    json_path.write_text(json.dumps(report, indent=2))
+    chart(report).write_html(html_path, include_plotlyjs="directory")
+    return json_path, html_path

@@ -1,0 +1,59 @@
+"""Row builders shared by the local warehouse and BigQuery: the same columns in both."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from pipeline.pii import hash_email, scrub_event
+
+
+def day(ms: int) -> str:
+    """The UTC date (YYYY-MM-DD) of epoch milliseconds: the partition column."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
+
+
+def event_row(e: Mapping[str, Any], stored: int) -> dict[str, Any]:
+    """The ``events`` row of a clean event record (same columns as the local warehouse)."""
+    return {
+        "message_id": e["message_id"],
+        "customer_id": e["customer_id"],
+        "event_type": e["type"],
+        "event_name": e["name"],
+        "event_ts_ms": e["timestamp_ms"],
+        "event_date": day(e["timestamp_ms"]),
+        "anonymous_id": e.get("anonymous_id"),
+        "user_id": e.get("user_id"),
+        "session_id": e.get("session_id"),
+        "device_type": e.get("device_type"),
+        "product_id": e.get("product_id"),
+        "category": e.get("category"),
+        "brand": e.get("brand"),
+        "price": e.get("price"),
+        "revenue": e.get("revenue"),
+        "merged_from": e.get("merged_from"),
+        "ingested_ms": e["ingested_ms"],
+        "stored_ms": stored,
+        "payload": orjson.dumps(scrub_event(e)).decode(),
+    }
+
+
+def sent_email_row(m: Mapping[str, Any], stored: int) -> dict[str, Any]:
+    """The ``sent_emails`` row of a sent e-mail record (the address only as its hash)."""
+    to = m.get("to") or m.get("email")
+    return {
+        "email_id": m["email_id"],
+        "customer_id": m["customer_id"],
+        "campaign_id": m["campaign_id"],
+        "subject": m["subject"],
+        "email_sha256": hash_email(to) if isinstance(to, str) and to else m.get("email_sha256"),
+        "sent_ms": m["sent_ms"],
+        "sent_date": day(m["sent_ms"]),
+        "stored_ms": stored,
+        "html": m.get("html", ""),
+        "text": m.get("text", ""),
+        "snapshot": orjson.dumps(m.get("snapshot", {})).decode(),
+    }

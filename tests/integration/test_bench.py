@@ -1,0 +1,69 @@
+"""`pipeline bench --quick --json`: every figure measured, the report consistent with itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PIPELINE_HOME"] = str(home)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "bench", "--quick", "--json", "--seed", "3"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    assert report["config"]["quick"] is True
+    floor, proc = report["floor"], report["processor"]
+    for figure in (floor, proc):
+        assert figure["events"] > 0
+        assert figure["seconds"] > 0
+        assert figure["events_per_s"] == pytest.approx(
+            figure["events"] / figure["seconds"], rel=0.01
+        )
+    assert proc["events"] == report["config"]["events"]
+    assert proc["ratio_to_floor"] == pytest.approx(
+        proc["events_per_s"] / floor["events_per_s"], abs=0.001
+    )
+
+    phases = report["latency"]
+    assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]
+    for phase in phases:
+        assert phase["offered_eps"] == pytest.approx(
+            phase["load_fraction"] * proc["events_per_s"], rel=0.01
+        )
+        assert phase["events"] == report["config"]["phase_events"]
+        assert 0 < phase["events_stored"] <= phase["events"]
+        assert phase["start_ms"] <= phase["end_ms"]
+        assert 0 <= phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+
+    collector = report["collector"]
+    assert collector["events"] > 0 and collector["requests"] > 0
+    assert collector["events"] == collector["requests"] * collector["batch"]
+    assert collector["events_per_s"] > 0
+    assert 0 < collector["ack_ms_p50"] <= collector["ack_ms_p99"]
+
+    api = report["api"]
+    assert api["customers"] > 0
+    assert api["http"]["n"] == report["config"]["api_requests"]
+    assert 0 < api["http"]["p50_ms"] <= api["http"]["p99_ms"] <= api["http"]["max_ms"]
+
+    json_path, chart_path = Path(report["files"]["json"]), Path(report["files"]["chart"])
+    assert json_path.parent == home / "bench"
+    assert json.loads(json_path.read_text())["processor"] == proc
+    assert "plotly" in chart_path.read_text()

@@ -1,0 +1,146 @@
+"""Prometheus exposition of StreamMetrics, its HTTP endpoint, and the shipped dashboard/alerts."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.metrics import StreamMetrics
+from pipeline.observability import (
+    METRIC_NAMES,
+    StreamMetricsCollector,
+    exposition,
+    metrics_registry,
+    start_metrics_server,
+)
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def known_metrics() -> StreamMetrics:
+    m = StreamMetrics(
+        raw_in=120,
+        valid=110,
+        dead_lettered=Counter({"invalid_json": 7, "schema": 3}),
+        duplicates_dropped=4,
+        replays_dropped=1,
+        profile_updates=100,
+        segment_changes=9,
+    )
+    m.stored_events([1000, 1000, 1000], 1004)  # 4 ms each
+    m.stored_events([1000, 1000], 1300)  # 300 ms each
+    m.stored_events([0], 20_000)  # 20 s
+    m.last_stored_s = 100.0
+    return m
+
+
+def test_counters_per_stage_and_dead_letters_by_reason() -> None:
+    m = known_metrics()
+    got = samples(exposition(metrics_registry(m, lag=lambda: {("events.raw", 2): 42})))
+    assert got[("pipeline_raw_in_total", ())] == 120
+    assert got[("pipeline_valid_total", ())] == 110
+    assert got[("pipeline_dead_lettered_total", (("reason", "invalid_json"),))] == 7
+    assert got[("pipeline_dead_lettered_total", (("reason", "schema"),))] == 3
+    assert got[("pipeline_duplicates_dropped_total", ())] == 4
+    assert got[("pipeline_replays_dropped_total", ())] == 1
+    assert got[("pipeline_profile_updates_total", ())] == 100
+    assert got[("pipeline_events_stored_total", ())] == 6
+    assert got[("pipeline_segment_changes_total", ())] == 9
+    assert got[("pipeline_consumer_lag", (("partition", "2"), ("topic", "events.raw")))] == 42
+    assert {name for name, _ in got} == METRIC_NAMES
+
+
+def test_latency_histogram_counts_each_sample_once_across_scrapes() -> None:
+    m = known_metrics()
+    collector = StreamMetricsCollector(m, clock=lambda: 103.5)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+
+    def bucket(le: str, text: str) -> float:
+        return samples(text)[("pipeline_end_to_end_latency_seconds_bucket", (("le", le),))]
+
+    first = exposition(registry)
+    assert bucket("0.005", first) == 3
+    assert bucket("0.25", first) == 3
+    assert bucket("0.5", first) == 5
+    assert bucket("10.0", first) == 5
+    assert bucket("30.0", first) == 6
+    assert bucket("+Inf", first) == 6
+    got = samples(first)
+    assert got[("pipeline_end_to_end_latency_seconds_count", ())] == 6
+    assert got[("pipeline_end_to_end_latency_seconds_sum", ())] == 0.012 + 0.6 + 20
+    assert got[("pipeline_seconds_since_last_store", ())] == 3.5
+
+    m.stored_events([0], 40)
+    second = exposition(registry)
+    assert bucket("0.05", second) == 4  # the new 40 ms sample, nothing counted twice
+    assert bucket("+Inf", second) == 7
+    assert exposition(registry) == second
+
+
+def test_metrics_server_serves_the_exposition_on_loopback() -> None:
+    m = known_metrics()
+    stop = start_metrics_server(m, "127.0.0.1", 0)
+    try:
+        assert stop.url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(stop.url, timeout=10) as response:
+            body = response.read().decode()
+        m.raw_in += 1
+        with urllib.request.urlopen(stop.url, timeout=10) as response:
+            again = response.read().decode()
+    finally:
+        stop()
+    assert samples(body)[("pipeline_raw_in_total", ())] == 120
+    assert samples(again)[("pipeline_raw_in_total", ())] == 121
+
+
+def series_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bpipeline_[a-z_]+\b", expr))
+
+
+def test_alerting_rules_reference_exported_series() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"]: r for group in rules["groups"] for r in group["rules"]}
+    assert set(alerts) == {
+        "PipelineConsumerLagHigh",
+        "PipelineEndToEndLatencyP99High",
+        "PipelineDeadLetterRateHigh",
+        "PipelineProcessorStalled",
+    }
+    for name, rule in alerts.items():
+        used = series_in(rule["expr"])
+        assert used, name
+        assert used <= METRIC_NAMES, (name, used - METRIC_NAMES)
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+    assert {"pipeline_raw_in_total", "pipeline_consumer_lag"} <= series_in(
+        alerts["PipelineProcessorStalled"]["expr"]
+    )
+
+
+def test_grafana_dashboard_queries_exported_series() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "pipeline-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs
+    used = set().union(*(series_in(e) for e in exprs))
+    assert used <= METRIC_NAMES
+    assert {
+        "pipeline_raw_in_total",
+        "pipeline_dead_lettered_total",
+        "pipeline_end_to_end_latency_seconds_bucket",
+        "pipeline_consumer_lag",
+    } <= used

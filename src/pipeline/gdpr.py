@@ -10,7 +10,8 @@ is also the profile store) and from BigQuery, and appends an audit record to
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterable, Set
+import time
+from collections.abc import Callable, Iterable, Set
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,3 +163,17 @@ def verify_forgotten(
         )
         result |= {f"bigquery.{t}": n for t, n in bq_counts.items()}
     return result
+
+
+def suppression_source(settings: Settings, ttl_s: float = 5.0) -> Callable[[], frozenset[str]]:
+    """The forgotten customers' hashed ids, re-read at most every ``ttl_s`` seconds."""
+    loaded_at = -float("inf")
+    current: frozenset[str] = frozenset()
+
+    def get() -> frozenset[str]:
+        nonlocal loaded_at, current
+        if time.monotonic() - loaded_at > ttl_s:
+            current, loaded_at = load_suppressed(settings), time.monotonic()
+        return current
+
+    return get

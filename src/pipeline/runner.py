@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from pipeline.broker import BrokerHandle, broker_for, client_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.errors import PipelineError
-from pipeline.gdpr import load_suppressed
+from pipeline.gdpr import suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
@@ -119,20 +119,6 @@ def _bigquery(settings: Settings) -> tuple[BigQueryWarehouse, ...]:
     bq = BigQueryWarehouse(settings.bigquery)
     bq.ensure_schema(retention_days(settings.retention))
     return (bq,)
-
-
-def suppression_source(settings: Settings, ttl_s: float = 5.0) -> Callable[[], frozenset[str]]:
-    """The forgotten customers' hashed ids, re-read at most every ``ttl_s`` seconds."""
-    loaded_at = -float("inf")
-    current: frozenset[str] = frozenset()
-
-    def get() -> frozenset[str]:
-        nonlocal loaded_at, current
-        if time.monotonic() - loaded_at > ttl_s:
-            current, loaded_at = load_suppressed(settings), time.monotonic()
-        return current
-
-    return get
 
 
 @contextmanager

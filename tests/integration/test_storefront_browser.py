@@ -213,3 +213,19 @@ def test_storefront_events_arrive_batched_and_clean(
     assert sorted(raw["properties"]["position"] for raw in clicked) == [1, 2, 5]
     for raw in clicked:
         assert {"product_id", "category", "brand", "price", "position"} <= raw["properties"].keys()
+
+    # and on to the customer's profile: the real processor stitches the browsing history
+    # done before the login into cus_000001
+    from pipeline.runner import pipeline_run, process_until_idle
+
+    proc_settings = settings.model_copy(
+        update={"broker": address, "home": tmp_path / "processor", "commit_interval_s": 0.3}
+    )
+    with pipeline_run(proc_settings) as run:
+        process_until_idle(run, expected_raw=len(found), idle_s=2.0, timeout_s=120)
+        profile = run.warehouse.get_profile(CUSTOMER)
+        assert profile["event_count"] == len(found)
+        assert anonymous_id in profile["anonymous_ids"]
+        assert profile["counts"]["Product Added"] == 2
+        assert profile["cart"]
+        assert profile["category_affinity"]

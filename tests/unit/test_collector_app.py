@@ -74,3 +74,23 @@ def test_rate_limit_uses_the_injected_clock() -> None:
     assert limited.status_code == 429
     assert limited.headers["Retry-After"] == "2"
     assert again.status_code == 200
+
+
+def test_forgotten_customers_events_are_acknowledged_but_never_published(tmp_path: Any) -> None:
+    from pipeline.gdpr import suppression_path
+    from pipeline.pii import sha256_hex
+
+    settings = Settings(
+        home=tmp_path,
+        collector=CollectorSettings(write_keys={"web": SecretStr(KEY)}),
+    )
+    suppression_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    suppression_path(settings).write_text(
+        orjson.dumps({"ids": [sha256_hex("u_gone")]}).decode() + "\n"
+    )
+    publisher = MemoryPublisher()
+    batch = [_event(userId="u_gone"), _event(messageId="m2", userId="u_kept")]
+    with TestClient(create_app(settings, lambda: publisher)) as http:
+        response = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
+    assert response.status_code == 200
+    assert [key for _, key, _ in publisher.sent] == [b"u_kept"]

@@ -22,6 +22,7 @@ from pipeline.collector.intake import events_of, parse_body, prepare_messages
 from pipeline.collector.limits import Clock, RateLimiter, read_body
 from pipeline.collector.publish import Publisher
 from pipeline.collector.storefront import register_storefront
+from pipeline.gdpr import is_suppressed, suppression_source
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def create_app(
     )
     topic = settings.topics.raw
     publishers: list[Publisher] = []
+    suppressed = suppression_source(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -103,7 +105,18 @@ def create_app(
                 batch_sent_at=batch_sent_at,
                 max_event_bytes=settings.max_event_bytes,
             )
-            await publishers[0].send(topic, messages)
+            forgotten = suppressed()
+            if forgotten:
+                # a forgotten customer's new events are acknowledged and dropped, never stored
+                messages = [
+                    m
+                    for m, e in zip(messages, events, strict=True)
+                    if not is_suppressed(
+                        forgotten, user_id=e.get("userId"), anonymous_id=e.get("anonymousId")
+                    )
+                ]
+            if messages:
+                await publishers[0].send(topic, messages)
         except RequestRejected as exc:
             log.info("refused %s from source %s: %s", request.url.path, source, exc.code)
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None

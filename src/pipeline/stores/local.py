@@ -21,7 +21,7 @@ import orjson
 import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
-from pipeline.stores.rows import event_row, sent_email_row
+from pipeline.stores.rows import dead_letter_row, event_row, profile_row, sent_email_row
 
 SCHEMA_VERSION = 1
 
@@ -249,24 +249,7 @@ class LocalWarehouse:
             cur = latest.get(p["customer_id"])
             if cur is None or p["version"] >= cur["version"]:
                 latest[p["customer_id"]] = p
-        rows = [
-            {
-                "customer_id": p["customer_id"],
-                "is_anonymous": int(bool(p["is_anonymous"])),
-                "merged_into": p.get("merged_into"),
-                "event_count": p["event_count"],
-                "cis": p["cis"],
-                "intent_stage": p["intent_stage"],
-                "revenue_total": p["revenue_total"],
-                "order_count": p["order_count"],
-                "last_seen_ms": p.get("last_seen_ms"),
-                "version": p["version"],
-                "updated_ms": p["updated_ms"],
-                "stored_ms": stored,
-                "profile": orjson.dumps(p).decode(),
-            }
-            for p in latest.values()
-        ]
+        rows = [profile_row(p, stored) for p in latest.values()]
         with self._tx() as conn:
             conn.executemany(_UPSERT_PROFILE, rows)
         return stored
@@ -274,23 +257,7 @@ class LocalWarehouse:
     def write_dead_letters(self, failures: Sequence[Mapping[str, Any]]) -> int:
         """Insert dead letters once per input position (topic:partition:offset)."""
         stored = _now_ms()
-        rows = [
-            {
-                "dead_letter_id": f"{f['topic']}:{f['partition']}:{f['offset']}",
-                "reason": f["reason"],
-                "detail": f["detail"],
-                "schema_path": f.get("schema_path"),
-                "message_id": f.get("message_id"),
-                "event_name": f.get("event_name"),
-                "message_key": f.get("key"),
-                "ingested_ms": f["ingested_ms"],
-                "failed_ms": f["failed_ms"],
-                "stored_ms": stored,
-                "raw_text": f["raw_text"],
-                "raw_b64": f["raw_b64"],
-            }
-            for f in failures
-        ]
+        rows = [dead_letter_row(f, stored) for f in failures]
         with self._tx() as conn:
             conn.executemany(_INSERT_DEAD_LETTER, rows)
         return stored

@@ -57,3 +57,40 @@ def sent_email_row(m: Mapping[str, Any], stored: int) -> dict[str, Any]:
         "text": m.get("text", ""),
         "snapshot": orjson.dumps(m.get("snapshot", {})).decode(),
     }
+
+
+def profile_row(p: Mapping[str, Any], stored: int) -> dict[str, Any]:
+    """The ``profiles`` row of a profile record."""
+    return {
+        "customer_id": p["customer_id"],
+        "is_anonymous": int(bool(p["is_anonymous"])),
+        "merged_into": p.get("merged_into"),
+        "event_count": p["event_count"],
+        "cis": float(p["cis"]),
+        "intent_stage": p["intent_stage"],
+        "revenue_total": float(p["revenue_total"]),
+        "order_count": p["order_count"],
+        "last_seen_ms": p.get("last_seen_ms"),
+        "version": p["version"],
+        "updated_ms": p["updated_ms"],
+        "stored_ms": stored,
+        "profile": orjson.dumps(p).decode(),
+    }
+
+
+def dead_letter_row(f: Mapping[str, Any], stored: int) -> dict[str, Any]:
+    """The ``dead_letters`` row of a failure record."""
+    return {
+        "dead_letter_id": f"{f['topic']}:{f['partition']}:{f['offset']}",
+        "reason": f["reason"],
+        "detail": f["detail"],
+        "schema_path": f.get("schema_path"),
+        "message_id": f.get("message_id"),
+        "event_name": f.get("event_name"),
+        "message_key": f.get("key"),
+        "ingested_ms": f["ingested_ms"],
+        "failed_ms": f["failed_ms"],
+        "stored_ms": stored,
+        "raw_text": f["raw_text"],
+        "raw_b64": f["raw_b64"],
+    }

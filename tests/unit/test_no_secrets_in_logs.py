@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from pipeline.collector.app import create_app
 from pipeline.collector.config import DEV_WRITE_KEYS, CollectorSettings
 from pipeline.collector.publish import MemoryPublisher
-from pipeline.collector.server import _warn_on_dev_key
+from pipeline.devkeys import warn_if_dev_key_exposed
 from pipeline.settings import Settings
 
 WRITE_KEY = "wk_SECRET_do_not_log_4f1c"
@@ -106,7 +106,10 @@ def test_dev_key_warning_names_the_host_not_the_key(caplog: pytest.LogCaptureFix
     settings = Settings(
         _env_file=None, collector=CollectorSettings(host="0.0.0.0", write_keys=DEV_WRITE_KEYS)
     )
-    _warn_on_dev_key(settings)
+    cfg = settings.collector
+    assert warn_if_dev_key_exposed(
+        "collector", cfg.host, cfg.write_keys, DEV_WRITE_KEYS["local"], "PIPELINE_COLLECTOR__KEYS"
+    )
     text = _logged(caplog)
     assert "0.0.0.0" in text
     assert DEV_WRITE_KEYS["local"].get_secret_value() not in text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -11,6 +10,7 @@ import uvicorn
 
 from pipeline.api.app import create_app
 from pipeline.api.config import DEV_API_KEYS
+from pipeline.devkeys import warn_if_dev_key_exposed
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 def _server(settings: Settings) -> uvicorn.Server:
     cfg = settings.api
-    _warn_on_dev_key(settings)
+    warn_if_dev_key_exposed(
+        "API", cfg.host, cfg.api_keys, DEV_API_KEYS["local"], "PIPELINE_API__API_KEYS"
+    )
     config = uvicorn.Config(
         create_app(settings),
         host=cfg.host,
@@ -68,18 +70,3 @@ def serve_api_in_thread(settings: Settings, *, ready_timeout_s: float = 30.0) ->
             port = int(sock.getsockname()[1])
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     return RunningApi(server, thread, f"http://{host}:{port}")
-
-
-def _warn_on_dev_key(settings: Settings) -> None:
-    cfg = settings.api
-    dev = DEV_API_KEYS["local"].get_secret_value()
-    if any(key.get_secret_value() == dev for key in cfg.api_keys.values()):
-        try:
-            loopback = ipaddress.ip_address(cfg.host).is_loopback
-        except ValueError:
-            loopback = cfg.host == "localhost"
-        if not loopback:
-            log.warning(
-                "the API on %s accepts the development API key; set PIPELINE_API__API_KEYS",
-                cfg.host,
-            )

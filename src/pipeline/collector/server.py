@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import threading
@@ -15,6 +14,7 @@ from fastapi import FastAPI
 from pipeline.collector.app import create_app
 from pipeline.collector.config import DEV_WRITE_KEYS
 from pipeline.collector.publish import KafkaPublisher
+from pipeline.devkeys import warn_if_dev_key_exposed
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
@@ -35,7 +35,14 @@ def broker_address(settings: Settings) -> str:
 
 def kafka_app(settings: Settings, address: str) -> FastAPI:
     """The collector app producing to the broker at ``address``."""
-    _warn_on_dev_key(settings)
+    cfg = settings.collector
+    warn_if_dev_key_exposed(
+        "collector",
+        cfg.host,
+        cfg.write_keys,
+        DEV_WRITE_KEYS["local"],
+        "PIPELINE_COLLECTOR__WRITE_KEYS",
+    )
     return create_app(settings, lambda: KafkaPublisher.connect(settings, address))
 
 
@@ -78,19 +85,3 @@ def serve_in_thread(
         thread.join(timeout=settings.collector.ack_timeout_s + 5)
 
     return stop
-
-
-def _warn_on_dev_key(settings: Settings) -> None:
-    cfg = settings.collector
-    dev = DEV_WRITE_KEYS["local"].get_secret_value()
-    if any(key.get_secret_value() == dev for key in cfg.write_keys.values()):
-        try:
-            loopback = ipaddress.ip_address(cfg.host).is_loopback
-        except ValueError:
-            loopback = cfg.host == "localhost"
-        if not loopback:
-            log.warning(
-                "the collector on %s accepts the development write key; "
-                "set PIPELINE_COLLECTOR__WRITE_KEYS",
-                cfg.host,
-            )

@@ -55,12 +55,17 @@ from pipeline.recommend import (
     recommend,
     signals_from_events,
 )
-from pipeline.runner import Run, make_producer, pipeline_run, process_until_idle, summarize
+from pipeline.runner import (
+    Run,
+    pipeline_run,
+    process_until_idle,
+    produce_messages,
+    summarize,
+)
 from pipeline.scoring import DAY_MS, HOUR_MS, Profile, profile_from_dict
 from pipeline.sendtime import SendTimeParams, best_send_time, population_prior
 from pipeline.settings import Settings
 from pipeline.simulate import (
-    RawMessage,
     Simulation,
     SimulationConfig,
     TrueCustomer,
@@ -480,29 +485,6 @@ class CaseStudyResult:
         return out
 
 
-def _produce_replay(run: Run, messages: Sequence[RawMessage], offsets_s: Sequence[float]) -> float:
-    """Send ``messages`` at ``offsets_s`` seconds from now; returns seconds taken (flushed)."""
-    producer = make_producer(run.settings, run.address)
-    topic = run.settings.topics.raw
-    start = time.monotonic()
-    for i, (msg, due) in enumerate(zip(messages, offsets_s, strict=True)):
-        ahead = start + due - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-        while True:
-            try:
-                producer.produce(topic, value=msg.value, key=msg.key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if i % 200 == 199:
-            producer.poll(0)
-    remaining = producer.flush(60)
-    if remaining:
-        raise RuntimeError(f"{remaining} messages were not acknowledged by the broker")
-    return time.monotonic() - start
-
-
 def run_replay(
     run: Run, sim: Simulation, *, rate: float, warmup: int, progress: bool, timeout_s: float
 ) -> tuple[dict[str, Any], frozenset[str]]:
@@ -517,11 +499,11 @@ def run_replay(
 
     def feed() -> None:
         t0 = time.monotonic()
-        _produce_replay(run, head, [0.0] * len(head))
+        produce_messages(run.settings, run.address, head)
         deadline = time.monotonic() + timeout_s
         while run.metrics.raw_in < start + len(head) and time.monotonic() < deadline:
             time.sleep(0.05)
-        _produce_replay(run, tail, offsets)
+        produce_messages(run.settings, run.address, tail, offsets_s=offsets)
         took.append(time.monotonic() - t0)
 
     bar = tqdm(

@@ -61,18 +61,23 @@ def produce_messages(
     messages: Sequence[RawMessage],
     *,
     rate: float | None = None,
+    offsets_s: Sequence[float] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> float:
-    """Send ``messages`` to the raw topic in order, optionally paced at ``rate`` msg/s.
+    """Send ``messages`` to the raw topic in order, paced at ``rate`` msg/s or each at its
+    ``offsets_s`` (seconds from the start), or as fast as possible.
 
     Returns the seconds it took, including the final flush (all acknowledged).
     """
+    if offsets_s is not None and len(offsets_s) != len(messages):
+        raise ValueError(f"{len(offsets_s)} offsets for {len(messages)} messages")
     producer = make_producer(settings, address)
     topic = settings.topics.raw
     start = time.monotonic()
     for i, msg in enumerate(messages):
-        if rate:
-            ahead = start + i / rate - time.monotonic()
+        due = offsets_s[i] if offsets_s is not None else i / rate if rate else None
+        if due is not None:
+            ahead = start + due - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
         while True:

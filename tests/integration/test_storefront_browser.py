@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS
 from collector_helpers import KEYS, collector_settings, read_raw, running_collector
 
 from pipeline.broker import EmbeddedBroker, ensure_topics
@@ -24,15 +25,6 @@ from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CUSTOMER = "cus_000001"
 EXPECTED_TRACKS = {
     "Product Clicked",

@@ -18,19 +18,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS
 
 from pipeline.broker import free_port
 from pipeline.stores.local import LocalWarehouse
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
 
 pytestmark = [

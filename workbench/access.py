@@ -1,7 +1,8 @@
 """Cached, read-only access to the warehouse for the workbench pages, and the empty state.
 
 Queries are cached per warehouse path; the handle is one read-only connection per process,
-so the pages never block the processor that writes concurrently.
+so the pages never block the processor that writes concurrently. The processor's and the
+collector's ``/metrics`` are scraped with a short timeout and cached for two seconds.
 """
 
 from __future__ import annotations
@@ -77,11 +78,42 @@ def live(path: str, now_ms: int, minutes: float) -> dict[str, Any]:
         "totals": wd.totals(wh),
         "rates": wd.rates(wh, now_ms=now_ms),
         "latency_last_minute": wd.latency_summary(wh, since_ms=now_ms - 60_000),
+        "steps_last_minute": wd.step_latency(wh, since_ms=now_ms - 60_000),
         "throughput": wd.throughput(wh, now_ms=now_ms, minutes=minutes),
         "latency": wd.latency_over_time(wh, now_ms=now_ms, minutes=minutes),
         "dead_letters": wd.dead_letters_by_reason(wh, since_ms=since),
         "dead_letters_all": wd.dead_letters_by_reason(wh),
     }
+
+
+def processor_metrics_url() -> str | None:
+    settings = load_settings()
+    return wd.metrics_url(settings.metrics_host, settings.metrics_port)
+
+
+def collector_metrics_url() -> str | None:
+    cfg = load_settings().collector
+    return wd.metrics_url(cfg.host, cfg.port)
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def processor_scrape(url: str) -> wd.ProcessorScrape | None:
+    """The processor's metrics at ``url``, or None when it does not answer with them."""
+    text = wd.read_metrics(url)
+    try:
+        return None if text is None else wd.parse_processor_scrape(text)
+    except ValueError:  # something else listens there
+        return None
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def collector_scrape(url: str) -> wd.CollectorScrape | None:
+    """The collector's metrics at ``url``, or None when it does not answer with them."""
+    text = wd.read_metrics(url)
+    try:
+        return None if text is None else wd.parse_collector_scrape(text)
+    except ValueError:
+        return None
 
 
 @st.cache_data(ttl=15, show_spinner=False)
@@ -211,3 +243,8 @@ def bucket(ms: int, seconds: int) -> int:
     """``ms`` rounded down to ``seconds``, so cached results are shared within that bucket."""
     step = seconds * 1000
     return ms // step * step
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def open_alerts(path: str, window_minutes: int) -> pd.DataFrame:
+    return wd.open_alerts(_wh(path), window_ms=window_minutes * 60_000)

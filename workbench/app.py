@@ -12,5 +12,6 @@ pages = [
     st.Page("views/customer.py", title="Customer 360", icon=":material/person_search:"),
     st.Page("views/email.py", title="Email preview", icon=":material/drafts:"),
     st.Page("views/quality.py", title="Data quality", icon=":material/rule:"),
+    st.Page("views/alerts.py", title="Alerts", icon=":material/notifications_active:"),
 ]
 st.navigation(pages).run()

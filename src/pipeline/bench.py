@@ -34,6 +34,7 @@ from quixstreams import Application
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models import TopicConfig
 
+from pipeline import lineage
 from pipeline.broker import client_config, free_port, topic_extra_config
 from pipeline.errors import PipelineError
 from pipeline.metrics import StreamMetrics
@@ -382,11 +383,14 @@ def _wait_drained(
 
 def _latency_of(warehouse: Any, phase: Phase) -> dict[str, Any]:
     rows = warehouse.query(
-        "SELECT stored_ms - ingested_ms AS ms FROM events WHERE ingested_ms BETWEEN ? AND ?",
+        f"SELECT stored_ms - ingested_ms AS ms, {', '.join(lineage.COLUMNS)} FROM events "
+        "WHERE ingested_ms BETWEEN ? AND ?",
         (phase.start_ms - 1, phase.end_ms + 1),
     )
     samples = [float(v) for v in rows["ms"]]
     pct = percentiles(samples)
+    # where the time went: per lineage step, since the step before (hops include commit waits)
+    steps = lineage.step_latency(rows).dropna().round(1).to_dict(orient="records")
     return {
         **asdict(phase),
         "achieved_eps": round(phase.events / phase.produce_s, 1) if phase.produce_s else None,
@@ -395,6 +399,7 @@ def _latency_of(warehouse: Any, phase: Phase) -> dict[str, Any]:
         "p95_ms": pct["p95_ms"],
         "p99_ms": pct["p99_ms"],
         "max_ms": pct["max_ms"],
+        "steps": steps,
     }
 
 
@@ -522,11 +527,15 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
 
 
 def chart(report: dict[str, Any]) -> go.Figure:
-    """Latency percentiles against offered load, and throughput bars, side by side."""
+    """Latency percentiles against offered load, throughput bars, and latency per step."""
     fig = make_subplots(
         rows=1,
-        cols=2,
-        subplot_titles=("End-to-end latency vs offered load", "Throughput (events/s)"),
+        cols=3,
+        subplot_titles=(
+            "End-to-end latency vs offered load",
+            "Throughput (events/s)",
+            "Where the time goes (p50 per step)",
+        ),
     )
     loads = [p["offered_eps"] for p in report["latency"]]
     for q in ("p50", "p95", "p99"):
@@ -542,11 +551,30 @@ def chart(report: dict[str, Any]) -> go.Figure:
         "processor (full path)": report["processor"]["events_per_s"],
         "collector (HTTP)": report["collector"]["events_per_s"],
     }
+    for n, eps in report.get("scaleout", {}).get("events_per_s", {}).items():
+        bars[f"{n} replica process(es)"] = eps
     fig.add_trace(
         go.Bar(x=list(bars), y=list(bars.values()), name="events/s", showlegend=False),
         row=1,
         col=2,
     )
+    names = [f"{p['load_fraction']:.0%}" for p in report["latency"]]
+    for step, _ in lineage.STEPS[1:]:
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[
+                    next((st["p50_ms"] for st in p.get("steps", ()) if st["step"] == step), 0)
+                    for p in report["latency"]
+                ],
+                name=step,
+            ),
+            row=1,
+            col=3,
+        )
+    fig.update_layout(barmode="stack")
+    fig.update_xaxes(title_text="load (share of max)", row=1, col=3)
+    fig.update_yaxes(title_text="ms", row=1, col=3)
     fig.update_xaxes(title_text="offered load (events/s)", row=1, col=1)
     fig.update_yaxes(title_text="ms (stored - ingested)", row=1, col=1)
     fig.update_layout(

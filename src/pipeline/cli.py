@@ -16,6 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, ProfileNotFoundError
+from pipeline.events import ms_to_iso
 from pipeline.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -122,6 +123,14 @@ def up(
     api: Annotated[
         bool, typer.Option("--api/--no-api", help="Also serve the API (PIPELINE_API__PORT).")
     ] = True,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processor replicas; above 1 each is a `pipeline process` child in one group "
+            "(the embedded broker dying then stops `up` instead of restarting it).",
+        ),
+    ] = 1,
     home: HomeOption = None,
 ) -> None:
     """Run broker (embedded unless PIPELINE_BROKER is set), processor, collector, API and
@@ -140,6 +149,7 @@ def up(
             return stop
 
         services.append(start_collector)
+
     def start_metrics(run: Run) -> Any:
         from pipeline.observability import start_metrics_server
 
@@ -169,7 +179,13 @@ def up(
             return stop
 
         services.append(start_workbench)
-    serve(settings, announce=lambda line: console.print(line), services=services)
+    if replicas > 1:  # the replicas serve their own metrics, the parent has none
+        from pipeline.replicas import serve_replicas
+
+        parent_services = [s for s in services if s is not start_metrics]
+        serve_replicas(settings, replicas, announce=console.print, services=parent_services)
+    else:
+        serve(settings, announce=lambda line: console.print(line), services=services)
     console.print("stopped")
 
 
@@ -234,6 +250,53 @@ def profile(
     table.add_column("value")
     for key, value in data.items():
         table.add_row(key, str(value)[:200])
+    Console().print(table)
+
+
+@app.command()
+def trace(
+    message_id: Annotated[str, typer.Argument(help="The event's messageId.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Show one stored event's path (collect → broker → stages → store) with durations."""
+    from pipeline.lineage import COLUMNS, path, total_ms
+    from pipeline.stores.local import LocalWarehouse
+
+    settings = _settings(home)
+    with LocalWarehouse(settings.warehouse_path, read_only=True) as wh:
+        rows = wh.query(
+            f"SELECT customer_id, event_name, {', '.join(COLUMNS)} FROM events "
+            "WHERE message_id = ?",
+            (message_id,),
+        )
+    if rows.empty:
+        console.print(f"[red]no stored event with messageId {message_id!r}[/]")
+        raise typer.Exit(1)
+    row = {str(k): v for k, v in rows.iloc[0].items()}
+    steps = path(row)
+    if as_json:
+        out = {
+            "message_id": message_id,
+            "customer_id": row["customer_id"],
+            "event": row["event_name"],
+            "total_ms": total_ms(steps),
+            "steps": [
+                {"step": s.name, "at_ms": s.at_ms, "duration_ms": s.duration_ms} for s in steps
+            ],
+        }
+        typer.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return
+    table = Table(
+        title=f"{row['event_name']} {message_id} → {row['customer_id']} "
+        f"({total_ms(steps)} ms end to end)"
+    )
+    table.add_column("step")
+    table.add_column("finished at (UTC)")
+    table.add_column("+ms", justify="right")
+    for step in steps:
+        at = ms_to_iso(step.at_ms)
+        table.add_row(step.name, at, "" if step.duration_ms is None else f"{step.duration_ms:,}")
     Console().print(table)
 
 
@@ -389,6 +452,14 @@ def bench(
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 42,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (tests, smoke).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    scaleout: Annotated[
+        bool,
+        typer.Option(
+            "--scaleout",
+            help="Also run the backlog through 1 and 2 `pipeline process` replicas, twice "
+            "(PIPELINE_PARTITIONS >= 2): events/s of each and per-customer results compared.",
+        ),
+    ] = False,
     home: HomeOption = None,
 ) -> None:
     """Benchmark on a fresh embedded broker: bare counter floor, full processor path, latency
@@ -401,6 +472,12 @@ def bench(
     else:
         config = BenchConfig(seed=seed) if events is None else BenchConfig(seed=seed, events=events)
     report = run_bench(settings, config)
+    if scaleout:
+        from pipeline.bench_scaleout import scaleout as measure_scaleout
+
+        report["scaleout"] = measure_scaleout(
+            settings, config.events, seed=config.seed, rounds=1 if config.quick else 2
+        )
     json_path, html_path = write_results(report, settings.home)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -417,7 +494,45 @@ def bench(
             f"  load {p['load_fraction']:.0%} ({p['offered_eps']:,.0f} ev/s): "
             f"p50 {p['p50_ms']} · p95 {p['p95_ms']} · p99 {p['p99_ms']} ms"
         )
+    if scaleout:
+        out = report["scaleout"]
+        console.print(
+            "  replicas "
+            + " · ".join(f"{n}: {eps:,.0f} ev/s" for n, eps in out["events_per_s"].items())
+            + f" (2/1 = {out.get('ratio_2_to_1')}); per-customer results identical: "
+            + f"{out['identical']}"
+        )
     console.print(f"written: {json_path}\n         {html_path}")
+
+
+@app.command()
+def process(
+    instance_id: Annotated[
+        str | None,
+        typer.Option(help="Replica id, unique in the group (default: PIPELINE_INSTANCE_ID)."),
+    ] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop when this process is gone.")
+    ] = None,
+    start_after: Annotated[
+        Path | None, typer.Option(hidden=True, help="Join the group once this file exists.")
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Run only the stream processor, one replica of the consumer group, against PIPELINE_BROKER
+    (or a running `pipeline up`'s broker) until SIGTERM or Ctrl-C."""
+    from pipeline.replicas import run_replica
+
+    settings = _settings(home)
+    if instance_id is not None:
+        settings = settings.model_copy(update={"instance_id": instance_id})
+    run_replica(
+        settings,
+        announce=lambda line: console.print(line),
+        parent_pid=parent_pid,
+        start_after=start_after,
+    )
+    console.print("stopped")
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ class Failure:
     """A typed dead-letter record: why a raw message was refused, and the message itself.
 
     ``raw_text`` is the payload decoded leniently for humans; ``raw_b64`` is the exact bytes.
+    ``message_id``, ``event_name`` and ``source`` (as :attr:`CleanEvent.source`) are read from
+    the payload where it is a JSON object that has them.
     """
 
     reason: FailureReason
@@ -55,6 +57,7 @@ class Failure:
     failed_ms: int
     message_id: str | None = None
     event_name: str | None = None
+    source: str | None = None
 
     @property
     def dead_letter_id(self) -> str:
@@ -79,6 +82,7 @@ class Failure:
         failed_ms: int = 0,
         message_id: str | None = None,
         event_name: str | None = None,
+        source: str | None = None,
         max_raw_bytes: int = 65536,
     ) -> Failure:
         """Build a failure keeping the raw payload (truncated past ``max_raw_bytes``)."""
@@ -97,6 +101,7 @@ class Failure:
             failed_ms=failed_ms,
             message_id=message_id,
             event_name=event_name,
+            source=source,
         )
 
 
@@ -117,8 +122,12 @@ class CleanEvent:
 
     ``name`` is the track event name, or ``Page Viewed``/``Identify``/``Alias`` for the other
     envelope types. Times are UTC epoch milliseconds: ``timestamp_ms`` is event time (when
-    it happened), ``ingested_ms`` is when the broker got it. ``customer_id`` is set by
-    identity stitching; ``category``/``brand``/``price``/``items`` by catalog enrichment.
+    it happened), ``ingested_ms`` is when the broker got it, ``collected_ms`` when the collector
+    did and ``parsed_ms``/``stitched_ms`` when stages 0 and 1 were done with it (lineage).
+    ``customer_id`` is set by identity stitching; ``category``/``brand``/``price``/``items`` by
+    catalog enrichment.
+    ``source`` is where the event came from: the collector's ``context.sourceId`` (set from the
+    write key, so it cannot be spoofed), else the sending ``context.library.name``.
     """
 
     message_id: str
@@ -144,6 +153,10 @@ class CleanEvent:
     price: float | None = None
     revenue: float | None = None
     items: tuple[LineItem, ...] = ()
+    # latency lineage: when the collector received it, and when each stage finished with it
+    collected_ms: int | None = None
+    parsed_ms: int | None = None
+    stitched_ms: int | None = None
 
     @property
     def identity_key(self) -> str:

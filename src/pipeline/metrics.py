@@ -1,18 +1,87 @@
-"""In-process counters and latency samples of a running processor.
+"""In-process counters and latency samples of a running processor, and its consumer lag.
 
 Counters are plain ints updated from the processing thread and read from others (the GIL makes
-single increments safe); the demo, tests and later the Prometheus exporter read them.
+single increments safe); the demo, tests and the Prometheus exporter read them.
+
+Consumer lag comes from librdkafka's statistics (``statistics.interval.ms`` + ``stats_cb``, see
+:func:`consumer_stats_config`), parsed by :func:`consumer_lag_from_stats`. Lag there is counted
+from the consumer's *position*, not from librdkafka's own ``consumer_lag`` fields: those count
+from the committed offset (``consumer_lag``) or from the stored offset (``consumer_lag_stored``),
+and in this processor neither moves: under exactly-once the offsets are committed by the
+transactional producer, so the consumer's ``committed_offset`` stays at what it fetched on
+assignment (-1001 for a new group), and quixstreams never stores offsets
+(``enable.auto.offset.store=false``). Both fields then read -1 while the processor runs.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import orjson
+
+from pipeline.lineage import durations
+
+log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 500_000
+STEP_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000)
+"""Upper bounds of the per-step latency histograms (lineage), in milliseconds."""
+CONSUMER_LAG_STALE_S = 60.0
+"""A client whose statistics are older than this (closed consumer, departed replica) is ignored."""
+
+TopicPartitionLag = dict[tuple[str, int], int]
+
+# librdkafka's fetch states of a partition this client is not (or no longer) fetching
+_NOT_FETCHING = frozenset({"none", "stopping", "stopped"})
+
+
+def consumer_lag_from_stats(stats: Mapping[str, Any]) -> TopicPartitionLag:
+    """Messages behind the high watermark per (topic, partition) of one statistics object.
+
+    Lag is ``hi_offset - position``, position being the newest of ``app_offset`` (offset of the
+    last message handed to the application + 1), ``committed_offset`` and ``stored_offset``;
+    it is up to date whether or not this consumer commits (see the module docstring). The high
+    watermark rather than the last stable offset is the end, so a transaction that never ends
+    (which blocks read_committed readers) shows as growing lag, not as none.
+
+    Left out: partition -1 (librdkafka's unassigned-messages queue), partitions this client
+    does not fetch (``fetch_state`` none/stopping/stopped: not assigned, or revoked), and
+    partitions whose lag is unknown (no high watermark yet, or no message handed over and no
+    committed offset yet).
+    """
+    lags: TopicPartitionLag = {}
+    topics = stats.get("topics")
+    if not isinstance(topics, Mapping):
+        return lags
+    for topic, topic_stats in topics.items():
+        partitions = topic_stats.get("partitions") if isinstance(topic_stats, Mapping) else None
+        if not isinstance(partitions, Mapping):
+            continue
+        for p in partitions.values():
+            if not isinstance(p, Mapping):
+                continue
+            partition = p.get("partition")
+            if type(partition) is not int or partition < 0:
+                continue
+            if p.get("fetch_state", "none") in _NOT_FETCHING:
+                continue
+            hi = p.get("hi_offset")
+            if type(hi) is not int or hi < 0:
+                continue
+            offsets = [p.get(k) for k in ("app_offset", "committed_offset", "stored_offset")]
+            known = [o for o in offsets if type(o) is int and o >= 0]
+            if not known:
+                continue
+            lags[(str(topic), partition)] = max(0, hi - max(known))
+    return lags
 
 
 @dataclass
@@ -37,15 +106,62 @@ class StreamMetrics:
     events_stored: int = 0
     profiles_stored: int = 0
     dead_letters_stored: int = 0
+    alerts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, severity)
     # the newest samples only: a long-running processor must not grow with every event
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # per lineage step: histogram counts over STEP_BUCKETS_MS (+Inf last) and the sum in ms
+    step_counts: dict[str, list[int]] = field(default_factory=dict)
+    step_sum_ms: dict[str, float] = field(default_factory=dict)
     first_in_s: float | None = None
     last_stored_s: float | None = None
+    # per librdkafka client name: (monotonic time of its statistics, its lag); replaced, never
+    # mutated, so a scrape on another thread always reads one whole report
+    consumer_lag_reports: dict[str, tuple[float, TopicPartitionLag]] = field(default_factory=dict)
+    _reports_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def on_consumer_stats(self, stats_json: str) -> None:
+        """librdkafka ``stats_cb``: record the consumer lag of one statistics report.
+
+        Runs on the thread that polls the consumer; it never raises, since an exception
+        here would surface from ``poll()`` and stop the processor.
+        """
+        try:
+            stats = orjson.loads(stats_json)
+            client = str(stats.get("name", ""))
+            lag = consumer_lag_from_stats(stats)
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            log.warning("ignoring unreadable librdkafka statistics: %s", exc)
+            return
+        with self._reports_lock:  # consumers of several replicas may report at once
+            reports = {**self.consumer_lag_reports, client: (time.monotonic(), lag)}
+            self.consumer_lag_reports = reports
+
+    def consumer_lag(self, now_s: float | None = None) -> TopicPartitionLag:
+        """Lag per (topic, partition) from every client that reported recently."""
+        now = time.monotonic() if now_s is None else now_s
+        merged: TopicPartitionLag = {}
+        for at_s, lag in self.consumer_lag_reports.values():
+            if now - at_s <= CONSUMER_LAG_STALE_S:
+                merged.update(lag)
+        return merged
 
     def saw_raw(self) -> None:
         self.raw_in += 1
         if self.first_in_s is None:
             self.first_in_s = time.monotonic()
+
+    def traced(self, events: Iterable[Mapping[str, Any]], stored_ms: int) -> None:
+        """Count each stored event's step durations (lineage) into per-step histograms."""
+        bounds = STEP_BUCKETS_MS
+        for event in events:
+            for step, ms in durations(event, stored_ms):
+                counts = self.step_counts.get(step)
+                if counts is None:
+                    counts = self.step_counts[step] = [0] * (len(bounds) + 1)
+                counts[bisect.bisect_left(bounds, ms)] += 1
+                self.step_sum_ms[step] = self.step_sum_ms.get(step, 0.0) + ms
 
     def stored_events(self, ingested_ms: list[int], stored_ms: int) -> None:
         """Record that events became readable; latency = stored time - broker ingest time."""
@@ -90,3 +206,15 @@ class StreamMetrics:
             self.profiles_stored,
             self.dead_letters_stored,
         )
+
+
+def consumer_stats_config(metrics: StreamMetrics, interval_ms: int = 1000) -> dict[str, Any]:
+    """The consumer config entries that report lag into ``metrics`` every ``interval_ms``.
+
+    Spread into a confluent-kafka consumer config, or quixstreams' ``consumer_extra_config``
+    (its consumer wraps the ``stats_cb`` and still calls it).
+    """
+    if interval_ms <= 0:
+        raise ValueError(f"statistics interval must be positive, got {interval_ms} ms")
+    callback: Callable[[str], None] = metrics.on_consumer_stats
+    return {"statistics.interval.ms": interval_ms, "stats_cb": callback}

@@ -1,8 +1,13 @@
-"""Prometheus exposition of a processor's :class:`~pipeline.metrics.StreamMetrics`.
+"""Prometheus exposition of a processor's :class:`~pipeline.metrics.StreamMetrics`, and of the
+collector's and the API's request metrics.
 
 A custom collector reads the counters at scrape time, so the hot path keeps incrementing plain
 ints and pays nothing for Prometheus. Series names are listed in :data:`METRIC_NAMES`; the
 Grafana dashboard (``deploy/grafana``) and alerting rules (``deploy/prometheus``) use them.
+
+The collector (:class:`CollectorMetrics`) and the API (:class:`ApiMetrics`) count with
+prometheus_client's own metrics in a registry per app, so several apps in one process (tests,
+``pipeline up``) never share or clash; each app serves its registry on ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -12,18 +17,28 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, get_args
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.metrics import StreamMetrics
+from pipeline.anomaly import AlertKind, Severity
+from pipeline.metrics import STEP_BUCKETS_MS, StreamMetrics
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.005,
@@ -41,8 +56,14 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     60.0,
 )
 
+ALERT_SERIES: tuple[tuple[str, str], ...] = tuple(
+    (kind, severity) for kind in get_args(AlertKind) for severity in get_args(Severity)
+)
+"""The (kind, severity) label pairs of ``pipeline_alerts_total``, all exported from zero."""
+
 LagProvider = Callable[[], Mapping[tuple[str, int], int]]
-"""Returns consumer lag (messages) per (topic, partition), e.g. from librdkafka statistics."""
+"""Returns consumer lag (messages) per (topic, partition); by default the lag that librdkafka's
+statistics reported into the metrics (:func:`pipeline.metrics.consumer_stats_config`)."""
 
 _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("raw_in", "pipeline_raw_in", "Raw messages read from the raw topic."),
@@ -63,9 +84,13 @@ METRIC_NAMES: frozenset[str] = frozenset(
     {
         *(f"{name}_total" for _, name, _ in _COUNTERS),
         "pipeline_dead_lettered_total",
+        "pipeline_alerts_total",
         "pipeline_end_to_end_latency_seconds_bucket",
         "pipeline_end_to_end_latency_seconds_sum",
         "pipeline_end_to_end_latency_seconds_count",
+        "pipeline_step_latency_seconds_bucket",
+        "pipeline_step_latency_seconds_sum",
+        "pipeline_step_latency_seconds_count",
         "pipeline_consumer_lag",
         "pipeline_seconds_since_last_store",
     }
@@ -111,15 +136,26 @@ class StreamMetricsCollector(Collector):
         for reason, count in sorted(dict(m.dead_lettered).items()):
             dead.add_metric([reason], count)
         yield dead
+        alerts = CounterMetricFamily(
+            "pipeline_alerts",
+            "Anomaly alerts raised by the stream's detectors (see pipeline.anomaly).",
+            labels=["kind", "severity"],
+        )
+        # every series from zero: increase() cannot see the first alert of a series born at 1
+        raised = {**dict.fromkeys(ALERT_SERIES, 0), **dict(m.alerts)}
+        for (kind, severity), count in sorted(raised.items()):
+            alerts.add_metric([kind, severity], count)
+        yield alerts
         yield self._latency()
+        yield self._step_latency()
         lag = GaugeMetricFamily(
             "pipeline_consumer_lag",
             "Messages behind the partition's high watermark.",
             labels=["topic", "partition"],
         )
-        if self._lag is not None:
-            for (topic, partition), value in sorted(self._lag().items()):
-                lag.add_metric([topic, str(partition)], value)
+        current = self._lag() if self._lag is not None else m.consumer_lag()
+        for (topic, partition), value in sorted(current.items()):
+            lag.add_metric([topic, str(partition)], value)
         yield lag
         if m.last_stored_s is not None:
             yield GaugeMetricFamily(
@@ -152,6 +188,24 @@ class StreamMetricsCollector(Collector):
             buckets=cumulative,
             sum_value=sum_s,
         )
+
+    def _step_latency(self) -> HistogramMetricFamily:
+        """Per lineage step (broker, validate + enrich, ...): time since the step before."""
+        m = self._metrics
+        family = HistogramMetricFamily(
+            "pipeline_step_latency_seconds",
+            "Per event and step of its path: seconds since the previous step finished "
+            "(includes the wait for the previous stage's commit).",
+            labels=["step"],
+        )
+        bounds = (*(b / 1000 for b in STEP_BUCKETS_MS), float("inf"))
+        for step, counts in list(m.step_counts.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, list(counts), strict=True):
+                running += count
+                cumulative.append((_le(bound), float(running)))
+            family.add_metric([step], cumulative, sum_value=m.step_sum_ms.get(step, 0.0) / 1000)
+        return family
 
 
 def _le(bound: float) -> str:
@@ -197,3 +251,115 @@ def start_metrics_server(
     """Serve ``metrics`` on ``http://host:port/metrics`` in a daemon thread (port 0 = any)."""
     server, thread = start_http_server(port, addr=host, registry=metrics_registry(metrics, lag=lag))
     return RunningMetricsServer(server, thread, host)
+
+
+ACK_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+REQUEST_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class CollectorMetrics:
+    """What the collector accepted, refused and produced; a registry of its own per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events_accepted = Counter(
+            "pipeline_collector_events_accepted",
+            "Events of requests answered 200 (a forgotten customer's events included).",
+            registry=self.registry,
+        )
+        self.requests_rejected = Counter(
+            "pipeline_collector_requests_rejected",
+            "Requests refused, by HTTP status and error code of the response body.",
+            ["status", "code"],
+            registry=self.registry,
+        )
+        self.events_produced = Counter(
+            "pipeline_collector_events_produced",
+            "Events the broker acknowledged on the raw topic.",
+            registry=self.registry,
+        )
+        self.produce_ack_seconds = Histogram(
+            "pipeline_collector_produce_ack_seconds",
+            "From producing a request's events to the broker acknowledging all of them "
+            "(acknowledged requests only; failures count in requests_rejected).",
+            buckets=ACK_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def rejected(self, status: int, code: str) -> None:
+        self.requests_rejected.labels(str(status), code).inc()
+
+
+class ApiMetrics:
+    """Requests the API answered, by route template, method and status; a registry per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pipeline_api_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pipeline_api_request_duration_seconds",
+            "Time from receiving a request to the end of its response, by route template.",
+            ["route", "method"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
+
+UNMATCHED_ROUTE = "unmatched"
+"""The route label of a request no route matched, so unknown paths add no series."""
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware counting each HTTP request in :class:`ApiMetrics` once it is answered.
+
+    The route label is the matched route's template (``/api/customers/{customer_id}``), never
+    the raw path. An exception escaping the app counts as a 500, as the server answers it.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_status)
+        finally:
+            # the router records the route it matched in the (shared) scope
+            template = getattr(scope.get("route"), "path", None)
+            self._metrics.observe(
+                template if isinstance(template, str) else UNMATCHED_ROUTE,
+                str(scope.get("method", "")),
+                status,
+                time.perf_counter() - started,
+            )
+
+
+def metrics_response(registry: CollectorRegistry) -> Response:
+    """A ``/metrics`` response: ``registry`` in the Prometheus text format (0.0.4, what
+    ``generate_latest`` writes and every Prometheus reads)."""
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -70,7 +70,7 @@ def parse_event(
     if isinstance(outcome, CleanEvent):
         return outcome
     reason, detail, schema_path, payload = outcome
-    message_id, event_name = _names(payload)
+    message_id, event_name, source = _names(payload)
     return Failure.of(
         reason,
         detail,
@@ -84,6 +84,7 @@ def parse_event(
         failed_ms=now_ms,
         message_id=message_id,
         event_name=event_name,
+        source=source,
     )
 
 
@@ -146,10 +147,10 @@ def _check(
     return _clean(payload, payload["type"], timestamp_ms, ingested_ms)
 
 
-def _names(payload: Any) -> tuple[str | None, str | None]:
-    """The message id and event name of a refused payload, where they can be read."""
+def _names(payload: Any) -> tuple[str | None, str | None, str | None]:
+    """The message id, event name and source of a refused payload, where they can be read."""
     if type(payload) is not dict:
-        return None, None
+        return None, None, None
     message_id = payload.get("messageId")
     kind = payload.get("type")
     event: Any = None
@@ -160,7 +161,29 @@ def _names(payload: Any) -> tuple[str | None, str | None]:
     return (
         message_id[:_MAX_ID_IN_FAILURE] if type(message_id) is str else None,
         event[:_MAX_ID_IN_FAILURE] if type(event) is str else None,
+        _source(payload.get("context")),
     )
+
+
+def _source(context: Any) -> str | None:
+    """``context.sourceId`` (stamped by the collector from the write key), else the library name."""
+    if type(context) is not dict:
+        return None
+    source = context.get("sourceId")
+    if type(source) is not str or not source:
+        library = context.get("library")
+        source = library.get("name") if type(library) is dict else None
+    return source[:_MAX_ID_IN_FAILURE] if type(source) is str and source else None
+
+
+def _received_ms(value: Any) -> int | None:
+    """The collector's ``receivedAt`` as epoch ms (lineage only: absent or odd values are None)."""
+    if type(value) is not str:
+        return None
+    try:
+        return iso_to_ms(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _clean(payload: dict[str, Any], kind: str, timestamp_ms: int, ingested_ms: int) -> CleanEvent:
@@ -174,7 +197,6 @@ def _clean(payload: dict[str, Any], kind: str, timestamp_ms: int, ingested_ms: i
     timezone = context.get("timezone")
     if timezone is None and kind == "identify":
         timezone = traits.get("timezone")
-    library = context.get("library")
     product_id = properties.get("product_id")
     revenue = properties.get("revenue") if name == "Order Completed" else None
     items: tuple[LineItem, ...] = ()
@@ -195,12 +217,13 @@ def _clean(payload: dict[str, Any], kind: str, timestamp_ms: int, ingested_ms: i
         session_id=context.get("sessionId"),
         device_type=context["device"]["type"],
         timezone=timezone,
-        source=library.get("name") if library is not None else None,
+        source=_source(context),
         schema_version=context.get("schemaVersion", 1),
         properties=properties,
         traits=traits,
         product_id=product_id if type(product_id) is str else None,
         revenue=float(revenue) if revenue is not None else None,
+        collected_ms=_received_ms(payload.get("receivedAt")),
         items=items,
     )
 

@@ -63,9 +63,14 @@ def produce_messages(
     rate: float | None = None,
     offsets_s: Sequence[float] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    stamp_delivered: bool = False,
 ) -> float:
     """Send ``messages`` to the raw topic in order, paced at ``rate`` msg/s or each at its
     ``offsets_s`` (seconds from the start), or as fast as possible.
+
+    ``stamp_delivered`` sets each record's timestamp to the message's simulated delivery time,
+    as the collector that received it would have: broker time then follows the simulated
+    period, which the anomaly detectors need (and end-to-end latency figures do not).
 
     Returns the seconds it took, including the final flush (all acknowledged).
     """
@@ -82,7 +87,12 @@ def produce_messages(
                 time.sleep(ahead)
         while True:
             try:
-                producer.produce(topic, value=msg.value, key=msg.key)
+                if stamp_delivered:
+                    producer.produce(
+                        topic, value=msg.value, key=msg.key, timestamp=msg.delivered_ms
+                    )
+                else:
+                    producer.produce(topic, value=msg.value, key=msg.key)
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.anomaly import AnomalyParams
 from pipeline.api.config import ApiSettings
 from pipeline.collector.config import CollectorSettings
 from pipeline.delivery.config import DeliverySettings
@@ -42,6 +43,7 @@ class TopicNames(BaseModel):
     triggers: str = "email.triggers"
     email_dlq: str = "email.dlq"
     crm_customers: str = "crm.customers"
+    alerts: str = "alerts"
 
     def all(self) -> tuple[str, ...]:
         return (
@@ -56,6 +58,7 @@ class TopicNames(BaseModel):
             self.triggers,
             self.email_dlq,
             self.crm_customers,
+            self.alerts,
         )
 
 
@@ -133,6 +136,12 @@ class Settings(BaseSettings):
     processing_guarantee: ProcessingGuarantee = "exactly-once"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     commit_interval_s: float = Field(0.5, gt=0)
+    sink_max_delay_ms: float = Field(
+        10.0,
+        ge=0,
+        description="Longest a record waits in a warehouse sink before it is written "
+        "(0 = every record at once); the rest is written at each checkpoint.",
+    )
     state_write_buffer_mb: int = Field(
         4, ge=1, description="RocksDB write buffer per state store (quixstreams' default is 64)."
     )
@@ -154,6 +163,7 @@ class Settings(BaseSettings):
     catalog_path: Path = Field(default_factory=lambda: _repo_sample_data() / "catalog.csv")
     scoring: ScoringParams = ScoringParams()
     triggers: TriggerParams = TriggerParams()
+    anomaly: AnomalyParams = AnomalyParams()
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics; 0 = any.")
     workbench_host: str = "127.0.0.1"
@@ -183,7 +193,10 @@ class Settings(BaseSettings):
 
     @property
     def state_dir(self) -> Path:
-        return self.home / "state"
+        """Processor state; per instance, as replicas of one group must not share RocksDB."""
+        if self.instance_id == "0":
+            return self.home / "state"
+        return self.home / f"state-{self.instance_id}"
 
     @property
     def warehouse_path(self) -> Path:

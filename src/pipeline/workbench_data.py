@@ -2,12 +2,16 @@
 
 Live throughput and latency, intent-stage segments, customer search and 360, identity graph and
 data quality, as DataFrames and small records. Read-only: safe while the processor writes.
+What the warehouse does not record (duplicates dropped, consumer lag, collector refusals) is
+read from the processor's and the collector's Prometheus ``/metrics`` endpoints.
 """
 
 from __future__ import annotations
 
+import http.client
 import math
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,9 @@ from typing import Any, get_args
 
 import orjson
 import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline import lineage
 from pipeline.events import CleanEvent
 from pipeline.identity import ANON_PREFIX
 from pipeline.scoring import (
@@ -171,6 +177,19 @@ def latency_summary(wh: LocalWarehouse, *, since_ms: int) -> dict[str, float]:
     }
 
 
+def step_latency(wh: LocalWarehouse, *, since_ms: int) -> pd.DataFrame:
+    """Per lineage step, p50/p95/p99 ms since the step before, over events stored since then.
+
+    Empty for a warehouse made before lineage was recorded (its events lack the columns).
+    """
+    have = set(wh.query("SELECT name FROM pragma_table_info('events')")["name"])
+    columns = [c for c in lineage.COLUMNS if c in have]
+    if "parsed_ms" not in have:
+        return pd.DataFrame(columns=["step", "n", "p50_ms", "p95_ms", "p99_ms"])
+    rows = wh.query(f"SELECT {', '.join(columns)} FROM events WHERE stored_ms >= ?", (since_ms,))
+    return lineage.step_latency(rows)
+
+
 def latency_over_time(
     wh: LocalWarehouse, *, now_ms: int, minutes: float = 5.0, bucket_s: int = 5
 ) -> pd.DataFrame:
@@ -233,6 +252,122 @@ def schema_versions(wh: LocalWarehouse) -> pd.DataFrame:
     )
     frame["last_stored"] = _to_time(frame["last_stored_ms"])
     return frame.drop(columns="last_stored_ms")
+
+
+def metrics_url(host: str, port: int) -> str | None:
+    """Where a ``/metrics`` endpoint bound to ``host:port`` is reached from this machine.
+
+    A wildcard bind address is reached on loopback; port 0 (any free port) has no fixed
+    address, hence None.
+    """
+    if port == 0:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
+
+
+def read_metrics(url: str, *, timeout_s: float = 0.5, max_bytes: int = 4_000_000) -> str | None:
+    """The body of a ``/metrics`` endpoint, or None when it does not answer with 200 in time."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            return bytes(response.read(max_bytes)).decode("utf-8", errors="replace")
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, HTTP error
+        return None
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+_PROCESSOR_COUNTERS = {
+    "pipeline_raw_in_total": "raw_in",
+    "pipeline_duplicates_dropped_total": "duplicates_dropped",
+    "pipeline_replays_dropped_total": "replays_dropped",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorScrape:
+    """What a processor's ``/metrics`` said (counters since it started, lag as of now)."""
+
+    raw_in: int
+    duplicates_dropped: int
+    replays_dropped: int
+    dead_lettered: dict[str, int]
+    consumer_lag: dict[tuple[str, int], int]
+
+    @property
+    def consumer_lag_total(self) -> int:
+        return sum(self.consumer_lag.values())
+
+    def lag_table(self) -> pd.DataFrame:
+        """Lag per topic and partition, in topic then partition order."""
+        rows = [
+            {"topic": t, "partition": p, "lag": lag}
+            for (t, p), lag in sorted(self.consumer_lag.items())
+        ]
+        return pd.DataFrame(rows, columns=["topic", "partition", "lag"])
+
+    def dead_letter_table(self) -> pd.DataFrame:
+        """Messages dead-lettered per reason, largest first."""
+        rows = sorted(self.dead_lettered.items(), key=lambda kv: (-kv[1], kv[0]))
+        return pd.DataFrame(rows, columns=["reason", "dead_lettered"])
+
+
+def parse_processor_scrape(text: str) -> ProcessorScrape:
+    """Parse a processor's Prometheus exposition (series of :mod:`pipeline.observability`).
+
+    Raises ValueError when ``text`` is not the Prometheus text format.
+    """
+    counters = dict.fromkeys(_PROCESSOR_COUNTERS.values(), 0)
+    dead: dict[str, int] = {}
+    lag: dict[tuple[str, int], int] = {}
+    for name, labels, value in _samples(text):
+        if name == "pipeline_dead_lettered_total":
+            dead[labels.get("reason", "")] = int(value)
+        elif name == "pipeline_consumer_lag":
+            lag[(labels.get("topic", ""), int(labels.get("partition", "-1")))] = int(value)
+        elif name in _PROCESSOR_COUNTERS:
+            counters[_PROCESSOR_COUNTERS[name]] = int(value)
+    return ProcessorScrape(dead_lettered=dead, consumer_lag=lag, **counters)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorScrape:
+    """What a collector's ``/metrics`` said: events in and out, refusals by status and code."""
+
+    events_accepted: int
+    events_produced: int
+    rejected: dict[tuple[int, str], int]
+
+    def rejection_table(self) -> pd.DataFrame:
+        """Refused requests per HTTP status and error code, largest first."""
+        rows = [
+            {"status": status, "code": code, "requests": n}
+            for (status, code), n in sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
+        return pd.DataFrame(rows, columns=["status", "code", "requests"])
+
+
+def parse_collector_scrape(text: str) -> CollectorScrape:
+    """Parse a collector's Prometheus exposition. Raises ValueError if it is not one."""
+    accepted = produced = 0
+    rejected: dict[tuple[int, str], int] = {}
+    for name, labels, value in _samples(text):
+        if name == "pipeline_collector_events_accepted_total":
+            accepted = int(value)
+        elif name == "pipeline_collector_events_produced_total":
+            produced = int(value)
+        elif name == "pipeline_collector_requests_rejected_total":
+            rejected[(int(labels.get("status", "0")), labels.get("code", ""))] = int(value)
+    return CollectorScrape(accepted, produced, rejected)
 
 
 def _top(affinity: dict[str, float]) -> str | None:
@@ -644,3 +779,74 @@ def identity_graph(view: Customer360) -> tuple[pd.DataFrame, pd.DataFrame]:
         pd.DataFrame(nodes, columns=["id", "label", "kind", "x", "y"]),
         pd.DataFrame(edges, columns=["source", "target", "label"]),
     )
+
+
+OPEN_ALERT_WINDOW_MS = 30 * 60_000
+ALERT_COLUMNS = (
+    "severity",
+    "kind",
+    "subject",
+    "observed",
+    "expected",
+    "at",
+    "alerts",
+    "at_ms",
+)
+_RECENT_ROWS = 1000
+
+
+def _has_table(wh: LocalWarehouse, name: str) -> bool:
+    """False for a warehouse written before ``name`` existed (read-only handles add nothing)."""
+    exists = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?)"
+    return bool(wh.scalar(exists, (name,)))
+
+
+def data_time_ms(wh: LocalWarehouse) -> int | None:
+    """The newest broker time the warehouse has seen: its data's "now" (None when empty).
+
+    The newest alert, and the newest of the last rows written to events and dead letters
+    (newest rowids: cheap on a large table, and partitions written out of order are covered).
+    """
+    parts = [
+        f"SELECT MAX(ingested_ms) AS t FROM (SELECT ingested_ms FROM {table} "
+        f"ORDER BY rowid DESC LIMIT {_RECENT_ROWS})"
+        for table in ("events", "dead_letters")
+    ]
+    if _has_table(wh, "alerts"):
+        parts.append("SELECT MAX(at_ms) AS t FROM alerts")
+    newest = wh.scalar(f"SELECT MAX(t) FROM ({' UNION ALL '.join(parts)})")
+    return None if newest is None else int(newest)
+
+
+def open_alerts(
+    wh: LocalWarehouse, *, window_ms: int = OPEN_ALERT_WINDOW_MS, as_of_ms: int | None = None
+) -> pd.DataFrame:
+    """The open anomaly alerts: per (kind, subject), the newest one raised within ``window_ms``
+    before ``as_of_ms``, critical first, then newest first; ``alerts`` counts that window's.
+
+    ``as_of_ms`` defaults to :func:`data_time_ms`, not the wall clock: the detectors run on
+    broker time, so a simulated or replayed period (which lies in the past) shows the alerts
+    of its own last ``window_ms``, and a live pipeline's data time is about now. Detectors
+    repeat an alert while its condition lasts (bots, clock skew) or per judged bucket (volume,
+    dead letters), so an alert is "open" while raised again within the window.
+    """
+    empty = pd.DataFrame(columns=list(ALERT_COLUMNS))
+    if not _has_table(wh, "alerts"):
+        return empty
+    as_of = data_time_ms(wh) if as_of_ms is None else as_of_ms
+    if as_of is None:
+        return empty
+    frame = wh.query(
+        "SELECT severity, kind, subject, observed, expected, at_ms, alerts FROM ("
+        " SELECT *, ROW_NUMBER() OVER (PARTITION BY kind, subject"
+        "  ORDER BY at_ms DESC, severity, alert_id) AS newest,"
+        "  COUNT(*) OVER (PARTITION BY kind, subject) AS alerts"
+        " FROM alerts WHERE at_ms > ? AND at_ms <= ?"
+        ") WHERE newest = 1 "
+        "ORDER BY severity = 'critical' DESC, at_ms DESC, kind, subject",
+        (as_of - window_ms, as_of),
+    )
+    if frame.empty:
+        return empty
+    frame["at"] = _to_time(frame["at_ms"])
+    return frame[list(ALERT_COLUMNS)]

@@ -231,9 +231,7 @@ def test_forget_deletes_every_row(warehouse: BigQueryWarehouse) -> None:
     assert set(warehouse.count_customer_rows(keys, anon, "c-f").values()) == {0}
 
 
-def test_gdpr_forget_and_verify_with_bigquery(
-    warehouse: BigQueryWarehouse, tmp_path: Path
-) -> None:
+def test_gdpr_forget_and_verify_with_bigquery(warehouse: BigQueryWarehouse, tmp_path: Path) -> None:
     _skip_on_streaming_buffer(warehouse)
     settings = Settings(home=tmp_path)
     anon = _event("g-1", "anon:dev-g", anonymous_id="dev-g", user_id=None)
@@ -251,3 +249,38 @@ def test_gdpr_forget_and_verify_with_bigquery(
 def test_retention_sets_partition_expiration(warehouse: BigQueryWarehouse) -> None:
     warehouse.set_partition_expiration("sent_emails", 7)
     assert warehouse.partition_expiration_days("sent_emails") == 7
+
+
+def test_alerts_inserted_once(warehouse: BigQueryWarehouse) -> None:
+    from pipeline.anomaly import Alert, alert_record
+
+    alerts = [
+        alert_record(Alert("volume_spike", "Product Viewed/web", 90, 4, "critical", T0_MS), 3),
+        alert_record(Alert("bot_identity", "bot-1", 61, 60, "warning", T0_MS + 1), 0),
+    ]
+    warehouse.write_alerts(alerts)
+    warehouse.write_alerts([*alerts, {**alerts[0], "partition": 1}])  # a replay, another partition
+    df = warehouse.query(
+        "SELECT kind, subject, severity, observed, expected, at_ms, source_partition "
+        "FROM alerts ORDER BY at_ms"
+    )
+    assert df.to_dict("records") == [
+        {
+            "kind": "volume_spike",
+            "subject": "Product Viewed/web",
+            "severity": "critical",
+            "observed": 90.0,
+            "expected": 4.0,
+            "at_ms": T0_MS,
+            "source_partition": 3,
+        },
+        {
+            "kind": "bot_identity",
+            "subject": "bot-1",
+            "severity": "warning",
+            "observed": 61.0,
+            "expected": 60.0,
+            "at_ms": T0_MS + 1,
+            "source_partition": 0,
+        },
+    ]

@@ -101,6 +101,33 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
     assert missing.returncode == 1
     assert "no profile" in missing.stderr
 
+    # `pipeline trace` shows where one stored event's time went, step by step
+    with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+        stored = wh.query(
+            "SELECT message_id, ingested_ms, stored_ms FROM events WHERE customer_id = ? LIMIT 1",
+            (customer,),
+        ).iloc[0]
+    traced = subprocess.run(
+        _pipeline("trace", str(stored["message_id"]), "--json"),
+        env=_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert traced.returncode == 0, traced.stderr
+    trace = json.loads(traced.stdout)
+    assert trace["customer_id"] == customer
+    assert [s["step"] for s in trace["steps"]] == [
+        "broker",
+        "validate + enrich",
+        "dedupe + stitch",
+        "score + segments",
+        "store",
+    ]
+    assert trace["total_ms"] == stored["stored_ms"] - stored["ingested_ms"]
+    assert all(s["duration_ms"] >= 0 for s in trace["steps"][1:])
+
 
 def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path: Path) -> None:
     home = tmp_path / "home"

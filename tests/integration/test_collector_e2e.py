@@ -128,3 +128,25 @@ def test_send_via_http_batches_and_reports_codes(outcome: Outcome) -> None:
     report = outcome.report
     assert report.requests >= report.accepted_count // 50
     assert set(report.rejected_by_code()) <= set(REFUSED_AT_THE_EDGE.values())
+
+
+def test_every_stored_event_carries_its_whole_path_in_order(outcome: Outcome) -> None:
+    """Lineage: collect → broker → validate → stitch → score → store, each step after the last."""
+    from pipeline.lineage import COLUMNS, path
+
+    rows = outcome.run.warehouse.query(f"SELECT message_id, {', '.join(COLUMNS)} FROM events")
+    assert len(rows) > 2000
+    assert rows[list(COLUMNS)].notna().all().all(), "a step is missing its time"
+    # the broker's timestamp is the producer's (collector's) clock: ms rounding aside, in order
+    ats = rows[list(COLUMNS)].to_numpy()
+    assert (ats[:, 1:] - ats[:, :-1] >= -1).all()
+    steps = path(rows.iloc[0].to_dict())
+    assert [s.name for s in steps] == [
+        "collect",
+        "broker",
+        "validate + enrich",
+        "dedupe + stitch",
+        "score + segments",
+        "store",
+    ]
+    assert sum(s.duration_ms or 0 for s in steps) == steps[-1].at_ms - steps[0].at_ms

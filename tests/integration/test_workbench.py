@@ -292,3 +292,125 @@ def test_email_page_previews_a_segment(use_home: pytest.MonkeyPatch, filled_home
     at.radio(key="email_mode").set_value("Customer").run()
     assert not at.exception and at.get("iframe")
     assert "segment" not in at.query_params
+
+
+def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
+    use_home: pytest.MonkeyPatch, filled_home: Path
+) -> None:
+    """Real /metrics endpoints on free loopback ports; once they stop, the page says so."""
+    from collections import Counter
+
+    from prometheus_client import start_http_server
+
+    from pipeline.metrics import StreamMetrics
+    from pipeline.observability import CollectorMetrics, start_metrics_server
+
+    def partition(n: int, position: int, high_watermark: int) -> dict[str, Any]:
+        return {
+            "partition": n,
+            "fetch_state": "active",
+            "app_offset": position,
+            "stored_offset": -1001,
+            "committed_offset": -1001,
+            "hi_offset": high_watermark,
+            "consumer_lag": -1,
+        }
+
+    stats = {
+        "name": "rdkafka#consumer-1",
+        "type": "consumer",
+        "topics": {
+            "events.raw": {"partitions": {"0": partition(0, 90, 100), "1": partition(1, 40, 47)}}
+        },
+    }
+    metrics = StreamMetrics(
+        duplicates_dropped=1234, dead_lettered=Counter({"invalid_json": 3, "schema": 5})
+    )
+    metrics.on_consumer_stats(json.dumps(stats))
+    collector = CollectorMetrics()
+    collector.events_accepted.inc(500)
+    collector.rejected(401, "invalid_write_key")
+    collector.rejected(401, "invalid_write_key")
+    collector.rejected(429, "rate_limited")
+
+    processor = start_metrics_server(metrics, "127.0.0.1", 0)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=collector.registry)
+    try:
+        use_home.setenv("PIPELINE_HOME", str(filled_home))
+        use_home.setenv("PIPELINE_METRICS_PORT", str(processor.port))
+        use_home.setenv("PIPELINE_COLLECTOR__PORT", str(server.server_port))
+        at = _run("views/live.py")
+    finally:
+        processor()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert _metric(at, "Duplicates dropped") == "1,234"
+    assert _metric(at, "Consumer lag") == "17"
+    assert _metric(at, "Dead-lettered (processor)") == "8"
+    assert _frame(at, "lag").to_dict("records") == [
+        {"topic": "events.raw", "partition": 0, "lag": 10},
+        {"topic": "events.raw", "partition": 1, "lag": 7},
+    ]
+    assert _frame(at, "dead_lettered").to_dict("records") == [
+        {"reason": "schema", "dead_lettered": 5},
+        {"reason": "invalid_json", "dead_lettered": 3},
+    ]
+    assert _frame(at, "code").to_dict("records") == [
+        {"status": 401, "code": "invalid_write_key", "requests": 2},
+        {"status": 429, "code": "rate_limited", "requests": 1},
+    ]
+    assert not any("not reachable" in c.value for c in at.caption)
+
+    st.cache_data.clear()
+    at = _run("views/live.py")
+    captions = [c.value for c in at.caption]
+    assert f"Processor metrics not reachable at {processor.url}." in captions
+    collector_url = f"http://127.0.0.1:{server.server_port}/metrics"
+    assert f"Collector metrics not reachable at {collector_url}." in captions
+    assert not any(m.label == "Duplicates dropped" for m in at.metric)
+    assert _metric(at, "Events stored")  # the warehouse figures are still shown
+
+
+def test_alerts_page_says_no_open_alerts(use_home: pytest.MonkeyPatch, filled_home: Path) -> None:
+    use_home.setenv("PIPELINE_HOME", str(filled_home))
+    at = _run("views/alerts.py")
+    assert any(s.value == "No open alerts" for s in at.success)
+    assert not at.dataframe
+
+
+def test_alerts_page_lists_open_alerts(use_home: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pipeline.anomaly import Alert, alert_record
+    from pipeline.events import Failure
+
+    home = tmp_path / "alerting"
+    now = 1_800_000_000_000
+    with LocalWarehouse(Settings(home=home, _env_file=None).warehouse_path) as wh:
+        wh.write_dead_letters([Failure.of("not_json", "x", b"{", ingested_ms=now).to_dict()])
+        wh.write_alerts(
+            [
+                alert_record(Alert("volume_spike", "Product Viewed/web", 90, 4, "critical", now)),
+                alert_record(Alert("bot_identity", "bot-1", 120, 60, "warning", now - 60_000)),
+                alert_record(Alert("clock_skew", "kiosk", 7e6, 3e5, "critical", now - 40 * 60_000)),
+            ]
+        )
+    use_home.setenv("PIPELINE_HOME", str(home))
+    at = _run("views/alerts.py")
+    table = _frame(at, "subject")
+    assert list(table["subject"]) == ["Product Viewed/web", "bot-1"]  # the skew is 40 min old
+    assert list(table["severity"]) == ["critical", "warning"]
+    assert {"kind", "observed", "expected", "at"} <= set(table.columns)
+    assert _metric(at, "Open alerts") == "2"
+    at.number_input(key="al_window").set_value(60).run()
+    assert not at.exception
+    assert set(_frame(at, "subject")["subject"]) == {"Product Viewed/web", "bot-1", "kiosk"}
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_alerts_page_empty_states(made: bool, use_home: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    if made:
+        LocalWarehouse(Settings(home=home, _env_file=None).warehouse_path).close()
+    use_home.setenv("PIPELINE_HOME", str(home))
+    at = _run("views/alerts.py")
+    assert any("pipeline up" in i.value for i in at.info)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -277,3 +277,123 @@ def test_simulator_traffic_bot_and_skewed_source(traffic: list[RawMessage]) -> N
     }
     [bot_alert] = [a for a in found if a.kind == "bot_identity"]
     assert bot_alert.observed == BotParams().max_events + 1
+
+
+def test_observation_of_clean_events_and_dead_letters() -> None:
+    from pipeline.anomaly import UNKNOWN_SOURCE, observation_of
+    from pipeline.events import CleanEvent, Failure
+
+    event = CleanEvent("m1", "track", "Product Viewed", 1_000, 2_000, "a1", "u1", source="web")
+    assert observation_of(event, 5_000) == Observation("Product Viewed", "web", "u1", 1_000, 5_000)
+    anonymous = CleanEvent("m2", "page", "Page Viewed", 1_000, 2_000, anonymous_id="a1")
+    assert observation_of(anonymous, 5_000) == Observation(
+        "Page Viewed", UNKNOWN_SOURCE, "a1", 1_000, 5_000
+    )
+    failure = Failure.of("schema_violation", "x", b"{}", event_name="Product Viewed", source="k")
+    assert observation_of(failure, 7) == Observation("Product Viewed", "k", None, None, 7, True)
+    unreadable = Failure.of("not_json", "x", b"{")
+    assert observation_of(unreadable, 7) == Observation("invalid", "unknown", None, None, 7, True)
+
+
+def test_alert_ids_are_deterministic_and_records_carry_them() -> None:
+    from pipeline.anomaly import alert_id, alert_record
+
+    alert = Alert("volume_spike", "page/web", 30, 10, "critical", 3000)
+    assert alert_id("volume_spike", "page/web", 3000) == alert_id("volume_spike", "page/web", 3000)
+    assert len({alert_id(*k) for k in [("a", "b", 1), ("a", "b", 2), ("a", "c", 1)]}) == 3
+    record = alert_record(alert, partition=2)
+    assert record == {
+        "alert_id": alert_id("volume_spike", "page/web", 3000),
+        "alert_kind": "volume_spike",
+        "subject": "page/web",
+        "severity": "critical",
+        "observed": 30,
+        "expected": 10,
+        "at_ms": 3000,
+        "partition": 2,
+    }
+
+
+def test_partitions_keep_their_own_clock_and_baselines() -> None:
+    """A partition read hours ahead of another (a backlog) does not close the other's buckets."""
+    from pipeline.anomaly import PartitionedDetector
+
+    params = AnomalyParams(volume=VOL)
+    # ten a second for three seconds per partition; partition 0 is read first, then 1
+    backlog = [
+        (p, Observation("page", "web", f"{p}-{i}", None, bucket * 1000 + i))
+        for p in range(2)
+        for bucket in range(3)
+        for i in range(10)
+    ]
+    det = PartitionedDetector(params)
+    assert [a for p, o in backlog for a in det.observe(p, o)] == []
+    assert det.detector(0).volume.baseline("page", "web") == Ewma(10, 0, 2)
+    assert det.detector(1).volume.baseline("page", "web") == Ewma(10, 0, 2)
+    assert det.advance(3000) == []
+    merged = AnomalyDetector(params)  # one detector on the same order: partition 1 looks late
+    for _, o in backlog:
+        merged.observe(o)
+    assert [a.kind for a in merged.advance(3000)] == ["volume_spike"]
+
+
+def test_one_dead_letter_on_a_clean_baseline_is_noise() -> None:
+    m = DeadLetterMonitor(DL.model_copy(update={"min_buckets": 2, "min_jump": 0.01}))
+    # baseline 0: one dead letter in 20 (5%) is under 3 spreads of one-per-bucket noise (14.6%)
+    [alert] = feed_dead(m, [(20, 0), (20, 0), (20, 1), (20, 2), (20, 6), (1, 0)])
+    assert (alert.observed, alert.at_ms) == (0.3, 5000)  # 1 and 2 of 20 were not alerted
+
+
+def test_clock_skew_repeats_while_it_lasts() -> None:
+    skew = ClockSkewMonitor(
+        ClockSkewParams(threshold_ms=1000, window=3, min_samples=1, repeat_ms=10_000)
+    )
+    found = [a.at_ms for t in range(0, 25_000, 1000) for a in skew.observe("s", t - 5000, t)]
+    assert found == [0, 10_000, 20_000]
+
+
+def test_anomaly_params_nest_in_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.settings import Settings
+
+    monkeypatch.setenv("PIPELINE_ANOMALY__BOTS__MAX_EVENTS", "90")
+    settings = Settings(_env_file=None)
+    assert settings.anomaly.bots.max_events == 90
+    assert settings.anomaly.volume == VolumeParams()
+    assert settings.topics.alerts in settings.topics.all()
+
+
+@pytest.fixture(scope="module")
+def busy_day() -> list[RawMessage]:
+    """One dense simulated day (about 30 messages a minute), cut where the shop closes."""
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    sim = simulate(SimulationConfig(events=40_000, seed=12, end=end, days=1), load_catalog())
+    return [m for m in sim.messages if m.delivered_ms <= end.timestamp() * 1000]
+
+
+def test_clean_simulated_traffic_raises_no_alert_per_partition(busy_day: list[RawMessage]) -> None:
+    """The stream's path (parse, observation, per-partition detectors, default parameters) on
+    ordinary traffic, partitioned by key as librdkafka does (CRC32): not one alert."""
+    from pipeline.anomaly import PartitionedDetector, observation_of
+    from pipeline.parsing import ParseLimits, parse_event
+    from pipeline.schemas import default_registry
+
+    registry, limits = default_registry(), ParseLimits()
+    now = busy_day[-1].delivered_ms
+    det = PartitionedDetector()
+    alerts = []
+    for offset, m in enumerate(busy_day):
+        parsed = parse_event(
+            m.value, registry=registry, limits=limits, now_ms=now, ingested_ms=m.delivered_ms
+        )
+        partition = zlib.crc32(m.key) % 4 if m.key else offset % 4
+        alerts += det.observe(partition, observation_of(parsed, m.delivered_ms))
+    assert alerts == []
+
+
+def test_a_backfill_arrives_fast_but_is_not_a_bot() -> None:
+    bots = BotDetector(BotParams(window_ms=1000, max_events=3, cooldown_ms=5000))
+    # four events within 40 ms of arrival that happened an hour apart: history, replayed
+    assert [a for i in range(4) for a in bots.observe("h", i * 10, i * HOUR_MS)] == []
+    # four that also happened within the window: a bot
+    [alert] = [a for i in range(4) for a in bots.observe("b", i * 10, 5_000 + i * 100)]
+    assert (alert.subject, alert.observed) == ("b", 4)

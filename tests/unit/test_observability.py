@@ -45,6 +45,7 @@ def known_metrics() -> StreamMetrics:
     m.stored_events([1000, 1000, 1000], 1004)  # 4 ms each
     m.stored_events([1000, 1000], 1300)  # 300 ms each
     m.stored_events([0], 20_000)  # 20 s
+    m.traced([{"ingested_ms": 1000, "parsed_ms": 1001, "scored_ms": 1002}], 1004)
     m.last_stored_s = 100.0
     return m
 
@@ -121,6 +122,8 @@ def test_alerting_rules_reference_exported_series() -> None:
         "PipelineEndToEndLatencyP99High",
         "PipelineDeadLetterRateHigh",
         "PipelineProcessorStalled",
+        "PipelineAnomalyWarning",
+        "PipelineAnomalyCritical",
     }
     for name, rule in alerts.items():
         used = series_in(rule["expr"])
@@ -144,3 +147,29 @@ def test_grafana_dashboard_queries_exported_series() -> None:
         "pipeline_end_to_end_latency_seconds_bucket",
         "pipeline_consumer_lag",
     } <= used
+
+
+def test_alerts_by_kind_and_severity_exported_from_zero() -> None:
+    m = StreamMetrics()
+    m.alerts[("bot_identity", "warning")] += 2
+    got = samples(exposition(metrics_registry(m, lag=dict)))
+    alerts = {labels: v for (name, labels), v in got.items() if name == "pipeline_alerts_total"}
+    assert alerts[(("kind", "bot_identity"), ("severity", "warning"))] == 2
+    assert alerts[(("kind", "volume_spike"), ("severity", "critical"))] == 0
+    assert len(alerts) == 10  # five kinds x two severities, so increase() sees the first one
+
+
+def test_grafana_dashboard_shows_consumer_lag_total_per_partition_and_catch_up_time() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "pipeline-dashboard.json").read_text())
+    lag_panels = {
+        panel["title"]: [t["expr"] for t in panel["targets"]]
+        for panel in dashboard["panels"]
+        if any("pipeline_consumer_lag" in t["expr"] for t in panel["targets"])
+    }
+    assert lag_panels["Consumer lag"] == ['sum(pipeline_consumer_lag{job=~"$job"})']
+    [per_partition] = lag_panels["Consumer lag per partition"]
+    assert "by (topic, partition)" in per_partition
+    [catch_up] = lag_panels["Consumer lag: time to catch up at the current rate"]
+    assert series_in(catch_up) == {"pipeline_consumer_lag", "pipeline_raw_in_total"}
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

@@ -406,3 +406,17 @@ def test_never_raises_on_mutated_real_events(name: str, data: st.DataObject) -> 
         else:
             target[path[-1]] = data.draw(json_values)
     _check_result(parse_dict(message))
+
+
+def test_source_is_the_collectors_source_id_else_the_library() -> None:
+    message = example("Product Viewed")
+    assert clean(message).source == "analytics.js"
+    message["context"]["sourceId"] = "web"
+    assert clean(message).source == "web"
+    message["properties"]["price"] = "12.00"  # refused, but its source is still known
+    assert failure(orjson.dumps(message), "schema_violation").source == "web"
+    del message["context"]["sourceId"]
+    assert failure(orjson.dumps(message), "schema_violation").source == "analytics.js"
+    message["context"] = {"device": {"type": "mobile"}, "sourceId": 7, "library": "x"}
+    assert failure(orjson.dumps(message), "schema_violation").source is None
+    assert failure(b"{not json", "not_json").source is None

@@ -160,7 +160,7 @@ def _comparable(result: ReplayResult) -> tuple[dict[str, Any], dict[str, Any], l
         cid: {k: v for k, v in p.items() if k != "updated_ms"} for cid, p in result.profiles.items()
     }
     events = {
-        mid: {k: v for k, v in e.items() if k != "ingested_ms"}
+        mid: {k: v for k, v in e.items() if k not in ("ingested_ms", "scored_ms")}
         for mid, e in result.events_by_id.items()
     }
     links = sorted((link["anonymous_id"], link["customer_id"]) for link in result.links)

@@ -144,3 +144,19 @@ def test_verify_finds_rows_left_behind(tmp_path: Path, warehouse: LocalWarehouse
     forget("c1", settings, warehouse=warehouse)
     warehouse.write_events([_event("late", T0_MS)])  # written by a processor not yet suppressing
     assert verify_forgotten("c1", settings, warehouse=warehouse)["local.events"] == 1
+
+
+def test_forget_deletes_alerts_that_name_the_customer(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    from pipeline.anomaly import Alert, alert_record
+
+    settings = Settings(home=tmp_path / "home")
+    warehouse.write_events([{**_event("e1", T0_MS), "anonymous_id": "dev-1", "user_id": "c1"}])
+    bots = [Alert("bot_identity", who, 61, 60, "warning", T0_MS) for who in ("c1", "dev-1", "x")]
+    skew = Alert("clock_skew", "web", 1e6, 3e5, "warning", T0_MS)
+    warehouse.write_alerts([alert_record(a) for a in (*bots, skew)])
+    report = forget("c1", settings, warehouse=warehouse)
+    assert report.deleted["local.alerts"] == 2
+    assert set(warehouse.query("SELECT subject FROM alerts")["subject"]) == {"x", "web"}
+    assert verify_forgotten("c1", settings, warehouse=warehouse)["local.alerts"] == 0

@@ -124,6 +124,26 @@ def test_latency_is_storage_minus_broker_time(tmp_path: Path) -> None:
     assert (over_time["p50"] >= 1000).all()
 
 
+def test_step_latency_reads_each_stored_events_path(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite"
+    now = wd.now_ms()
+    with LocalWarehouse(path) as writer:
+        events = []
+        for i in range(4):
+            record = make_event(ingested_ms=now - 500, customer_id=f"c{i}").to_dict()
+            record.update(parsed_ms=now - 490, stitched_ms=now - 400 + 10 * i, scored_ms=now - 300)
+            events.append(record)
+        writer.write_events(events)
+    wh = wd.open_warehouse(path)
+    assert wh is not None
+    table = wd.step_latency(wh, since_ms=now - 60_000).set_index("step")
+    assert table.loc["validate + enrich", "p50_ms"] == 10
+    assert table.loc["dedupe + stitch", "p50_ms"] == 105  # 90, 100, 110, 120
+    assert table.loc["dedupe + stitch", "n"] == 4
+    assert table.loc["score + segments", "p50_ms"] == 85
+    assert "collect" not in table.index  # produced straight to the broker
+
+
 def test_dead_letters_by_reason_and_samples(wh: LocalWarehouse, result: ReplayResult) -> None:
     by_reason = wd.dead_letters_by_reason(wh)
     expected = pd.Series([f.reason for f in result.failures]).value_counts()
@@ -272,3 +292,52 @@ def test_reads_while_a_writer_commits(tmp_path: Path) -> None:
         writer.write_events([make_event(ingested_ms=wd.now_ms()).to_dict()])
         assert wd.totals(reader)["events"] == before + 1  # type: ignore[operator]
         reader.close()
+
+
+def test_open_alerts_newest_per_kind_and_subject_relative_to_data_time(tmp_path: Path) -> None:
+    import sqlite3
+
+    from pipeline.anomaly import Alert, alert_record
+
+    minute = 60_000
+    t = 1_800_000_000_000
+    raised = [
+        Alert("volume_spike", "page/web", 50, 5, "warning", t - 50 * minute),  # closed
+        Alert("volume_spike", "page/web", 90, 5, "critical", t - 20 * minute),
+        Alert("volume_spike", "page/web", 60, 5, "warning", t - 10 * minute),
+        Alert("bot_identity", "bot-1", 61, 60, "warning", t - 5 * minute),
+        Alert("clock_skew", "kiosk", 7.2e6, 3e5, "critical", t - 25 * minute),
+    ]
+    path = tmp_path / "w.sqlite"
+    with LocalWarehouse(path) as writer:
+        writer.write_alerts([alert_record(a, partition=1) for a in raised])
+        writer.write_alerts([alert_record(a, partition=2) for a in raised])  # a replay: no rows
+        assert writer.scalar("SELECT COUNT(*) FROM alerts") == len(raised)
+        assert set(writer.query("SELECT source_partition FROM alerts")["source_partition"]) == {1}
+        writer.write_events([make_event(ts=t - minute).to_dict()])
+    wh = wd.open_warehouse(path)
+    assert wh is not None
+    # "now" is the newest broker time in the data (the event's), not the wall clock
+    assert wd.data_time_ms(wh) == t - minute
+    frame = wd.open_alerts(wh)
+    assert list(frame.columns) == list(wd.ALERT_COLUMNS)
+    assert list(zip(frame["kind"], frame["subject"], frame["observed"], strict=True)) == [
+        ("clock_skew", "kiosk", 7.2e6),  # critical first
+        ("bot_identity", "bot-1", 61),
+        ("volume_spike", "page/web", 60),  # the newest of three, two of them in the window
+    ]
+    assert list(frame["alerts"]) == [1, 1, 2]
+    assert list(wd.open_alerts(wh, window_ms=8 * minute)["subject"]) == ["bot-1"]
+    assert wd.open_alerts(wh, as_of_ms=t + 60 * minute).empty
+    assert len(wd.open_alerts(wh, as_of_ms=t - 45 * minute)) == 1
+    wh.close()
+
+    old = tmp_path / "old.sqlite"  # a warehouse written before the alerts table existed
+    with LocalWarehouse(old) as writer:
+        writer.write_events([make_event(ts=t).to_dict()])
+    with sqlite3.connect(old) as conn:
+        conn.execute("DROP TABLE alerts")
+    handle = wd.open_warehouse(old)
+    assert handle is not None
+    assert wd.open_alerts(handle).empty
+    handle.close()

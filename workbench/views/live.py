@@ -1,4 +1,5 @@
-"""Live: messages per second in and out, end-to-end latency, dead letters; refreshes itself."""
+"""Live: messages per second in and out, end-to-end latency, dead letters, and from the
+processor's and collector's metrics: duplicates, consumer lag, refusals; refreshes itself."""
 
 from __future__ import annotations
 
@@ -20,6 +21,53 @@ auto = controls[1].toggle("Auto-refresh", value=True, key="live_auto")
 
 def _fmt_ms(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.0f} ms"
+
+
+def processor_panel() -> None:
+    """Duplicates, lag and dead letters from the processor's /metrics; collector refusals."""
+    url = access.processor_metrics_url()
+    scrape = access.processor_scrape(url) if url else None
+    if scrape is None:
+        st.caption(
+            f"Processor metrics not reachable at {url}."
+            if url
+            else "Processor metrics port is 0 (any free port): set PIPELINE_METRICS_PORT."
+        )
+    else:
+        row = st.columns(4)
+        row[0].metric("Duplicates dropped", f"{scrape.duplicates_dropped:,}")
+        row[1].metric(
+            "Consumer lag",
+            f"{scrape.consumer_lag_total:,}",
+            help="messages behind the high watermark, all partitions",
+        )
+        row[2].metric("Replays dropped", f"{scrape.replays_dropped:,}")
+        row[3].metric("Dead-lettered (processor)", f"{sum(scrape.dead_lettered.values()):,}")
+        left, right = st.columns(2)
+        if scrape.consumer_lag:
+            left.dataframe(scrape.lag_table(), hide_index=True)
+            left.caption("Consumer lag per partition.")
+        else:
+            left.caption("No consumer lag reported yet.")
+        if scrape.dead_lettered:
+            right.dataframe(scrape.dead_letter_table(), hide_index=True)
+            right.caption("Dead-lettered by reason since the processor started.")
+    collector_url = access.collector_metrics_url()
+    collector = access.collector_scrape(collector_url) if collector_url else None
+    if collector is None:
+        st.caption(
+            f"Collector metrics not reachable at {collector_url}."
+            if collector_url
+            else "Collector port is 0 (any free port): its metrics have no fixed address."
+        )
+    elif collector.rejected:
+        st.dataframe(collector.rejection_table(), hide_index=True)
+        st.caption(
+            f"Collector: {collector.events_accepted:,} events accepted; refused requests by "
+            "status and code."
+        )
+    else:
+        st.caption(f"Collector: {collector.events_accepted:,} events accepted, none refused.")
 
 
 @st.fragment(run_every=2 if auto else None)
@@ -45,11 +93,12 @@ def live_panel() -> None:
     idle_s = None if last is None else max(0.0, (now - last) / 1000)
     st.caption(
         f"Last write {idle_s:,.1f} s ago · {totals['events_merged']:,} anonymous events merged "
-        "into customers · duplicates are dropped in the processor (counted in its metrics, not "
-        "stored) · consumer lag is not recorded in the warehouse"
+        "into customers · duplicates and consumer lag are not stored: they are read from the "
+        "processor's metrics below"
         if idle_s is not None
         else "No writes yet."
     )
+    processor_panel()
 
     left, right = st.columns(2)
     tp = snap["throughput"].melt("time", var_name="flow", value_name="messages/s")
@@ -77,6 +126,27 @@ def live_panel() -> None:
                 title="End-to-end latency per 5 s",
             ),
             key="live_latency",
+        )
+    steps = snap["steps_last_minute"]
+    if not steps.empty and steps["n"].sum() > 0:
+        long = steps.melt(
+            ["step", "n"], value_vars=["p50_ms", "p95_ms"], var_name="percentile", value_name="ms"
+        )
+        st.plotly_chart(
+            px.bar(
+                long,
+                x="step",
+                y="ms",
+                color="percentile",
+                barmode="group",
+                title="Where the time goes (last minute): ms since the previous step",
+            ),
+            key="live_steps",
+        )
+        st.caption(
+            "Each step counts from the one before, so a stage's bar includes the wait for the "
+            "previous stage's commit (exactly-once hops); `pipeline trace MESSAGE_ID` shows one "
+            "event's path."
         )
     left, right = st.columns(2)
     window_dl, all_dl = snap["dead_letters"], snap["dead_letters_all"]

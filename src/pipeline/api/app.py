@@ -1,7 +1,8 @@
 """The FastAPI app: routes translate HTTP to :class:`PersonalizationService` calls and back.
 
 Every ``/api`` route needs an API key (``X-API-Key``) or an OAuth2 bearer JWT; ``/health``,
-``/openapi.json`` and ``/docs`` are open. Errors are JSON ``{"error", "detail"}`` bodies.
+``/openapi.json``, ``/docs`` and ``/metrics`` (requests by route and status, latency, in the
+Prometheus text format) are open. Errors are JSON ``{"error", "detail"}`` bodies.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,6 +40,7 @@ from pipeline.api.models import (
 )
 from pipeline.api.service import PersonalizationService, wall_clock_ms
 from pipeline.errors import ProfileNotFoundError, StoreError
+from pipeline.observability import ApiMetrics, RequestMetricsMiddleware, metrics_response
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -318,11 +320,18 @@ def create_app(
     app.state.service = service
     app.state.authenticator = Authenticator(settings.api.api_keys, settings.api.jwt)
     _install_error_handlers(app)
+    metrics = ApiMetrics()
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.get("/health", tags=["health"])
     async def health() -> HealthResponse:
         """Liveness and whether the profile store exists; needs no credentials."""
         return HealthResponse(status="ok", warehouse=service.warehouse_ready())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Requests by route and status, and their latency, in the Prometheus text format."""
+        return metrics_response(metrics.registry)
 
     app.include_router(router)
     return app

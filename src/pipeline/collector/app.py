@@ -3,11 +3,13 @@
 ``POST /v1/batch|track|identify|page|screen|alias|group`` answer ``200 {"success": true}``
 only after the broker acknowledged every event of the request; every refusal is
 ``{"success": false, "error": {"code", "message"[, "index"]}}`` with its status.
+``GET /metrics`` serves accepted, refused and produced counts in the Prometheus text format.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -23,6 +25,7 @@ from pipeline.collector.limits import Clock, RateLimiter, read_body
 from pipeline.collector.publish import Publisher
 from pipeline.collector.storefront import register_storefront
 from pipeline.gdpr import is_suppressed, suppression_source
+from pipeline.observability import CollectorMetrics, metrics_response
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ def create_app(
     topic = settings.topics.raw
     publishers: list[Publisher] = []
     suppressed = suppression_source(settings)
+    metrics = CollectorMetrics()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -116,16 +120,22 @@ def create_app(
                     )
                 ]
             if messages:
+                started = time.perf_counter()
                 await publishers[0].send(topic, messages)
+                metrics.produce_ack_seconds.observe(time.perf_counter() - started)
+                metrics.events_produced.inc(len(messages))
         except RequestRejected as exc:
             log.info("refused %s from source %s: %s", request.url.path, source, exc.code)
+            metrics.rejected(exc.status, exc.code)
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             return _json(exc.status, exc.body(), headers)
         except BrokerUnavailableError as exc:
             log.warning("503 for source %s: %s", source, exc.message)
+            metrics.rejected(503, exc.code)
             error = {"code": exc.code, "message": exc.message}
             headers = {"Retry-After": str(cfg.retry_after_s)}
             return _json(503, {"success": False, "error": error}, headers)
+        metrics.events_accepted.inc(len(events))
         return Response(_SUCCESS, 200, media_type="application/json")
 
     @app.post("/v1/batch")
@@ -154,5 +164,10 @@ def create_app(
         ok = bool(publishers) and await publishers[0].healthy()
         body = {"status": "ok" if ok else "unavailable", "broker": ok, "topic": topic}
         return _json(200 if ok else 503, body)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Accepted, refused and produced events in the Prometheus text format."""
+        return metrics_response(metrics.registry)
 
     return app

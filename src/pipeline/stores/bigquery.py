@@ -2,7 +2,7 @@
 
 Idempotency, as in :class:`~pipeline.stores.local.LocalWarehouse`:
 
-* events, dead letters, segment changes and sent e-mails are streamed with
+* events, dead letters, segment changes, sent e-mails and alerts are streamed with
   ``insert_rows_json(row_ids=...)`` (insertId = messageId). BigQuery's insertId dedupe is
   best effort (about a minute) and emulators ignore it, so keys already stored are looked up
   first (partition-pruned for events): a batch retried any time later inserts nothing.
@@ -44,6 +44,7 @@ from pipeline.errors import StoreError
 from pipeline.identity import is_anonymous
 from pipeline.settings import BigQuerySettings
 from pipeline.stores.bq_schema import (
+    ALERTS,
     DEAD_LETTERS,
     EVENTS,
     IDENTITY_LINKS,
@@ -54,7 +55,13 @@ from pipeline.stores.bq_schema import (
     TABLES,
     TableSpec,
 )
-from pipeline.stores.rows import dead_letter_row, event_row, profile_row, sent_email_row
+from pipeline.stores.rows import (
+    alert_row,
+    dead_letter_row,
+    event_row,
+    profile_row,
+    sent_email_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +254,15 @@ class BigQueryWarehouse:
     def _check_columns(self, spec: TableSpec) -> None:
         table = self.client.get_table(self.table_id(spec.name), retry=self._retry)
         missing = set(spec.column_names) - {f.name for f in table.schema}
+        added = [c for c in spec.columns if c.name in missing and not c.required]
+        if added:
+            # additive migration: BigQuery lets a table gain NULLABLE columns in place
+            table.schema = [
+                *table.schema,
+                *(bigquery.SchemaField(c.name, c.type, mode="NULLABLE") for c in added),
+            ]
+            self.client.update_table(table, ["schema"], retry=self._retry)
+            missing -= {c.name for c in added}
         if missing:
             raise StoreError(
                 f"BigQuery table {self.table_id(spec.name)} lacks columns {sorted(missing)}: "
@@ -438,6 +454,12 @@ class BigQueryWarehouse:
         self._insert_once(DEAD_LETTERS, [dead_letter_row(f, stored) for f in failures])
         return stored
 
+    def write_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> int:
+        """Insert anomaly alerts once per alert_id."""
+        stored = _now_ms()
+        self._insert_once(ALERTS, [alert_row(a, stored) for a in alerts])
+        return stored
+
     def write_identity_links(self, links: Sequence[Mapping[str, Any]]) -> int:
         """Upsert anonymousId → customer links (latest link wins)."""
         stored = _now_ms()
@@ -489,6 +511,10 @@ class BigQueryWarehouse:
                 "EXISTS (SELECT 1 FROM UNNEST(@texts) AS t WHERE STRPOS(raw_text, t) > 0)",
                 [p_keys, p_anon, p_texts],
             ),
+            "alerts": (
+                "subject IN UNNEST(@keys) OR subject = @user OR subject IN UNNEST(@anon)",
+                [p_keys, p_user, p_anon],
+            ),
         }
         deleted = {
             table: self.run(
@@ -518,6 +544,7 @@ class BigQueryWarehouse:
             "segment_changes": "customer_id IN UNNEST(@keys)",
             "sent_emails": "customer_id IN UNNEST(@keys)",
             "dead_letters": "message_key IN UNNEST(@keys) OR message_key IN UNNEST(@anon)",
+            "alerts": "subject IN UNNEST(@keys) OR subject = @user OR subject IN UNNEST(@anon)",
         }
         return {
             t: int(self.scalar(f"SELECT COUNT(*) FROM `{t}` WHERE {cond}", params))

@@ -65,7 +65,8 @@ EVENTS = TableSpec(
         "event_ts_ms INT64!, event_date DATE!, anonymous_id STRING, user_id STRING,"
         "session_id STRING, device_type STRING, product_id STRING, category STRING,"
         "brand STRING, price FLOAT64, revenue FLOAT64, merged_from STRING,"
-        "ingested_ms INT64!, stored_ms INT64!, payload STRING!"
+        "ingested_ms INT64!, stored_ms INT64!, payload STRING!,"
+        "collected_ms INT64, parsed_ms INT64, stitched_ms INT64, scored_ms INT64"
     ),
     key=("message_id",),
     partition="event_date",
@@ -130,8 +131,26 @@ SENT_EMAILS = TableSpec(
     retention="sent_emails_days",
     description="Rendered e-mails as sent, with the snapshot that produced them.",
 )
+ALERTS = TableSpec(
+    "alerts",
+    _cols(
+        "alert_id STRING!, kind STRING!, subject STRING!, severity STRING!, observed FLOAT64!,"
+        "expected FLOAT64!, at_ms INT64!, source_partition INT64, stored_ms INT64!"
+    ),
+    key=("alert_id",),
+    clustering=("kind",),
+    description="Anomaly alerts of the stream's detectors, once per (kind, subject, at_ms).",
+)
 
 TABLES: dict[str, TableSpec] = {
     t.name: t
-    for t in (EVENTS, PROFILES, DEAD_LETTERS, IDENTITY_LINKS, SEGMENT_CHANGES, SENT_EMAILS)
+    for t in (
+        EVENTS,
+        PROFILES,
+        DEAD_LETTERS,
+        IDENTITY_LINKS,
+        SEGMENT_CHANGES,
+        SENT_EMAILS,
+        ALERTS,
+    )
 }

@@ -1,5 +1,5 @@
 """The embedded default stores: one SQLite file in WAL mode holding the local warehouse
-(clean events, profiles, dead letters, identity links) and serving the profile store.
+(clean events, profiles, dead letters, identity links, alerts) and the profile store.
 
 WAL lets notebooks and the workbench read from other processes while the processor writes,
 without lock errors. Every write is idempotent: events insert once per ``message_id``
@@ -21,7 +21,13 @@ import orjson
 import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
-from pipeline.stores.rows import dead_letter_row, event_row, profile_row, sent_email_row
+from pipeline.stores.rows import (
+    alert_row,
+    dead_letter_row,
+    event_row,
+    profile_row,
+    sent_email_row,
+)
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +51,11 @@ CREATE TABLE IF NOT EXISTS events (
     merged_from  TEXT,
     ingested_ms  INTEGER NOT NULL,
     stored_ms    INTEGER NOT NULL,
-    payload      TEXT NOT NULL
+    payload      TEXT NOT NULL,
+    collected_ms INTEGER,
+    parsed_ms    INTEGER,
+    stitched_ms  INTEGER,
+    scored_ms    INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_customer ON events (customer_id, event_ts_ms);
 CREATE INDEX IF NOT EXISTS events_date ON events (event_date);
@@ -121,13 +131,26 @@ CREATE TABLE IF NOT EXISTS sent_emails (
     snapshot     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sent_emails_customer ON sent_emails (customer_id, sent_ms);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id         TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    subject          TEXT NOT NULL,
+    severity         TEXT NOT NULL,
+    observed         REAL NOT NULL,
+    expected         REAL NOT NULL,
+    at_ms            INTEGER NOT NULL,
+    source_partition INTEGER,
+    stored_ms        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _UPSERT_EVENT = """
 INSERT INTO events VALUES (:message_id, :customer_id, :event_type, :event_name, :event_ts_ms,
     :event_date, :anonymous_id, :user_id, :session_id, :device_type, :product_id, :category,
-    :brand, :price, :revenue, :merged_from, :ingested_ms, :stored_ms, :payload)
+    :brand, :price, :revenue, :merged_from, :ingested_ms, :stored_ms, :payload, :collected_ms,
+    :parsed_ms, :stitched_ms, :scored_ms)
 ON CONFLICT (message_id) DO UPDATE SET
     customer_id = excluded.customer_id,
     merged_from = excluded.merged_from,
@@ -154,6 +177,11 @@ INSERT OR IGNORE INTO dead_letters VALUES (:dead_letter_id, :reason, :detail, :s
     :raw_b64)
 """
 
+_INSERT_ALERT = """
+INSERT OR IGNORE INTO alerts VALUES (:alert_id, :kind, :subject, :severity, :observed,
+    :expected, :at_ms, :source_partition, :stored_ms)
+"""
+
 _UPSERT_LINK = """
 INSERT INTO identity_links VALUES (:anonymous_id, :customer_id, :previous_customer_id,
     :linked_ms, :via_message_id, :merged_events, :stored_ms)
@@ -178,10 +206,28 @@ class WarehouseWriter(Protocol):
     def write_dead_letters(self, failures: Sequence[Mapping[str, Any]]) -> int: ...
     def write_identity_links(self, links: Sequence[Mapping[str, Any]]) -> int: ...
     def write_segment_changes(self, changes: Sequence[Mapping[str, Any]]) -> int: ...
+    def write_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> int: ...
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+# Columns added after a table's first release: (table, column, SQL type); always nullable.
+_ADDED_COLUMNS = (
+    ("events", "collected_ms", "INTEGER"),
+    ("events", "parsed_ms", "INTEGER"),
+    ("events", "stitched_ms", "INTEGER"),
+    ("events", "scored_ms", "INTEGER"),
+)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Additive migration: give a warehouse made by an older release the newer columns."""
+    for table, column, sql_type in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
 class LocalWarehouse:
@@ -206,6 +252,7 @@ class LocalWarehouse:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.executescript(_DDL)
+                _add_missing_columns(self._conn)
                 self._conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -260,6 +307,14 @@ class LocalWarehouse:
         rows = [dead_letter_row(f, stored) for f in failures]
         with self._tx() as conn:
             conn.executemany(_INSERT_DEAD_LETTER, rows)
+        return stored
+
+    def write_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> int:
+        """Insert anomaly alerts once per alert_id (kind, subject and time: replays add none)."""
+        stored = _now_ms()
+        rows = [alert_row(a, stored) for a in alerts]
+        with self._tx() as conn:
+            conn.executemany(_INSERT_ALERT, rows)
         return stored
 
     def write_identity_links(self, links: Sequence[Mapping[str, Any]]) -> int:
@@ -391,6 +446,11 @@ class LocalWarehouse:
             "dead_letters": (
                 f"message_key IN ({k}) OR message_key IN ({a}) OR {raw}",
                 [*keys, *anonymous_ids, *texts],
+            ),
+            # a bot_identity alert names the identity it flagged
+            "alerts": (
+                f"subject IN ({k}) OR subject = ? OR subject IN ({a})",
+                [*keys, user_id, *anonymous_ids],
             ),
         }
         present = {

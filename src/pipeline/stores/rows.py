@@ -38,6 +38,10 @@ def event_row(e: Mapping[str, Any], stored: int) -> dict[str, Any]:
         "ingested_ms": e["ingested_ms"],
         "stored_ms": stored,
         "payload": orjson.dumps(scrub_event(e)).decode(),
+        "collected_ms": e.get("collected_ms"),
+        "parsed_ms": e.get("parsed_ms"),
+        "stitched_ms": e.get("stitched_ms"),
+        "scored_ms": e.get("scored_ms"),
     }
 
 
@@ -93,4 +97,19 @@ def dead_letter_row(f: Mapping[str, Any], stored: int) -> dict[str, Any]:
         "stored_ms": stored,
         "raw_text": f["raw_text"],
         "raw_b64": f["raw_b64"],
+    }
+
+
+def alert_row(a: Mapping[str, Any], stored: int) -> dict[str, Any]:
+    """The ``alerts`` row of an alert record (see :func:`pipeline.anomaly.alert_record`)."""
+    return {
+        "alert_id": a["alert_id"],
+        "kind": a["alert_kind"],
+        "subject": a["subject"],
+        "severity": a["severity"],
+        "observed": float(a["observed"]),
+        "expected": float(a["expected"]),
+        "at_ms": int(a["at_ms"]),
+        "source_partition": a.get("partition"),
+        "stored_ms": stored,
     }

@@ -36,6 +36,7 @@ KIND_DEAD_LETTER = "dead_letter"
 KIND_SEGMENT_CHANGE = "segment_change"
 KIND_CRM = "crm"
 KIND_SUPPRESSED = "suppressed"
+KIND_ALERT = "alert"
 
 _SEEN = "seen:"
 _LINKED = "linked"
@@ -177,6 +178,7 @@ def fold(
     changes = _update_segments(profile, config) if config.segments else []
     stored = profile_to_dict(profile)
     state.set(_PROFILE, stored)
+    record["scored_ms"] = now_ms  # lineage: the event's last stage before the sinks
     return [record, {**stored, "kind": KIND_PROFILE}, *changes]
 
 

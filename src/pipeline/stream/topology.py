@@ -1,6 +1,7 @@
 """The quixstreams topology: wires parsing, stitching and scoring; holds no business rules.
 
     events.raw ─ parse+validate+enrich ─┬─▶ events.dlq             (+ dead_letters table)
+                 + anomaly detection    ├─▶ alerts                 (+ alerts table)
                                         └─▶ events.by_device       (keyed by device)
     events.by_device ─ stitch: dedupe, identity ─┬─▶ identities.links  (+ identity_links table)
                                                  └─▶ events.attributed (keyed by customer)
@@ -22,20 +23,22 @@ from typing import Any
 from quixstreams import Application, message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models import TopicConfig
-from quixstreams.sinks import BatchingSink, SinkBatch
+from quixstreams.sinks import BaseSink
 from quixstreams.state.rocksdb import RocksDBOptions
 
+from pipeline.anomaly import PartitionedDetector, alert_record, observation_of
 from pipeline.broker import client_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import CleanEvent, Failure
 from pipeline.gdpr import is_suppressed
-from pipeline.metrics import StreamMetrics
+from pipeline.metrics import StreamMetrics, consumer_stats_config
 from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import SchemaRegistry
 from pipeline.segments import load_segments
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
 from pipeline.stream.stages import (
+    KIND_ALERT,
     KIND_CRM,
     KIND_DEAD_LETTER,
     KIND_EVENT,
@@ -55,15 +58,29 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class WarehouseSink(BatchingSink):
-    """Writes a stage's records of the given kinds to the warehouses at every checkpoint."""
+class WarehouseSink(BaseSink):
+    """Writes a stage's records of the given kinds to the warehouses in micro-batches.
+
+    A batch is written as soon as its oldest record is ``max_delay_ms`` old (checked as records
+    arrive) and whatever is left at every checkpoint, so readers need not wait for the commit
+    interval. Writing ahead of the checkpoint is safe because every store write is idempotent
+    (events insert-once by messageId, profiles version-guarded, dead letters keyed by offset):
+    after an aborted transaction the replay rewrites the same rows.
+    """
 
     def __init__(
-        self, write: Callable[[list[dict[str, Any]]], None], kinds: frozenset[str]
+        self,
+        write: Callable[[list[dict[str, Any]]], None],
+        kinds: frozenset[str],
+        *,
+        max_delay_ms: float,
     ) -> None:
         super().__init__()
         self._write = write
         self._kinds = kinds
+        self._max_delay_s = max_delay_ms / 1000
+        self._pending: list[dict[str, Any]] = []
+        self._oldest = 0.0
 
     def add(
         self,
@@ -75,11 +92,22 @@ class WarehouseSink(BatchingSink):
         partition: int,
         offset: int,
     ) -> None:
-        if value["kind"] in self._kinds:
-            super().add(value, key, timestamp, headers, topic, partition, offset)
+        if value["kind"] not in self._kinds:
+            return
+        now = time.monotonic()
+        if not self._pending:
+            self._oldest = now
+        self._pending.append(value)
+        if now - self._oldest >= self._max_delay_s:
+            self.flush()
 
-    def write(self, batch: SinkBatch) -> None:
-        self._write([item.value for item in batch])
+    def flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._write(batch)
+
+    def on_paused(self) -> None:
+        self._pending.clear()
 
 
 def stage_config(settings: Settings) -> StageConfig:
@@ -116,7 +144,8 @@ def build_application(
         # A stable transactional.id lets a restarted replica fence and abort its predecessor's
         # open transaction; the embedded broker never times one out (see environment notes).
         producer_extra["transactional.id"] = f"{settings.consumer_group}-{settings.instance_id}"
-    consumer_config: dict[str, Any] = {"fetch.wait.max.ms": 20}
+    # librdkafka statistics every second feed the consumer-lag gauge
+    consumer_config: dict[str, Any] = {"fetch.wait.max.ms": 20, **consumer_stats_config(metrics)}
     session_ms = settings.consumer_session_timeout_ms or (3000 if settings.embedded else None)
     if session_ms:
         consumer_config["session.timeout.ms"] = session_ms
@@ -161,8 +190,18 @@ def build_application(
     )
     limits = parse_limits(settings)
     config = stage_config(settings)
+    # per input partition and in memory: see pipeline.anomaly for why, and what that misses
+    detector = PartitionedDetector(settings.anomaly)
 
-    def parse(value: bytes, key: bytes | None, timestamp: int, headers: Any) -> dict[str, Any]:
+    def detect(result: CleanEvent | Failure, received_ms: int, partition: int) -> list[Any]:
+        alerts = detector.observe(partition, observation_of(result, received_ms))
+        for a in alerts:
+            metrics.alerts[(a.kind, a.severity)] += 1
+        return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
+
+    def parse(
+        value: bytes, key: bytes | None, timestamp: int, headers: Any
+    ) -> list[dict[str, Any]]:
         metrics.saw_raw()
         ctx = message_context()
         result = parse_event(
@@ -178,20 +217,27 @@ def build_application(
         )
         if isinstance(result, Failure):
             metrics.dead_lettered[result.reason] += 1
-            return {**result.to_dict(), "kind": KIND_DEAD_LETTER}
+            failed = {**result.to_dict(), "kind": KIND_DEAD_LETTER}
+            return [failed, *detect(result, timestamp, ctx.partition)]
         if is_suppressed(suppressed(), user_id=result.user_id, anonymous_id=result.anonymous_id):
             # a forgotten customer: dropped, not dead-lettered (that would keep their data)
             metrics.suppressed += 1
-            return {"kind": KIND_SUPPRESSED}
+            return [{"kind": KIND_SUPPRESSED}]  # not observed either: no alert names them
         metrics.valid += 1
-        return {**enrich(result, catalog).to_dict(), "kind": KIND_EVENT}
+        record = enrich(result, catalog).to_dict()
+        record["kind"] = KIND_EVENT
+        record["parsed_ms"] = _now_ms()
+        return [record, *detect(result, timestamp, ctx.partition)]
 
     def run_stitch(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.stitched_in += 1
         out = stitch(CleanEvent.from_dict(value), state, config)
         if not out:
             metrics.duplicates_dropped += 1
+        now = _now_ms()
         for record in out:
+            if record["kind"] == KIND_EVENT:
+                record["stitched_ms"] = now
             if record["kind"] != KIND_LINK:
                 metrics.attributed_out += 1
             else:
@@ -212,6 +258,7 @@ def build_application(
         return out
 
     targets: list[WarehouseWriter] = [warehouse, *extra_warehouses]
+    sink_delay_ms = settings.sink_max_delay_ms
 
     def write(records: list[dict[str, Any]]) -> None:
         by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -221,6 +268,7 @@ def build_application(
         profiles = by_kind.get(KIND_PROFILE)
         failures = by_kind.get(KIND_DEAD_LETTER)
         changes = by_kind.get(KIND_SEGMENT_CHANGE)
+        alerts = by_kind.get(KIND_ALERT)
         links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
         # the local warehouse first: it is the serving store, and latency is measured on it
         for primary, wh in zip((True, *[False] * len(extra_warehouses)), targets, strict=True):
@@ -228,6 +276,7 @@ def build_application(
                 stored = wh.write_events(events)
                 if primary:
                     metrics.stored_events([e["ingested_ms"] for e in events], stored)
+                    metrics.traced(events, stored)
             if profiles:
                 wh.write_profiles(profiles)
                 metrics.profiles_stored += len(profiles) * primary
@@ -239,6 +288,8 @@ def build_application(
                 metrics.segment_changes += len(changes) * primary
             if links:
                 wh.write_identity_links(links)
+            if alerts:
+                wh.write_alerts(alerts)
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.
@@ -251,20 +302,30 @@ def build_application(
     segment_changes = out_topic(names.segment_changes)
     by_kind_out = {KIND_EVENT: clean, KIND_PROFILE: profiles, KIND_SEGMENT_CHANGE: segment_changes}
 
+    alerts_topic = out_topic(names.alerts)
+
     def route_parsed(value: dict[str, Any], *_: Any) -> Any:
+        if value["kind"] == KIND_ALERT:
+            return alerts_topic
         return dlq if value["kind"] == KIND_DEAD_LETTER else by_device
 
     def parsed_key(value: dict[str, Any]) -> Any:
         if value["kind"] == KIND_DEAD_LETTER:
             return value["key"]  # the raw message's key, decoded leniently
+        if value["kind"] == KIND_ALERT:
+            return f"{value['alert_kind']}:{value['subject']}"
         return value["anonymous_id"] or value["previous_id"] or value["user_id"]
 
     (
         app.dataframe(raw)
-        .apply(parse, metadata=True)
+        .apply(parse, metadata=True, expand=True)
         .filter(lambda v: v["kind"] != KIND_SUPPRESSED)
         .to_topic(route_parsed, key=parsed_key)
-        .sink(WarehouseSink(write, frozenset({KIND_DEAD_LETTER})))
+        .sink(
+            WarehouseSink(
+                write, frozenset({KIND_DEAD_LETTER, KIND_ALERT}), max_delay_ms=sink_delay_ms
+            )
+        )
     )
     (
         app.dataframe(by_device)
@@ -273,13 +334,13 @@ def build_application(
             lambda v, *_: identities if v["kind"] == KIND_LINK else attributed,
             key=lambda v: v["anonymous_id"] if v["kind"] == KIND_LINK else v["customer_id"],
         )
-        .sink(WarehouseSink(write, frozenset({KIND_LINK})))
+        .sink(WarehouseSink(write, frozenset({KIND_LINK}), max_delay_ms=sink_delay_ms))
     )
     (
         app.dataframe(attributed)
         .apply(run_fold, stateful=True, expand=True)
         .to_topic(lambda v, *_: by_kind_out[v["kind"]])
-        .sink(WarehouseSink(write, frozenset(by_kind_out)))
+        .sink(WarehouseSink(write, frozenset(by_kind_out), max_delay_ms=sink_delay_ms))
     )
     # CRM records join the customer's stream: fold merges them into the profile's traits
     crm = app.topic(

@@ -1,0 +1,185 @@
+"""Scale-out: replicas in one consumer group give the same per-customer results as one, and
+`pipeline up --replicas N` runs, reports and stops its replica processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.bench_scaleout import scaleout
+from pipeline.catalog import load_catalog
+from pipeline.runner import simulate_for
+from pipeline.settings import Settings
+from pipeline.stores.local import LocalWarehouse
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_replicas_split_the_work_and_store_the_same_customer_results(
+    settings: Settings,
+) -> None:
+    report = scaleout(settings, 3000, (1, 2), seed=3)
+
+    one, two = report["runs"]
+    assert [one["replicas"], two["replicas"]] == [1, 2]
+    for run in (one, two):
+        assert run["events_stored"] == report["events_stored_truth"]
+        assert run["matches_truth"], run
+        assert run["events_per_s"] > 0
+        assert all(r["exit_code"] == 0 for r in run["per_replica"]), run["per_replica"]
+    # both replicas of the group got partitions and did their share of every stage
+    assert len(two["per_replica"]) == 2
+    for replica in two["per_replica"]:
+        assert replica["raw_read"] > 0, two["per_replica"]
+        assert replica["events_stored"] > 0, two["per_replica"]
+    assert sum(r["raw_read"] for r in two["per_replica"]) == report["events"]
+
+    assert report["identical"], report["differing_customers"]
+    assert report["comparisons"][0]["identical"]
+    assert report["customers_compared"] > 0
+    assert report["ratio_2_to_1"] == pytest.approx(
+        two["events_per_s"] / one["events_per_s"], abs=0.001
+    )
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PIPELINE_HOME"] = str(home)
+    env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
+    env["PIPELINE_API__PORT"] = "0"
+    env["PIPELINE_METRICS_PORT"] = "0"
+    return env
+
+
+def _pipeline(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def _start_up(home: Path, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _pipeline("up", "--replicas", "2", "--no-collector", "--no-api", "--no-workbench"),
+        env=_env(home),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(
+    up: subprocess.Popen[str], predicate: Callable[[], bool], what: str, limit: float = 90
+) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert up.poll() is None, up.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def _statuses(home: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted((home / "replicas").glob("*.json")):
+        try:
+            found[path.stem] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # replaced while read
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_up_with_two_replicas_processes_traffic_and_stops_them_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    up = _start_up(home, tmp_path)
+    pids: dict[str, int] = {}
+    try:
+        _wait_for(up, lambda: len(_statuses(home)) == 2, "two replicas did not report")
+        pids = {i: int(s["pid"]) for i, s in _statuses(home).items()}
+        assert set(pids) == {"0-0", "0-1"}
+        assert {_parent_of(pid) for pid in pids.values()} == {up.pid}
+        sent = subprocess.run(
+            _pipeline("simulate", "--events", "1500", "--seed", "3"),
+            env=_env(home),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        expected = sum(
+            simulate_for(
+                Settings(home=home), 1500, 3, load_catalog()
+            ).ground_truth.expected_event_counts.values()
+        )
+
+        def stored() -> int:
+            if not (home / "warehouse.sqlite").exists():
+                return 0
+            with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+                return wh.counts()["events"]
+
+        _wait_for(up, lambda: stored() >= expected, f"not all {expected} events stored")
+        assert stored() == expected
+        # each replica processed its share of the partitions
+        _wait_for(
+            up,
+            lambda: all(int(s["raw_in"]) > 0 for s in _statuses(home).values()),
+            "a replica read nothing",
+            limit=10,
+        )
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _out, err = up.communicate(timeout=120)
+    assert up.returncode == 0, err[-3000:]
+    for instance, pid in pids.items():
+        assert f"replica {instance}: pid {pid}" in err
+        assert not _alive(pid)
+    assert "stopped" in err
+    assert {s["state"] for s in _statuses(home).values()} == {"stopped"}
+    assert not (home / "broker.json").exists()
+
+
+@pytest.mark.parametrize("victim", ["replica", "broker"])
+def test_up_stops_loudly_when_a_replica_or_the_broker_dies(tmp_path: Path, victim: str) -> None:
+    home = tmp_path / "home"
+    up = _start_up(home, tmp_path)
+    try:
+        _wait_for(up, lambda: len(_statuses(home)) == 2, "two replicas did not report")
+        pids = {i: int(s["pid"]) for i, s in _statuses(home).items()}
+        if victim == "replica":
+            os.kill(pids["0-1"], signal.SIGKILL)
+            expected = f"replica 0-1 (pid {pids['0-1']}) exited unexpectedly"
+        else:
+            os.kill(json.loads((home / "broker.json").read_text())["embedded_pid"], signal.SIGKILL)
+            expected = "the embedded broker died"
+        _out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 2, err[-3000:]
+    assert expected in " ".join(err.split()), err[-3000:]  # rich wraps long lines
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not (home / "broker.json").exists()

@@ -1,0 +1,125 @@
+"""The Live page's reading of the processor's and collector's ``/metrics``."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from pipeline import workbench_data as wd
+from pipeline.broker import free_port
+from pipeline.collector.app import create_app as create_collector
+from pipeline.collector.config import CollectorSettings
+from pipeline.collector.publish import MemoryPublisher
+from pipeline.metrics import StreamMetrics
+from pipeline.observability import exposition, metrics_registry, start_metrics_server
+from pipeline.settings import Settings
+
+
+def processor_text() -> str:
+    m = StreamMetrics(
+        raw_in=1200,
+        duplicates_dropped=37,
+        replays_dropped=2,
+        dead_lettered=Counter({"invalid_json": 4, "schema": 9}),
+    )
+    lag = {("events.raw", 1): 12, ("events.raw", 0): 30, ("events.attributed", 3): 1}
+    return exposition(metrics_registry(m, lag=lambda: lag))
+
+
+def test_processor_scrape_reads_counters_lag_and_dead_letters() -> None:
+    scrape = wd.parse_processor_scrape(processor_text())
+    assert (scrape.raw_in, scrape.duplicates_dropped, scrape.replays_dropped) == (1200, 37, 2)
+    assert scrape.dead_lettered == {"invalid_json": 4, "schema": 9}
+    assert scrape.consumer_lag_total == 43
+    lag = scrape.lag_table()
+    assert lag.to_dict("records") == [
+        {"topic": "events.attributed", "partition": 3, "lag": 1},
+        {"topic": "events.raw", "partition": 0, "lag": 30},
+        {"topic": "events.raw", "partition": 1, "lag": 12},
+    ]
+    assert scrape.dead_letter_table()["reason"].tolist() == ["schema", "invalid_json"]
+
+
+def test_processor_scrape_of_a_fresh_processor_is_all_zero() -> None:
+    scrape = wd.parse_processor_scrape(exposition(metrics_registry(StreamMetrics())))
+    assert scrape == wd.ProcessorScrape(0, 0, 0, {}, {})
+    assert scrape.lag_table().empty and list(scrape.lag_table().columns) == [
+        "topic",
+        "partition",
+        "lag",
+    ]
+
+
+def test_collector_scrape_reads_what_the_collector_app_serves(tmp_path: Path) -> None:
+    keys = {"web": SecretStr("wk_live")}
+    settings = Settings(_env_file=None, home=tmp_path, collector=CollectorSettings(write_keys=keys))
+    track = {"type": "track", "event": "Signed Up", "messageId": "m1", "userId": "u1"}
+    with TestClient(create_collector(settings, MemoryPublisher)) as http:
+        http.post("/v1/track", json=track, auth=("wk_live", ""))
+        http.post("/v1/track", json=track, auth=("wk_nope", ""))
+        http.post("/v1/track", json=track, auth=("wk_nope", ""))
+        http.post("/v1/track", json=track)
+        text = http.get("/metrics").text
+    scrape = wd.parse_collector_scrape(text)
+    assert (scrape.events_accepted, scrape.events_produced) == (1, 1)
+    assert scrape.rejected == {(401, "invalid_write_key"): 2, (401, "missing_write_key"): 1}
+    assert scrape.rejection_table().to_dict("records")[0] == {
+        "status": 401,
+        "code": "invalid_write_key",
+        "requests": 2,
+    }
+
+
+def test_text_that_is_not_an_exposition_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        wd.parse_processor_scrape("<html><body>not metrics</body></html>\n")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("127.0.0.1", 9108, "http://127.0.0.1:9108/metrics"),
+        ("0.0.0.0", 8088, "http://127.0.0.1:8088/metrics"),
+        ("::", 9108, "http://[::1]:9108/metrics"),
+        ("fd00::5", 9108, "http://[fd00::5]:9108/metrics"),
+        ("metrics.internal", 80, "http://metrics.internal:80/metrics"),
+        ("127.0.0.1", 0, None),
+    ],
+)
+def test_metrics_url(host: str, port: int, url: str | None) -> None:
+    assert wd.metrics_url(host, port) == url
+
+
+class Unavailable(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(503, "warming up")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_read_metrics_from_a_running_endpoint_and_from_none() -> None:
+    running = start_metrics_server(StreamMetrics(duplicates_dropped=5), "127.0.0.1", 0)
+    try:
+        text = wd.read_metrics(running.url)
+    finally:
+        running()
+    assert text is not None and wd.parse_processor_scrape(text).duplicates_dropped == 5
+    assert wd.read_metrics(running.url) is None  # stopped
+    assert wd.read_metrics(f"http://127.0.0.1:{free_port()}/metrics") is None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert wd.read_metrics(f"http://127.0.0.1:{server.server_port}/metrics") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -45,6 +45,18 @@ def topic_extra_config(settings: Settings) -> dict[str, str]:
     return {"retention.ms": str(settings.topic_retention_ms), "retention.bytes": _RETENTION_BYTES}
 
 
+RAW_PARTITIONER = "murmur2_random"
+"""How every producer to ``events.raw`` picks a partition from the key: Kafka's Java default,
+and what quixstreams uses when the processor re-keys a message. Stage 1 keeps a device's state
+in the partition its key maps to, so producers that hash keys differently (librdkafka's default
+is CRC32) would split one device's state between partitions."""
+
+
+def producer_config(settings: Settings, address: str) -> dict[str, Any]:
+    """Base librdkafka config for a producer: :func:`client_config` and the raw partitioner."""
+    return {**client_config(settings, address), "partitioner": RAW_PARTITIONER}
+
+
 def client_config(settings: Settings, address: str) -> dict[str, Any]:
     """Base librdkafka config for any client of this deployment."""
     return {"bootstrap.servers": address, **settings.kafka_security_config()}

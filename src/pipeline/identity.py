@@ -10,7 +10,9 @@ device (a shared computer) re-links the device for future events only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.events import CleanEvent
 
@@ -24,6 +26,24 @@ def anonymous_customer_id(device_id: str) -> str:
 
 def is_anonymous(customer_id: str) -> bool:
     return customer_id.startswith(ANON_PREFIX)
+
+
+def partition_key(payload: Mapping[str, Any]) -> str | None:
+    """The raw-topic key of a Segment payload: its device, as stage 1 groups by it.
+
+    ``anonymousId``, else an alias's ``previousId``, else ``userId`` (server-side events), the
+    same order as :attr:`CleanEvent.identity_key`; a message keyed otherwise is re-keyed by
+    the processor, at the cost of one more trip through the raw topic.
+    """
+    anonymous_id, user_id = payload.get("anonymousId"), payload.get("userId")
+    previous_id = payload.get("previousId") if payload.get("type") == "alias" else None
+    for value in (anonymous_id, previous_id, user_id):
+        if type(value) is str and value:
+            return value
+    for value in (anonymous_id, user_id):
+        if type(value) in (int, float):
+            return str(value)  # the schema refuses it later, with its reason
+    return None
 
 
 def device_of(event: CleanEvent) -> str | None:

@@ -103,6 +103,7 @@ class StreamMetrics:
     clean_out: int = 0
     segment_changes: int = 0
     suppressed: int = 0
+    rekeyed: int = 0  # raw messages sent round again under their device key
     events_stored: int = 0
     profiles_stored: int = 0
     dead_letters_stored: int = 0
@@ -186,7 +187,7 @@ class StreamMetrics:
     def drained(self, expected_raw: int) -> bool:
         """True when ``expected_raw`` messages went through every stage and every sink."""
         return (
-            self.raw_in >= expected_raw
+            self.raw_in - self.rekeyed >= expected_raw
             and self.stitched_in >= self.valid
             and self.attributed_in >= self.attributed_out
             and self.events_stored >= self.clean_out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Producer
 
-from pipeline.broker import BrokerHandle, broker_for, client_config
+from pipeline.broker import BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.errors import PipelineError
 from pipeline.gdpr import suppression_source
@@ -44,7 +44,7 @@ def make_producer(settings: Settings, address: str) -> Producer:
     """An idempotent producer (acks=all): a retried send never duplicates a message."""
     return Producer(
         {
-            **client_config(settings, address),
+            **producer_config(settings, address),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

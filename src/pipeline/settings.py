@@ -37,7 +37,6 @@ class TopicNames(BaseModel):
     clean: str = "events.clean"
     profiles: str = "profiles.updates"
     identities: str = "identities.links"
-    by_device: str = "events.by_device"
     attributed: str = "events.attributed"
     segment_changes: str = "segments.changes"
     triggers: str = "email.triggers"
@@ -52,7 +51,6 @@ class TopicNames(BaseModel):
             self.clean,
             self.profiles,
             self.identities,
-            self.by_device,
             self.attributed,
             self.segment_changes,
             self.triggers,

@@ -241,8 +241,10 @@ def test_parse_body_names_the_problem(body: bytes, code: str) -> None:
     assert (info.value.status, info.value.code) == (400, code)
 
 
-def test_identity_key_prefers_user_id_then_anonymous_id_then_alias_previous_id() -> None:
-    assert identity_key({"userId": "u1", "anonymousId": "a1"}) == "u1"
+def test_identity_key_is_the_device_anonymous_id_then_alias_previous_id_then_user_id() -> None:
+    assert identity_key({"userId": "u1", "anonymousId": "a1"}) == "a1"
+    assert identity_key({"type": "alias", "userId": "u1", "previousId": "p1"}) == "p1"
+    assert identity_key({"userId": "u1"}) == "u1"
     assert identity_key({"userId": "", "anonymousId": "a1"}) == "a1"
     assert identity_key({"userId": 42}) == "42"
     assert identity_key({"type": "alias", "previousId": "p1"}) == "p1"

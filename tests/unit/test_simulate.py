@@ -130,7 +130,13 @@ def test_every_valid_message_carries_segment_metadata(
         assert device in {"mobile", "desktop", "tablet", "server"}
         if body["type"] in ("track", "page") and device != "server":
             assert body["context"]["sessionId"].startswith("s_")
-        expected_key: str = body.get("userId") or body.get("anonymousId") or ""
+        # the device first (stage 1's key), as the collector keys them
+        expected_key: str = (
+            body.get("anonymousId")
+            or (body.get("previousId") if body["type"] == "alias" else None)
+            or body.get("userId")
+            or ""
+        )
         assert expected_key
         assert m.key == expected_key.encode()
         assert len(m.value) <= MAX_EVENT_BYTES

@@ -15,6 +15,7 @@ import orjson
 
 from pipeline.collector.enrich import enrich_context, enrich_times
 from pipeline.collector.errors import RequestRejected
+from pipeline.identity import partition_key
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
 """Segment's message types; the processor dead-letters the ones it does not model."""
@@ -50,17 +51,8 @@ def events_of(body: dict[str, Any], endpoint_type: str | None) -> tuple[list[Any
 
 
 def identity_key(event: dict[str, Any]) -> str | None:
-    """userId, else anonymousId (else an alias's previousId) as the partition key."""
-    for field in ("userId", "anonymousId"):
-        value = event.get(field)
-        if type(value) is str and value:
-            return value
-        if type(value) in (int, float):
-            return str(value)
-    previous = event.get("previousId")
-    if event.get("type") == "alias" and type(previous) is str and previous:
-        return previous
-    return None
+    """The partition key: the event's device (see :func:`pipeline.identity.partition_key`)."""
+    return partition_key(event)
 
 
 def prepare_messages(

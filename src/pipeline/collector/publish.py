@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from pipeline.broker import client_config
+from pipeline.broker import producer_config
 from pipeline.collector.errors import BrokerUnavailableError
 from pipeline.collector.intake import KeyedMessage
 from pipeline.settings import Settings
@@ -44,7 +44,7 @@ def collector_producer(settings: Settings, address: str) -> Producer:
     """Idempotent ``acks=all`` producer that gives up on a message when a request would."""
     return Producer(
         {
-            **client_config(settings, address),
+            **producer_config(settings, address),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 2,

@@ -98,7 +98,7 @@ def _malformed(
         "price": product.price,
     }
     body["properties"] = props
-    key: bytes | None = (user_id or device.anonymous_id).encode()
+    key: bytes | None = (device.anonymous_id or user_id).encode()
     event_ts = ts
     if reason == "not_json":
         value = orjson.dumps(body)
@@ -203,7 +203,7 @@ def _message(
         head["userId"] = user_id
     head["timestamp"] = ms_to_iso(ts)
     head["sentAt"] = ms_to_iso(ts + min((delivered - ts) // 2, 1_000))  # the device's clock
-    key = user_id or anon_id
+    key = anon_id or user_id  # the device: stage 1's key (pipeline.identity.partition_key)
     return RawMessage(
         key=key.encode() if key is not None else None,
         value=orjson.dumps({**head, **body}),

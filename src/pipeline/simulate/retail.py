@@ -24,6 +24,7 @@ import orjson
 
 from pipeline.catalog import Catalog, Product
 from pipeline.events import ms_to_iso
+from pipeline.identity import partition_key
 from pipeline.simulate.faults import malformed_messages
 from pipeline.simulate.model import (
     ANONYMOUS_PREFIX,
@@ -709,7 +710,7 @@ def simulate(config: SimulationConfig, catalog: Catalog) -> Simulation:
         if value is None:
             value = values[item.message_id] = orjson.dumps(item.body)
             counts[true_id] += 1
-        key_id = item.user_id if item.user_id is not None else item.anon_id
+        key_id = partition_key(item.body)
         messages.append(
             RawMessage(
                 key=key_id.encode() if key_id is not None else None,

@@ -36,6 +36,7 @@ KIND_DEAD_LETTER = "dead_letter"
 KIND_SEGMENT_CHANGE = "segment_change"
 KIND_CRM = "crm"
 KIND_SUPPRESSED = "suppressed"
+KIND_REKEY = "rekey"
 KIND_ALERT = "alert"
 
 _SEEN = "seen:"

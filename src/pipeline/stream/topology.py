@@ -1,16 +1,22 @@
 """The quixstreams topology: wires parsing, stitching and scoring; holds no business rules.
 
-    events.raw ─ parse+validate+enrich ─┬─▶ events.dlq             (+ dead_letters table)
-                 + anomaly detection    ├─▶ alerts                 (+ alerts table)
-                                        └─▶ events.by_device       (keyed by device)
-    events.by_device ─ stitch: dedupe, identity ─┬─▶ identities.links  (+ identity_links table)
-                                                 └─▶ events.attributed (keyed by customer)
-    events.attributed ─ fold: replay guard, scoring, segments
-                        ├─▶ events.clean      (+ events table)
-                        ├─▶ profiles.updates  (+ profiles table)
-                        └─▶ segments.changes  (+ segment_changes table)
+    events.raw (keyed by device) ─ stage 1: parse + validate + enrich,
+                                   anomaly detection, dedupe, identity stitching
+        ├─▶ events.dlq         (+ dead_letters table)
+        ├─▶ alerts             (+ alerts table)
+        ├─▶ identities.links   (+ identity_links table)
+        ├─▶ events.raw         (only a message keyed by something other than its device:
+        │                       once more, under the device key)
+        └─▶ events.attributed  (keyed by customer)
+    events.attributed ─ stage 2: replay guard, scoring, segments
+        ├─▶ events.clean       (+ events table)
+        ├─▶ profiles.updates   (+ profiles table)
+        └─▶ segments.changes   (+ segment_changes table)
 
-Three consumer stages in one application; a real cluster can run several replicas of it.
+Two consumer stages in one application (one Kafka hop between them); a real cluster can run
+several replicas of it. The collector and the simulator key raw messages by device
+(:func:`pipeline.identity.partition_key`), so stage 1 parses and stitches in one step; a
+message keyed otherwise goes round once more under its device key.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 from quixstreams import Application, message_context
 from quixstreams.kafka.configuration import ConnectionConfig
-from quixstreams.models import TopicConfig
+from quixstreams.models import SerializationContext, Serializer, TopicConfig
 from quixstreams.sinks import BaseSink
 from quixstreams.state.rocksdb import RocksDBOptions
 
@@ -44,8 +50,9 @@ from pipeline.stream.stages import (
     KIND_EVENT,
     KIND_LINK,
     KIND_PROFILE,
+    KIND_REKEY,
+    KIND_RETIRE,
     KIND_SEGMENT_CHANGE,
-    KIND_SUPPRESSED,
     StageConfig,
     fold,
     stitch,
@@ -108,6 +115,14 @@ class WarehouseSink(BaseSink):
 
     def on_paused(self) -> None:
         self._pending.clear()
+
+
+class _RekeyedRaw(Serializer):
+    """Writes a re-keyed raw message back unchanged: the record carries its original bytes."""
+
+    def __call__(self, value: dict[str, Any], ctx: SerializationContext) -> bytes:
+        raw: bytes = value["raw"]
+        return raw
 
 
 def stage_config(settings: Settings) -> StageConfig:
@@ -185,8 +200,15 @@ def build_application(
             config=topic_config,
         )
 
+    # Read as bytes; written back (re-keyed, unchanged) only when a producer keyed a message
+    # by something other than its device, so that stage 1's state always sees the device key.
     raw = app.topic(
-        names.raw, value_deserializer="bytes", key_deserializer="bytes", config=topic_config
+        names.raw,
+        value_deserializer="bytes",
+        key_deserializer="bytes",
+        value_serializer=_RekeyedRaw(),
+        key_serializer="str",
+        config=topic_config,
     )
     limits = parse_limits(settings)
     config = stage_config(settings)
@@ -199,18 +221,20 @@ def build_application(
             metrics.alerts[(a.kind, a.severity)] += 1
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
 
-    def parse(
-        value: bytes, key: bytes | None, timestamp: int, headers: Any
+    def ingest(
+        value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
     ) -> list[dict[str, Any]]:
+        """Stage 1, per device: parse + validate + enrich, then dedupe + stitch."""
         metrics.saw_raw()
         ctx = message_context()
+        raw_key = key.decode("utf-8", errors="replace") if key is not None else None
         result = parse_event(
             value,
             registry=registry,
             limits=limits,
             now_ms=_now_ms(),
             ingested_ms=timestamp,
-            key=key.decode("utf-8", errors="replace") if key is not None else None,
+            key=raw_key,
             topic=ctx.topic,
             partition=ctx.partition,
             offset=ctx.offset,
@@ -219,32 +243,39 @@ def build_application(
             metrics.dead_lettered[result.reason] += 1
             failed = {**result.to_dict(), "kind": KIND_DEAD_LETTER}
             return [failed, *detect(result, timestamp, ctx.partition)]
+        device = result.identity_key
+        if raw_key != device:
+            # keyed by something else (a third-party producer, userId-first): its device's
+            # state lives under another key, so send it round again under the device key
+            metrics.rekeyed += 1
+            return [{"kind": KIND_REKEY, "key": device, "raw": value}]
         if is_suppressed(suppressed(), user_id=result.user_id, anonymous_id=result.anonymous_id):
             # a forgotten customer: dropped, not dead-lettered (that would keep their data)
             metrics.suppressed += 1
-            return [{"kind": KIND_SUPPRESSED}]  # not observed either: no alert names them
+            return []  # not observed either: no alert names them
         metrics.valid += 1
-        record = enrich(result, catalog).to_dict()
-        record["kind"] = KIND_EVENT
-        record["parsed_ms"] = _now_ms()
-        return [record, *detect(result, timestamp, ctx.partition)]
-
-    def run_stitch(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
+        alerts = detect(result, timestamp, ctx.partition)
+        event = enrich(result, catalog)
+        parsed = _now_ms()
         metrics.stitched_in += 1
-        out = stitch(CleanEvent.from_dict(value), state, config)
+        out = stitch(event, state, config)
         if not out:
             metrics.duplicates_dropped += 1
-        now = _now_ms()
+        stitched = _now_ms()
         for record in out:
-            if record["kind"] == KIND_EVENT:
-                record["stitched_ms"] = now
-            if record["kind"] != KIND_LINK:
+            kind = record["kind"]
+            if kind == KIND_EVENT:
+                if record["parsed_ms"] is None:  # this event (merged history has its own)
+                    record["parsed_ms"] = parsed
+                record["stitched_ms"] = stitched
+            if kind != KIND_LINK:
                 metrics.attributed_out += 1
             else:
                 metrics.identities_linked += 1
                 if record["merged_events"]:
                     metrics.identities_merged += 1
                     metrics.events_merged += record["merged_events"]
+        out.extend(alerts)
         return out
 
     def run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
@@ -294,47 +325,45 @@ def build_application(
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.
     dlq = out_topic(names.dlq)
-    by_device = out_topic(names.by_device)
     attributed = out_topic(names.attributed)
     identities = out_topic(names.identities)
     clean = out_topic(names.clean)
     profiles = out_topic(names.profiles)
     segment_changes = out_topic(names.segment_changes)
-    by_kind_out = {KIND_EVENT: clean, KIND_PROFILE: profiles, KIND_SEGMENT_CHANGE: segment_changes}
-
     alerts_topic = out_topic(names.alerts)
+    by_kind_out = {KIND_EVENT: clean, KIND_PROFILE: profiles, KIND_SEGMENT_CHANGE: segment_changes}
+    ingest_out = {
+        KIND_DEAD_LETTER: dlq,
+        KIND_ALERT: alerts_topic,
+        KIND_LINK: identities,
+        KIND_REKEY: raw,
+        KIND_EVENT: attributed,
+        KIND_RETIRE: attributed,
+    }
 
-    def route_parsed(value: dict[str, Any], *_: Any) -> Any:
-        if value["kind"] == KIND_ALERT:
-            return alerts_topic
-        return dlq if value["kind"] == KIND_DEAD_LETTER else by_device
-
-    def parsed_key(value: dict[str, Any]) -> Any:
-        if value["kind"] == KIND_DEAD_LETTER:
+    def ingest_key(value: dict[str, Any]) -> Any:
+        kind = value["kind"]
+        if kind in (KIND_EVENT, KIND_RETIRE):
+            return value["customer_id"]
+        if kind == KIND_LINK:
+            return value["anonymous_id"]
+        if kind == KIND_DEAD_LETTER:
             return value["key"]  # the raw message's key, decoded leniently
-        if value["kind"] == KIND_ALERT:
+        if kind == KIND_ALERT:
             return f"{value['alert_kind']}:{value['subject']}"
-        return value["anonymous_id"] or value["previous_id"] or value["user_id"]
+        return value["key"]  # re-keyed raw: the device
 
     (
         app.dataframe(raw)
-        .apply(parse, metadata=True, expand=True)
-        .filter(lambda v: v["kind"] != KIND_SUPPRESSED)
-        .to_topic(route_parsed, key=parsed_key)
+        .apply(ingest, stateful=True, metadata=True, expand=True)
+        .to_topic(lambda v, *_: ingest_out[v["kind"]], key=ingest_key)
         .sink(
             WarehouseSink(
-                write, frozenset({KIND_DEAD_LETTER, KIND_ALERT}), max_delay_ms=sink_delay_ms
+                write,
+                frozenset({KIND_DEAD_LETTER, KIND_ALERT, KIND_LINK}),
+                max_delay_ms=sink_delay_ms,
             )
         )
-    )
-    (
-        app.dataframe(by_device)
-        .apply(run_stitch, stateful=True, expand=True)
-        .to_topic(
-            lambda v, *_: identities if v["kind"] == KIND_LINK else attributed,
-            key=lambda v: v["anonymous_id"] if v["kind"] == KIND_LINK else v["customer_id"],
-        )
-        .sink(WarehouseSink(write, frozenset({KIND_LINK}), max_delay_ms=sink_delay_ms))
     )
     (
         app.dataframe(attributed)

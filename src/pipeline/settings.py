@@ -133,7 +133,13 @@ class Settings(BaseSettings):
     )
     processing_guarantee: ProcessingGuarantee = "exactly-once"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
-    commit_interval_s: float = Field(0.5, gt=0)
+    commit_interval_s: float = Field(
+        0.1,
+        gt=0,
+        description="Checkpoint interval: each stage's output is visible to the next only "
+        "after its transaction commits, so this bounds latency (measured p50 at half load: "
+        "~0.5-0.7 s at 0.5, ~0.15-0.18 s at 0.1); shorter commits more often.",
+    )
     sink_max_delay_ms: float = Field(
         10.0,
         ge=0,

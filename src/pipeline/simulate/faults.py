@@ -98,7 +98,8 @@ def _malformed(
         "price": product.price,
     }
     body["properties"] = props
-    key: bytes | None = (device.anonymous_id or user_id).encode()
+    ident = device.anonymous_id or user_id  # the device first, as stage 1 keys
+    key: bytes | None = ident.encode() if ident is not None else None
     event_ts = ts
     if reason == "not_json":
         value = orjson.dumps(body)

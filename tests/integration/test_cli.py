@@ -6,11 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli_env, pipeline_cmd, run_cli
 
 from pipeline.broker import free_port
 from pipeline.catalog import load_catalog
@@ -21,30 +21,9 @@ from pipeline.stores.local import LocalWarehouse
 pytestmark = pytest.mark.integration
 
 
-def _env(home: Path, collector_port: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PIPELINE_HOME"] = str(home)
-    env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
-    env["PIPELINE_API__PORT"] = "0"
-    env["PIPELINE_METRICS_PORT"] = "0"
-    env["PIPELINE_COLLECTOR__PORT"] = str(collector_port or free_port())
-    return env
-
-
-def _pipeline(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
-
-
 def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    done = subprocess.run(
-        _pipeline("demo", "--events", "3000", "--seed", "5", "--json"),
-        env=_env(home),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(home, tmp_path, "demo", "--events", "3000", "--seed", "5", "--json", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     for key in (
@@ -80,24 +59,10 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
             "SELECT customer_id FROM profiles WHERE is_anonymous = 0 AND merged_into IS NULL "
             "ORDER BY event_count DESC LIMIT 1"
         )["customer_id"][0]
-    shown = subprocess.run(
-        _pipeline("profile", customer, "--json"),
-        env=_env(home),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = run_cli(home, tmp_path, "profile", customer, "--json", timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["customer_id"] == customer
-    missing = subprocess.run(
-        _pipeline("profile", "nobody"),
-        env=_env(home),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = run_cli(home, tmp_path, "profile", "nobody", timeout=60)
     assert missing.returncode == 1
     assert "no profile" in missing.stderr
 
@@ -107,14 +72,7 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
             "SELECT message_id, ingested_ms, stored_ms FROM events WHERE customer_id = ? LIMIT 1",
             (customer,),
         ).iloc[0]
-    traced = subprocess.run(
-        _pipeline("trace", str(stored["message_id"]), "--json"),
-        env=_env(home),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    traced = run_cli(home, tmp_path, "trace", str(stored["message_id"]), "--json", timeout=60)
     assert traced.returncode == 0, traced.stderr
     trace = json.loads(traced.stdout)
     assert trace["customer_id"] == customer
@@ -133,8 +91,8 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
     home = tmp_path / "home"
     port = free_port()
     up = subprocess.Popen(
-        _pipeline("up", "--no-workbench"),
-        env=_env(home, port),
+        pipeline_cmd("up", "--no-workbench"),
+        env=cli_env(home, port),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -146,30 +104,14 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
             assert up.poll() is None, up.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "pipeline up did not start its broker"
             time.sleep(0.2)
-        sent = subprocess.run(
-            _pipeline("simulate", "--events", "1500", "--seed", "3"),
-            env=_env(home),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sent = run_cli(home, tmp_path, "simulate", "--events", "1500", "--seed", "3", timeout=120)
         assert sent.returncode == 0, sent.stderr
         # and as a browser or backend would: through the collector over HTTP
-        via_http = subprocess.run(
-            _pipeline(
-                "simulate",
-                "--events",
-                "800",
-                "--seed",
-                "4",
-                "--via-http",
-                f"http://127.0.0.1:{port}",
-            ),
-            env=_env(home),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
+        via_http = run_cli(
+            home,
+            tmp_path,
+            *("simulate", "--events", "800", "--seed", "4"),
+            *("--via-http", f"http://127.0.0.1:{port}"),
             timeout=120,
         )
         assert via_http.returncode == 0, via_http.stderr
@@ -205,8 +147,8 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
 def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path) -> None:
     home = tmp_path / "home"
     up = subprocess.Popen(
-        _pipeline("up", "--no-workbench"),
-        env=_env(home),
+        pipeline_cmd("up", "--no-workbench"),
+        env=cli_env(home),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -228,13 +170,8 @@ def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path
             return wh.counts()["events"]
 
     def send(seed: int) -> None:
-        sent = subprocess.run(
-            _pipeline("simulate", "--events", "500", "--seed", str(seed)),
-            env=_env(home),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        sent = run_cli(
+            home, tmp_path, "simulate", "--events", "500", "--seed", str(seed), timeout=120
         )
         assert sent.returncode == 0, sent.stderr
 

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import cli_env, pipeline_cmd, run_cli
 
 from pipeline.bench_scaleout import scaleout
 from pipeline.catalog import load_catalog
@@ -51,23 +51,10 @@ def test_two_replicas_split_the_work_and_store_the_same_customer_results(
     )
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PIPELINE_HOME"] = str(home)
-    env["PIPELINE_COMMIT_INTERVAL_S"] = "0.3"
-    env["PIPELINE_API__PORT"] = "0"
-    env["PIPELINE_METRICS_PORT"] = "0"
-    return env
-
-
-def _pipeline(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
-
-
 def _start_up(home: Path, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        _pipeline("up", "--replicas", "2", "--no-collector", "--no-api", "--no-workbench"),
-        env=_env(home),
+        pipeline_cmd("up", "--replicas", "2", "--no-collector", "--no-api", "--no-workbench"),
+        env=cli_env(home),
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -119,14 +106,7 @@ def test_up_with_two_replicas_processes_traffic_and_stops_them_on_sigterm(
         pids = {i: int(s["pid"]) for i, s in _statuses(home).items()}
         assert set(pids) == {"0-0", "0-1"}
         assert {_parent_of(pid) for pid in pids.values()} == {up.pid}
-        sent = subprocess.run(
-            _pipeline("simulate", "--events", "1500", "--seed", "3"),
-            env=_env(home),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sent = run_cli(home, tmp_path, "simulate", "--events", "1500", "--seed", "3", timeout=120)
         assert sent.returncode == 0, sent.stderr
         expected = sum(
             simulate_for(

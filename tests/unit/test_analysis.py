@@ -231,3 +231,32 @@ def test_figures_are_plotly_figures_with_data() -> None:
     ):
         assert isinstance(fig, go.Figure)
         assert fig.data
+
+
+def test_step_latency_by_phase_splits_the_path_per_offered_load() -> None:
+    from pipeline.analysis import step_latency_by_phase, step_latency_figure
+
+    rows, phases = [], []
+    for phase, rate, hop in ((0, 500.0, 100), (1, 2000.0, 300)):
+        for i in range(5):
+            mid = f"m{phase}-{i}"
+            rows.append(
+                {
+                    "message_id": mid,
+                    "collected_ms": None,
+                    "ingested_ms": 1_000,
+                    "parsed_ms": 1_010 + i,
+                    "stitched_ms": 1_010 + i,
+                    "scored_ms": 1_010 + i + hop,
+                    "stored_ms": 1_015 + i + hop,
+                }
+            )
+            phases.append({"message_id": mid, "phase": phase, "offered_rate": rate})
+    steps = step_latency_by_phase(pd.DataFrame(rows), pd.DataFrame(phases))
+    p50 = steps.set_index(["offered_rate", "step"])["p50_ms"]
+    assert p50[(500.0, "score + segments")] == 100
+    assert p50[(2000.0, "score + segments")] == 300
+    assert p50[(500.0, "validate + enrich")] == 12
+    assert p50[(2000.0, "store")] == 5
+    assert "collect" not in set(steps["step"])  # never recorded: no row, not a zero
+    assert len(step_latency_figure(steps).data) == steps["step"].nunique()

@@ -37,8 +37,10 @@ from quixstreams.models import TopicConfig
 from pipeline import lineage
 from pipeline.broker import client_config, free_port, topic_extra_config
 from pipeline.errors import PipelineError
+from pipeline.loadgen import LoadGenerator, WireMessage
 from pipeline.metrics import StreamMetrics
 from pipeline.settings import Settings
+from pipeline.simulate import RawMessage
 
 BENCH_WRITE_KEY = "wk_bench"
 BENCH_API_KEY = "ak_bench_0123456789"
@@ -459,6 +461,13 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         phases: list[Phase] = []
         measured: dict[str, float] = {}
 
+        load = LoadGenerator(run.address, work)
+
+        def offer(messages: Sequence[RawMessage], rate: float) -> float:
+            """Paced load from a child process, as remote senders would offer it (see loadgen)."""
+            wire = [WireMessage(m.key, m.value, m.delivered_ms) for m in messages]
+            return load.offer(wire, rate)
+
         def feed() -> None:
             m = run.metrics
             _wait_drained(m, len(backlog))
@@ -468,15 +477,13 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             measured.update(seconds=seconds, eps=m.raw_in / seconds, raw=m.raw_in)
             expected = len(backlog)
             # a warm-up at the lowest load: caches, connections and batches are in steady state
-            produce_messages(
-                bench_settings, run.address, warmup, rate=config.load_fractions[0] * measured["eps"]
-            )
+            offer(warmup, config.load_fractions[0] * measured["eps"])
             expected += len(warmup)
             _wait_drained(m, expected)
             for fraction, messages in zip(config.load_fractions, phase_slices, strict=True):
                 rate = fraction * measured["eps"]
                 start_ms = _now_ms()
-                produce_s = produce_messages(bench_settings, run.address, messages, rate=rate)
+                produce_s = offer(messages, rate)
                 end_ms = _now_ms()
                 expected += len(messages)
                 _wait_drained(m, expected)
@@ -491,7 +498,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                     )
                 )
 
-        process_until_idle(run, expected_raw=total, feed=feed, idle_s=0.3)
+        try:
+            process_until_idle(run, expected_raw=total, feed=feed, idle_s=0.3)
+        finally:
+            load.close()
         report["processor"] = {
             "events": int(measured["raw"]),
             "seconds": round(measured["seconds"], 6),

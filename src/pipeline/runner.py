@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import Producer
 
@@ -24,7 +24,7 @@ from pipeline.gdpr import suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
-from pipeline.simulate import RawMessage, Simulation, SimulationConfig, default_end, simulate
+from pipeline.simulate import Simulation, SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
 from pipeline.stream.topology import build_application
 
@@ -38,6 +38,17 @@ from pipeline.triggers import Trigger
 log = logging.getLogger(__name__)
 
 BROKER_FILE = "broker.json"
+
+
+class OutgoingMessage(Protocol):
+    """What :func:`produce_messages` sends: a simulated ``RawMessage`` or a loadgen record."""
+
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def delivered_ms(self) -> int: ...
 
 
 def make_producer(settings: Settings, address: str) -> Producer:
@@ -58,15 +69,19 @@ def make_producer(settings: Settings, address: str) -> Producer:
 def produce_messages(
     settings: Settings,
     address: str,
-    messages: Sequence[RawMessage],
+    messages: Sequence[OutgoingMessage],
     *,
     rate: float | None = None,
     offsets_s: Sequence[float] | None = None,
     on_progress: Callable[[int], None] | None = None,
     stamp_delivered: bool = False,
+    producer: Producer | None = None,
 ) -> float:
     """Send ``messages`` to the raw topic in order, paced at ``rate`` msg/s or each at its
     ``offsets_s`` (seconds from the start), or as fast as possible.
+
+    Pass a ``producer`` (from :func:`make_producer`) to keep one warm across calls: a new one
+    connects and sets up idempotence first, which holds its first messages back for a while.
 
     ``stamp_delivered`` sets each record's timestamp to the message's simulated delivery time,
     as the collector that received it would have: broker time then follows the simulated
@@ -76,8 +91,11 @@ def produce_messages(
     """
     if offsets_s is not None and len(offsets_s) != len(messages):
         raise ValueError(f"{len(offsets_s)} offsets for {len(messages)} messages")
-    producer = make_producer(settings, address)
+    if producer is None:
+        producer = make_producer(settings, address)
     topic = settings.topics.raw
+    # connect and learn the partitions before a paced run's clock starts
+    producer.list_topics(topic, timeout=30)
     start = time.monotonic()
     for i, msg in enumerate(messages):
         due = offsets_s[i] if offsets_s is not None else i / rate if rate else None

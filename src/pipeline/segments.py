@@ -21,13 +21,14 @@ A comparison with a missing fact (a customer who never added to cart has no
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import SegmentRuleError
 from pipeline.scoring import (
@@ -179,6 +180,32 @@ FACTS: Mapping[str, Fact] = {
 }
 
 
+_Test = Callable[[FactValue], bool]
+_Step = tuple[str, Callable[["_Context"], FactValue], _Test]  # fact name, how to compute, test
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "eq": operator.eq,
+    "ne": operator.ne,
+}
+
+
+def _compile_test(op: Operator, target: Any) -> _Test:
+    """The test of one condition as a closure: rules are evaluated on every profile update."""
+    if op == "is_null":
+        return lambda value: value is None
+    if op == "not_null":
+        return lambda value: value is not None
+    if op == "in":
+        return lambda value: value is not None and value in target
+    if op == "not_in":
+        return lambda value: value is not None and value not in target
+    compare = _COMPARE[op]
+    return lambda value: value is not None and compare(value, target)
+
+
 class Condition(BaseModel):
     """One test of a fact: ``field op value``; ``is_null``/``not_null`` take no value."""
 
@@ -187,6 +214,7 @@ class Condition(BaseModel):
     field: str
     op: Operator
     value: bool | float | str | list[float] | list[str] | None = None
+    _test: _Test = PrivateAttr()
 
     @model_validator(mode="after")
     def _check(self) -> Condition:
@@ -212,34 +240,12 @@ class Condition(BaseModel):
                 raise ValueError(f"{self.field!r} is a {fact.kind}: list {value!r} does not fit")
         elif not _fits(fact.kind, value):
             raise ValueError(f"{self.field!r} is a {fact.kind}: value {value!r} does not fit")
+        self._test = _compile_test(self.op, value)
         return self
 
     def holds(self, value: FactValue) -> bool:
         """Whether the condition is true of ``value``; false for a missing value unless null ops."""
-        op = self.op
-        if op == "is_null":
-            return value is None
-        if op == "not_null":
-            return value is not None
-        if value is None:
-            return False
-        target = self.value
-        if op == "eq":
-            return value == target
-        if op == "ne":
-            return value != target
-        if op == "in":
-            return value in target  # type: ignore[operator]
-        if op == "not_in":
-            return value not in target  # type: ignore[operator]
-        assert isinstance(value, int | float) and isinstance(target, int | float)
-        if op == "lt":
-            return value < target
-        if op == "le":
-            return value <= target
-        if op == "gt":
-            return value > target
-        return value >= target
+        return self._test(value)
 
 
 def _fits(kind: FactKind, value: object) -> bool:
@@ -352,19 +358,62 @@ def profile_facts(
     return {name: FACTS[name].compute(ctx) for name in names}
 
 
+def _steps(conditions: Sequence[Condition]) -> tuple[_Step, ...]:
+    return tuple((c.field, FACTS[c.field].compute, c._test) for c in conditions)
+
+
+class SegmentPlan:
+    """Rules compiled once for evaluation on every profile update (the stream's hot path).
+
+    Facts are computed on first use and at most once per evaluation, and a rule stops at its
+    first failing ``all`` condition, so most rules read one or two cheap facts.
+    """
+
+    __slots__ = ("_plan", "rules")
+
+    def __init__(self, rules: Sequence[SegmentRule]) -> None:
+        self.rules = tuple(rules)
+        self._plan = tuple((r.name, _steps(r.all_of), _steps(r.any_of)) for r in self.rules)
+
+    def evaluate(
+        self, profile: Profile, at_ms: int, *, scoring: ScoringParams | None = None
+    ) -> frozenset[str]:
+        """Names of the segments ``profile`` belongs to at ``at_ms``."""
+        ctx = _Context(profile, at_ms, scoring or _DEFAULT_SCORING)
+        facts: dict[str, FactValue] = {}
+        members: list[str] = []
+        for name, all_of, any_of in self._plan:
+            if _all_hold(all_of, ctx, facts) and (not any_of or _any_holds(any_of, ctx, facts)):
+                members.append(name)
+        return frozenset(members)
+
+
+def _all_hold(steps: tuple[_Step, ...], ctx: _Context, facts: dict[str, FactValue]) -> bool:
+    for name, compute, test in steps:
+        value = facts[name] if name in facts else facts.setdefault(name, compute(ctx))
+        if not test(value):
+            return False
+    return True
+
+
+def _any_holds(steps: tuple[_Step, ...], ctx: _Context, facts: dict[str, FactValue]) -> bool:
+    for name, compute, test in steps:
+        value = facts[name] if name in facts else facts.setdefault(name, compute(ctx))
+        if test(value):
+            return True
+    return False
+
+
 def evaluate(
     profile: Profile,
     at_ms: int,
-    rules: Sequence[SegmentRule],
+    rules: Sequence[SegmentRule] | SegmentPlan,
     *,
     scoring: ScoringParams | None = None,
 ) -> frozenset[str]:
-    """Names of the segments ``profile`` belongs to at ``at_ms``; facts are computed once each."""
-    needed: set[str] = set()
-    for rule in rules:
-        needed |= rule.fields
-    facts = profile_facts(profile, at_ms, fields=needed, scoring=scoring)
-    return frozenset(rule.name for rule in rules if rule.matches(facts))
+    """Names of the segments ``profile`` belongs to at ``at_ms`` (see :class:`SegmentPlan`)."""
+    plan = rules if isinstance(rules, SegmentPlan) else SegmentPlan(rules)
+    return plan.evaluate(profile, at_ms, scoring=scoring)
 
 
 def diff(before: frozenset[str], after: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:

@@ -3,7 +3,9 @@
 Modelled on Kafka's transactions system test: a fixed input is seeded, the processor is killed at
 different points after >= 20% progress and restarted each time, and the outputs are compared with
 the simulator's ground truth. The embedded broker leaves records of aborted transactions visible,
-so this also proves that the effects are idempotent, not only transactional.
+so this also proves that the effects are idempotent, not only transactional. (At-least-once
+cannot be tested this way here: the embedded broker's wrong ListOffsets makes a restarted
+at-least-once processor refuse its own state, ``InvalidStoreChangelogOffset``.)
 """
 
 from __future__ import annotations
@@ -72,14 +74,22 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
     expected = sum(truth.expected_event_counts.values())
     db = home / "warehouse.sqlite"
 
+    logs: list[Path] = []
+
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "up", "--no-workbench"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        logs.append(tmp_path / f"processor-{len(logs)}.log")
+        with logs[-1].open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "up", "--no-workbench"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def died() -> str:
+        """What the processor that stopped by itself last wrote."""
+        return logs[-1].read_text(errors="replace")[-3000:]
 
     faults = [
         (0.20, signal.SIGKILL),
@@ -93,7 +103,7 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
         for fraction, sig in faults:
             deadline = time.monotonic() + 600
             while _stored(db) < fraction * expected:
-                assert proc.poll() is None, "processor died by itself"
+                assert proc.poll() is None, f"processor died by itself:\n{died()}"
                 assert time.monotonic() < deadline, f"no progress to {fraction:.0%}"
                 time.sleep(0.2)
             proc.send_signal(sig)
@@ -104,7 +114,7 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
             restarted = time.monotonic()
             proc = start()
             while _stored(db) <= before:
-                assert proc.poll() is None, "restarted processor died"
+                assert proc.poll() is None, f"restarted processor died:\n{died()}"
                 assert time.monotonic() - restarted < 120, "processing did not resume"
                 time.sleep(0.2)
             resumes.append(time.monotonic() - restarted)

@@ -259,3 +259,53 @@ def test_custom_rule_file(tmp_path: Path) -> None:
     [rule] = load_segments(path)
     assert rule.title == "Big spenders"
     assert evaluate(profile(revenue_total=100.0), NOW, [rule]) == {"big_spenders"}
+
+
+def test_compiled_plan_agrees_with_every_fact_computed_up_front() -> None:
+    """The stream's lazy, short-circuiting plan decides exactly as the full fact table does.
+
+    Profiles come from a simulated fortnight folded by the real stages, at several as-of times
+    (so elapsed-time facts cross the rules' bounds), plus rules of every operator kind.
+    """
+    from datetime import UTC, datetime
+
+    from pipeline.catalog import load_catalog
+    from pipeline.scoring import profile_from_dict
+    from pipeline.segments import SegmentPlan
+    from pipeline.simulate import SimulationConfig, simulate
+    from pipeline.testing import replay
+
+    catalog = load_catalog()
+    sim = simulate(SimulationConfig(4000, end=datetime(2026, 11, 1, tzinfo=UTC)), catalog)
+    result = replay([(m.key, m.value) for m in sim.messages], catalog=catalog)
+    extra = parse_segments(
+        {
+            "segments": [
+                {"name": "tops", "all": [{"field": "top_category", "op": "in", "value": ["tops"]}]},
+                {"name": "no_tz", "all": [{"field": "timezone", "op": "is_null"}]},
+                {
+                    "name": "either",
+                    "all": [{"field": "is_anonymous", "op": "ne", "value": True}],
+                    "any": [
+                        {"field": "cis", "op": "lt", "value": 20},
+                        {"field": "sessions", "op": "not_in", "value": [1, 2]},
+                    ],
+                },
+            ]
+        }
+    )
+    rules = [*RULES, *extra]
+    plan = SegmentPlan(rules)
+    seen: set[str] = set()
+    outside: set[str] = set()
+    for stored in result.profiles.values():
+        p = profile_from_dict(stored)
+        assert p.as_of_ms is not None
+        for at in (p.as_of_ms, p.as_of_ms + 2 * DAY_MS, p.as_of_ms + 40 * DAY_MS):
+            facts = profile_facts(p, at)
+            expected = frozenset(r.name for r in rules if r.matches(facts))
+            assert plan.evaluate(p, at) == expected == evaluate(p, at, rules)
+            seen |= expected
+            outside |= {r.name for r in rules} - expected
+    # the comparison covered members and non-members of every rule
+    assert seen == outside == {r.name for r in rules}

@@ -236,7 +236,8 @@ class LocalWarehouse:
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0  # open write transactions on this connection (batch() nests writes)
         try:
             if read_only:
                 if not self.path.exists():
@@ -272,13 +273,25 @@ class LocalWarehouse:
         self.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes inside one transaction: a sink flush commits once, not per table."""
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._depth:  # inside batch(): the outer transaction commits or rolls back
+                yield self._conn
+                return
+            self._depth += 1
             try:
                 with self._conn:
                     yield self._conn
             except sqlite3.Error as exc:
                 raise StoreError(f"write to {self.path} failed: {exc}") from exc
+            finally:
+                self._depth -= 1
 
     def write_events(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Insert clean events once per message_id; returns the time they became readable (ms)."""

@@ -9,7 +9,7 @@ call these same functions: the first with quixstreams state, the second with a d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from pipeline.scoring import (
     profile_from_dict,
     profile_to_dict,
 )
-from pipeline.segments import SegmentRule, diff, evaluate
+from pipeline.segments import SegmentPlan, SegmentRule, diff
 from pipeline.sync import merge_crm_record
 
 # Every record between and out of the stages is a flat dict tagged with its ``kind``.
@@ -62,6 +62,10 @@ class StageConfig:
     history_limit: int
     scoring: ScoringParams
     segments: tuple[SegmentRule, ...] = ()
+    segment_plan: SegmentPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segment_plan", SegmentPlan(self.segments))
 
 
 def first_sighting(state: KeyValueState, message_id: str, window: timedelta) -> bool:
@@ -128,7 +132,8 @@ def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list
                 "merged_events": merged,
             }
         )
-    wire = replace(event, customer_id=res.customer_id).to_dict()
+    wire = event.to_dict()  # a dict of its own: setting the customer here copies nothing
+    wire["customer_id"] = res.customer_id
     if identity.is_anonymous(res.customer_id):
         n = int(state.get(_HISTORY_LEN, 0))
         if n < config.history_limit:
@@ -207,7 +212,7 @@ def _update_segments(profile: Profile, config: StageConfig) -> list[dict[str, An
     """
     assert profile.as_of_ms is not None
     before = frozenset(profile.segments)
-    after = evaluate(profile, profile.as_of_ms, config.segments, scoring=config.scoring)
+    after = config.segment_plan.evaluate(profile, profile.as_of_ms, scoring=config.scoring)
     if after == before:
         return []
     entered, exited = diff(before, after)

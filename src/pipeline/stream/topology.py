@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence, Set
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -301,26 +302,28 @@ def build_application(
         changes = by_kind.get(KIND_SEGMENT_CHANGE)
         alerts = by_kind.get(KIND_ALERT)
         links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
-        # the local warehouse first: it is the serving store, and latency is measured on it
+        # the local warehouse first: it is the serving store, and latency is measured on it;
+        # all of its tables in one transaction (a commit per flush, not per table)
         for primary, wh in zip((True, *[False] * len(extra_warehouses)), targets, strict=True):
-            if events:
-                stored = wh.write_events(events)
-                if primary:
-                    metrics.stored_events([e["ingested_ms"] for e in events], stored)
-                    metrics.traced(events, stored)
-            if profiles:
-                wh.write_profiles(profiles)
-                metrics.profiles_stored += len(profiles) * primary
-            if failures:
-                wh.write_dead_letters(failures)
-                metrics.dead_letters_stored += len(failures) * primary
-            if changes:
-                wh.write_segment_changes(changes)
-                metrics.segment_changes += len(changes) * primary
-            if links:
-                wh.write_identity_links(links)
-            if alerts:
-                wh.write_alerts(alerts)
+            with warehouse.batch() if primary else nullcontext():
+                if events:
+                    stored = wh.write_events(events)
+                    if primary:
+                        metrics.stored_events([e["ingested_ms"] for e in events], stored)
+                        metrics.traced(events, stored)
+                if profiles:
+                    wh.write_profiles(profiles)
+                    metrics.profiles_stored += len(profiles) * primary
+                if failures:
+                    wh.write_dead_letters(failures)
+                    metrics.dead_letters_stored += len(failures) * primary
+                if changes:
+                    wh.write_segment_changes(changes)
+                    metrics.segment_changes += len(changes) * primary
+                if links:
+                    wh.write_identity_links(links)
+                if alerts:
+                    wh.write_alerts(alerts)
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.

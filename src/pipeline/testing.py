@@ -144,7 +144,7 @@ def replay(
         event = enrich(parsed, catalog)
         device_state = MemoryState(store, "device:" + event.identity_key)
         device_state.timestamp_ms = ingested
-        records = stitch(event, device_state, config)
+        records = stitch(event, device_state, config, position=(0, offset))
         if not records:
             result.duplicates_dropped += 1
         for record in records:

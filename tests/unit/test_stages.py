@@ -125,3 +125,53 @@ def test_fold_emits_segment_enter_and_exit_in_event_time() -> None:
     changes = [(r["segment"], r["change"]) for r in out if r["kind"] == KIND_SEGMENT_CHANGE]
     assert ("cart_abandoners", "exit") in changes
     assert out[1]["segments"] == sorted(c for c, ch in changes if ch == "enter")
+
+
+def test_stitch_stamps_each_record_for_stage_2_with_its_position() -> None:
+    store: dict[Any, Any] = {}
+    stitch(anon(ts=T0_MS), device_state(store, T0_MS), CONFIG, position=(2, 40))
+    login = make_event("Identify", T0_MS + 10, anonymous_id="dev1", user_id="cus_1")
+    out = stitch(login, device_state(store, T0_MS), CONFIG, position=(2, 41))
+    assert [(r["kind"], r.get("seq")) for r in out] == [
+        (KIND_EVENT, [2, 41, 0]),  # the merged history, re-sent at the login's position
+        (KIND_RETIRE, [2, 41, 1]),
+        (KIND_LINK, None),  # links go to their own topic, not to stage 2
+        (KIND_EVENT, [2, 41, 3]),
+    ]
+
+
+def _seq_record(message_id: str, seq: list[int], ts: int = T0_MS) -> dict[str, Any]:
+    e = make_event("Product Viewed", ts, message_id=message_id, customer_id="cus_1")
+    return {**e.to_dict(), "kind": KIND_EVENT, "seq": seq}
+
+
+def test_fold_drops_records_at_positions_already_applied_per_raw_partition() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    cust.timestamp_ms = T0_MS
+
+    def count(record: dict[str, Any]) -> int | None:
+        out = fold(record, cust, CONFIG, now_ms=T0_MS)
+        return out[1]["event_count"] if out else None
+
+    assert count(_seq_record("a", [0, 10, 0])) == 1
+    assert count(_seq_record("b", [0, 12, 0])) == 2
+    # stage 1 ran again from offset 10 (an abort, a restart): the same records, dropped
+    assert count(_seq_record("a", [0, 10, 0])) is None
+    assert count(_seq_record("b", [0, 12, 0])) is None
+    # another raw partition (another device of the customer) has its own order
+    assert count(_seq_record("c", [1, 3, 0])) == 3
+    # a CRM update and a later record keep the positions: the replay is still known
+    crm = {"kind": "crm", "customer_id": "cus_1", "email": "a@b.c", "updated_at": "2026-01-01"}
+    assert fold(crm, cust, CONFIG, now_ms=T0_MS)
+    assert count(_seq_record("b", [0, 12, 0])) is None
+    assert count(_seq_record("d", [0, 12, 1])) == 4  # the next output of the same message
+
+
+def test_position_stays_inside_the_hop() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    cust.timestamp_ms = T0_MS
+    event, profile = fold(_seq_record("a", [0, 10, 0]), cust, CONFIG, now_ms=T0_MS)
+    assert "seq" not in event
+    assert not any(key.startswith("_") for key in profile)

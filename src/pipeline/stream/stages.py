@@ -5,6 +5,13 @@ duplicate messageIds and stitches identities. Stage 2 runs per customer: it drop
 records (the embedded broker can expose records of aborted transactions, so effects must be
 idempotent) and folds events into the profile. The stream topology and ``pipeline.testing``
 call these same functions: the first with quixstreams state, the second with a dict.
+
+Replays are recognised by position, not by messageId: stage 1 stamps each record it passes on
+with ``seq`` = (raw partition, raw offset, index among that message's outputs). Stage 1 reads
+a partition in order and its output keeps that order, so for one customer the positions from
+one raw partition only grow, and a replay (the same input processed again after an abort or a
+restart) repeats positions already applied. Stage 2 keeps the newest position per raw partition
+beside the profile, in the same state value: no extra state read or write per event.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ KIND_REKEY = "rekey"
 KIND_ALERT = "alert"
 
 _SEEN = "seen:"
+_APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
 _LINKED = "linked"
 _HISTORY_LEN = "history_len"
 _HISTORY = "history:"
@@ -81,14 +89,31 @@ def first_sighting(state: KeyValueState, message_id: str, window: timedelta) -> 
     return True
 
 
-def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list[dict[str, Any]]:
+def stitch(
+    event: CleanEvent,
+    state: KeyValueState,
+    config: StageConfig,
+    *,
+    position: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
     """Stage 1: dedupe and attribute one event to a customer (per-device state).
 
     Returns the records to pass on: nothing for a duplicate; otherwise the event record with
     its ``customer_id``, preceded on a first link by the device's anonymous history
     (re-attributed, with ``merged_from``), a ``retire`` record for the anonymous profile and a
-    ``link`` record.
+    ``link`` record. With the raw message's ``position`` (partition, offset), the records for
+    stage 2 carry their ``seq`` (see the module docstring).
     """
+    out = _stitch(event, state, config)
+    if position is not None:
+        partition, offset = position
+        for index, record in enumerate(out):
+            if record["kind"] != KIND_LINK:
+                record["seq"] = [partition, offset, index]
+    return out
+
+
+def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list[dict[str, Any]]:
     if not first_sighting(state, event.message_id, config.dedupe_window):
         return []
     linked: str | None = state.get(_LINKED)
@@ -145,10 +170,36 @@ def stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> list
 
 
 def load_profile(state: KeyValueState, customer_id: str) -> Profile:
+    return _load(state, customer_id)[0]
+
+
+def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:
+    """The customer's profile and the newest stage-1 position applied per raw partition."""
     stored = state.get(_PROFILE)
     if stored is None:
-        return new_profile(customer_id, is_anonymous=identity.is_anonymous(customer_id))
-    return profile_from_dict(stored)
+        return new_profile(customer_id, is_anonymous=identity.is_anonymous(customer_id)), {}
+    return profile_from_dict(stored), stored.get(_APPLIED) or {}
+
+
+def _store(state: KeyValueState, profile: Profile, applied: dict[str, list[int]]) -> dict[str, Any]:
+    """Save the profile with its applied positions; returns the profile record to emit."""
+    stored = profile_to_dict(profile)
+    emitted = {**stored, "kind": KIND_PROFILE}
+    if applied:
+        stored[_APPLIED] = applied
+    state.set(_PROFILE, stored)
+    return emitted
+
+
+def _is_replay(record: dict[str, Any], applied: dict[str, list[int]]) -> bool:
+    """Whether stage 2 applied this record before; notes its position in ``applied`` if not."""
+    partition, offset, index = record["seq"]
+    key = str(partition)
+    newest = applied.get(key)
+    if newest is not None and (offset, index) <= (newest[0], newest[1]):
+        return True
+    applied[key] = [offset, index]
+    return False
 
 
 def fold(
@@ -160,21 +211,23 @@ def fold(
     retired anonymous profile, or nothing for a record already applied (a replay).
     """
     if record["kind"] == KIND_RETIRE:
-        profile = load_profile(state, record["customer_id"])
+        profile, applied = _load(state, record["customer_id"])
         if profile.merged_into == record["merged_into"]:
             return []
         profile.merged_into = record["merged_into"]
         profile.version += 1
         profile.updated_ms = now_ms
-        stored = profile_to_dict(profile)
-        state.set(_PROFILE, stored)
-        return [{**stored, "kind": KIND_PROFILE}]
+        return [_store(state, profile, applied)]
     if record["kind"] == KIND_CRM:
         return _apply_crm(record, state, now_ms=now_ms)
-    if not first_sighting(state, record["message_id"], config.dedupe_window):
-        return []
+    profile, applied = _load(state, record["customer_id"])
+    if "seq" in record:
+        if _is_replay(record, applied):
+            return []
+        del record["seq"]  # internal to the hop: not part of the clean event
+    elif not first_sighting(state, record["message_id"], config.dedupe_window):
+        return []  # a record without position (a stage 1 from before positions): by messageId
     event = CleanEvent.from_dict(record)
-    profile = load_profile(state, record["customer_id"])
     device = identity.device_of(event)
     if event.user_id is not None and device is not None:
         merge_provenance(
@@ -182,17 +235,16 @@ def fold(
         )
     apply_event(profile, event, config.scoring, processed_ms=now_ms)
     changes = _update_segments(profile, config) if config.segments else []
-    stored = profile_to_dict(profile)
-    state.set(_PROFILE, stored)
+    emitted = _store(state, profile, applied)
     record["scored_ms"] = now_ms  # lineage: the event's last stage before the sinks
-    return [record, {**stored, "kind": KIND_PROFILE}, *changes]
+    return [record, emitted, *changes]
 
 
 def _apply_crm(
     record: dict[str, Any], state: KeyValueState, *, now_ms: int
 ) -> list[dict[str, Any]]:
     """Merge one CRM record into the profile's traits (precedence rules in pipeline.sync)."""
-    profile = load_profile(state, record["customer_id"])
+    profile, applied = _load(state, record["customer_id"])
     traits = merge_crm_record(profile.traits, record, traits_updated_ms=profile.traits_ms)
     if traits == profile.traits:
         return []  # a re-sent or older record: nothing changes, no new version
@@ -200,9 +252,7 @@ def _apply_crm(
     profile.timezone = traits.get("timezone") or profile.timezone
     profile.version += 1
     profile.updated_ms = now_ms
-    stored = profile_to_dict(profile)
-    state.set(_PROFILE, stored)
-    return [{**stored, "kind": KIND_PROFILE}]
+    return [_store(state, profile, applied)]
 
 
 def _update_segments(profile: Profile, config: StageConfig) -> list[dict[str, Any]]:

@@ -259,7 +259,7 @@ def build_application(
         event = enrich(result, catalog)
         parsed = _now_ms()
         metrics.stitched_in += 1
-        out = stitch(event, state, config)
+        out = stitch(event, state, config, position=(ctx.partition, ctx.offset))
         if not out:
             metrics.duplicates_dropped += 1
         stitched = _now_ms()

@@ -12,9 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from topic_reader import read_topic
 
-from pipeline.broker import client_config
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, SimulationConfig, simulate
@@ -34,30 +33,6 @@ class Outcome:
     messages: list[RawMessage]
     injections: tuple[Injection, ...]
     topic: list[tuple[str, dict[str, Any]]]
-
-
-def consume_all(settings: Settings, address: str, topic: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every committed (key, record) of ``topic``, read with a real consumer."""
-    consumer = Consumer(
-        {
-            **client_config(settings, address),
-            "group.id": "alerts-reader",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    out: list[tuple[str, dict[str, Any]]] = []
-    idle = 0
-    while idle < 4:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            idle += 1
-        elif msg.error() is None:
-            out.append((msg.key().decode(), orjson.loads(msg.value())))
-    consumer.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +61,10 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
             ),
             timeout_s=300,
         )
-        topic = consume_all(settings, run.address, settings.topics.alerts)
+        topic = [
+            (k.decode() if k else "", orjson.loads(v))
+            for k, v in read_topic(settings, run.address, settings.topics.alerts)
+        ]
         yield Outcome(run, messages, injections, topic)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from topic_reader import read_topic
 
 from pipeline.broker import EmbeddedBroker, ensure_topics
 from pipeline.errors import PipelineError
@@ -24,28 +23,6 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield b
 
 
-def _read_all(settings: Settings, address: str, expected: int) -> list[tuple[bytes | None, bytes]]:
-    consumer = Consumer(
-        {"bootstrap.servers": address, "group.id": "loadgen-test", "enable.auto.commit": False}
-    )
-    consumer.assign(
-        [
-            TopicPartition(settings.topics.raw, p, OFFSET_BEGINNING)
-            for p in range(settings.partitions)
-        ]
-    )
-    got: list[tuple[bytes | None, bytes]] = []
-    deadline = time.monotonic() + 30
-    try:
-        while len(got) < expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is not None and not msg.error():
-                got.append((msg.key(), msg.value()))
-    finally:
-        consumer.close()
-    return got
-
-
 def test_offers_arrive_exactly_and_at_the_asked_pace(
     broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -58,7 +35,7 @@ def test_offers_arrive_exactly_and_at_the_asked_pace(
     with LoadGenerator(broker.address, tmp_path / "load") as load:
         load.offer(first, rate=5_000)
         seconds = load.offer(second, rate=100)  # 40 messages at 100/s: about 0.4 s
-    got = _read_all(settings, broker.address, len(first) + len(second))
+    got = read_topic(settings, broker.address, settings.topics.raw)
     sent = [(m.key, m.value) for m in first + second]
     assert sorted(got, key=repr) == sorted(sent, key=repr)
     assert 0.35 <= seconds < 10, "paced: the last message is due 0.39 s after the first"

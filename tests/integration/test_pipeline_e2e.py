@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
+from topic_reader import read_topic
 
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
@@ -188,38 +190,9 @@ def test_bad_input_yields_typed_dead_letters_and_processing_goes_on(settings: Se
         violation = letters[letters["reason"] == "schema_violation"].iloc[0]
         assert "product_id" in violation["schema_path"]
         assert run.warehouse.get_profile("anon:dev-1")["event_count"] == 5
-        topic_reasons = [r["reason"] for r in _consume_all(settings, run.address, "events.dlq")]
+        dlq = read_topic(settings, run.address, "events.dlq")
+        topic_reasons = [orjson.loads(value)["reason"] for _, value in dlq]
         assert sorted(topic_reasons) == sorted(bad)
-
-
-def _consume_all(settings: Settings, address: str, topic: str) -> list[dict[str, Any]]:
-    """Every committed record of ``topic``, read with a real consumer."""
-    import orjson
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    from pipeline.broker import client_config
-
-    consumer = Consumer(
-        {
-            **client_config(settings, address),
-            "group.id": "test-reader",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    out: list[dict[str, Any]] = []
-    idle = 0
-    while idle < 4:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            idle += 1
-            continue
-        if msg.error() is None:
-            out.append(orjson.loads(msg.value()))
-    consumer.close()
-    return out
 
 
 def test_cart_abandonment_triggers_match_what_customers_did(outcome: Outcome) -> None:

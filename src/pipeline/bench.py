@@ -37,7 +37,7 @@ from quixstreams.models import TopicConfig
 from pipeline import lineage
 from pipeline.broker import client_config, free_port, topic_extra_config
 from pipeline.errors import PipelineError
-from pipeline.loadgen import LoadGenerator, WireMessage
+from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage
@@ -461,12 +461,11 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         phases: list[Phase] = []
         measured: dict[str, float] = {}
 
-        load = LoadGenerator(run.address, work)
+        load = LoadGenerator(run.address, work, topic=bench_settings.topics.raw)
 
         def offer(messages: Sequence[RawMessage], rate: float) -> float:
             """Paced load from a child process, as remote senders would offer it (see loadgen)."""
-            wire = [WireMessage(m.key, m.value, m.delivered_ms) for m in messages]
-            return load.offer(wire, rate)
+            return load.offer(wire_messages(messages), rate)
 
         def feed() -> None:
             m = run.metrics

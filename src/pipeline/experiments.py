@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics
 from pipeline.runner import Run, process_until_idle, produce_messages, summarize
 from pipeline.simulate import RawMessage, Simulation, SimulationConfig, default_end, simulate
@@ -101,13 +102,15 @@ def run_load_phases(
     ]
     phases: list[LoadPhase] = []
     start = run.metrics.raw_in
+    # paced from a process of its own with a warm producer, as remote senders would (loadgen)
+    load = LoadGenerator(run.address, run.settings.home / "loadgen", topic=run.settings.topics.raw)
 
     def feed() -> None:
-        produce_messages(run.settings, run.address, warm.messages)
+        load.offer(wire_messages(warm.messages), None)  # also warms the sender's producer
         sent = start + len(warm.messages)
         _wait_for(run.metrics, sent, timeout_s)
         for i, (rate, messages) in enumerate(plans):
-            took = produce_messages(run.settings, run.address, messages, rate=rate)
+            took = load.offer(wire_messages(messages), rate)
             sent += len(messages)
             phases.append(
                 LoadPhase(
@@ -131,6 +134,7 @@ def run_load_phases(
             run, expected_raw=start + total, feed=feed, timeout_s=timeout_s, on_tick=tick
         )
     finally:
+        load.close()
         bar.close()
     return phases
 

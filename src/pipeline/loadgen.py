@@ -16,12 +16,16 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.runner import OutgoingMessage
 
 _HEADER = struct.Struct("<iiq")  # key length (-1: no key), value length, delivered_ms
 _NO_KEY = -1
@@ -34,6 +38,11 @@ class WireMessage:
     key: bytes | None
     value: bytes
     delivered_ms: int
+
+
+def wire_messages(messages: Iterable[OutgoingMessage]) -> list[WireMessage]:
+    """Messages (simulated ones, say) as the load generator sends them."""
+    return [WireMessage(m.key, m.value, m.delivered_ms) for m in messages]
 
 
 def write_messages(path: Path, messages: Sequence[WireMessage]) -> None:
@@ -77,18 +86,20 @@ class LoadGenerator:
     so it reaches the broker the same way.
     """
 
-    def __init__(self, address: str, work_dir: Path) -> None:
+    def __init__(self, address: str, work_dir: Path, *, topic: str | None = None) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         self._work_dir = work_dir
         self._offers = 0
+        topic_args = ["--topic", topic] if topic else []
         self._child = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.loadgen", "--broker", address],
+            [sys.executable, "-m", "pipeline.loadgen", "--broker", address, *topic_args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
 
-    def offer(self, messages: Sequence[WireMessage], rate: float) -> float:
+    def offer(self, messages: Sequence[WireMessage], rate: float | None) -> float:
+        """Send ``messages`` at ``rate`` msg/s (``None``: as fast as possible); seconds taken."""
         child = self._child
         assert child.stdin is not None and child.stdout is not None
         self._offers += 1
@@ -135,14 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.loadgen", description=__doc__)
     parser.add_argument("--broker", required=True, help="bootstrap address")
+    parser.add_argument("--topic", help="raw topic (default: the settings' events.raw)")
     args = parser.parse_args(argv)
     settings = Settings()
+    if args.topic:
+        topics = settings.topics.model_copy(update={"raw": args.topic})
+        settings = settings.model_copy(update={"topics": topics})
     producer = make_producer(settings, args.broker)
     for line in sys.stdin:
         request = json.loads(line)
         messages = read_messages(Path(request["file"]))
+        rate = request["rate"]
         seconds = produce_messages(
-            settings, args.broker, messages, rate=float(request["rate"]), producer=producer
+            settings,
+            args.broker,
+            messages,
+            rate=None if rate is None else float(rate),
+            producer=producer,
         )
         print(json.dumps({"produce_s": seconds, "messages": len(messages)}), flush=True)
     return 0

@@ -279,11 +279,6 @@ class SegmentRule(BaseModel):
         """A human label for reports and emails: ``label`` or the name in words."""
         return self.label or self.name.replace("_", " ").capitalize()
 
-    @property
-    def fields(self) -> frozenset[str]:
-        """The facts this rule reads."""
-        return frozenset(c.field for c in (*self.all_of, *self.any_of))
-
     def matches(self, facts: Mapping[str, FactValue]) -> bool:
         """Whether a customer with these facts belongs to the segment."""
         if not all(c.holds(facts[c.field]) for c in self.all_of):

@@ -169,10 +169,6 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
     return out
 
 
-def load_profile(state: KeyValueState, customer_id: str) -> Profile:
-    return _load(state, customer_id)[0]
-
-
 def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:
     """The customer's profile and the newest stage-1 position applied per raw partition."""
     stored = state.get(_PROFILE)

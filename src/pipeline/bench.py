@@ -441,6 +441,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             "partitions": bench_settings.partitions,
             "processing_guarantee": bench_settings.processing_guarantee,
             "commit_interval_s": bench_settings.commit_interval_s,
+            "consumer_isolation": bench_settings.consumer_isolation,
         },
     }
     with pipeline_run(bench_settings) as run:

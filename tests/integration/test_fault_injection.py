@@ -3,7 +3,8 @@
 Modelled on Kafka's transactions system test: a fixed input is seeded, the processor is killed at
 different points after >= 20% progress and restarted each time, and the outputs are compared with
 the simulator's ground truth. The embedded broker leaves records of aborted transactions visible,
-so this also proves that the effects are idempotent, not only transactional. (At-least-once
+and stage 2 reads stage 1's output uncommitted by default, so this also proves that the effects
+are idempotent, not only transactional. (At-least-once
 cannot be tested this way here: the embedded broker's wrong ListOffsets makes a restarted
 at-least-once processor refuse its own state, ``InvalidStoreChangelogOffset``.)
 """
@@ -32,6 +33,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = int(os.environ.get("FAULT_TEST_EVENTS", "100000"))
 RESUME_LIMIT_S = 30.0
+# Two replicas killed in turn fail on the embedded broker about 1 run in 5, under either
+# consumer isolation: one attributed partition's profile updates go missing, or (once) no
+# replica resumed. Tansu's ListOffsets answers 0 for read_committed while a transaction is open
+# (and base-of-newest-batch + 1 otherwise), and quixstreams sizes changelog recovery by it, so a
+# warm store can skip the updates another replica made. Kept as a reproducer; see the README.
+TWO_REPLICAS = pytest.param(
+    2,
+    marks=pytest.mark.skipif(
+        os.environ.get("FAULT_TEST_TWO_REPLICAS") != "1",
+        reason="known failure on the embedded broker (set FAULT_TEST_TWO_REPLICAS=1 to run)",
+    ),
+)
 
 
 @pytest.fixture
@@ -50,9 +63,14 @@ def _stored(db: Path) -> int:
         return 0
 
 
+@pytest.mark.parametrize("replicas", [1, TWO_REPLICAS])
 def test_kills_and_restarts_lose_nothing_and_double_nothing(
-    broker: EmbeddedBroker, tmp_path: Path
+    broker: EmbeddedBroker, tmp_path: Path, replicas: int
 ) -> None:
+    """One replica: its stage 2 reads its own stage 1's output before the commit (the default
+    read_uncommitted), so a kill leaves applied effects of an aborted transaction that the
+    replay must not repeat. Two replicas, killed in turn: stage 2 of a customer often runs in
+    the replica that was not killed and has committed those effects when the replay arrives."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update(
@@ -76,20 +94,24 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
 
     logs: list[Path] = []
 
-    def start() -> subprocess.Popen[bytes]:
-        logs.append(tmp_path / f"processor-{len(logs)}.log")
+    def start(replica: int) -> subprocess.Popen[bytes]:
+        command = ["up", "--no-workbench"]
+        if replicas > 1:
+            command = ["process", "--instance-id", str(replica)]
+        logs.append(tmp_path / f"processor-{replica}-{len(logs)}.log")
         with logs[-1].open("wb") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "up", "--no-workbench"],
+                [sys.executable, "-m", "pipeline", *command],
                 env=env,
                 cwd=tmp_path,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
 
-    def died() -> str:
-        """What the processor that stopped by itself last wrote."""
-        return logs[-1].read_text(errors="replace")[-3000:]
+    def died(replica: int) -> str:
+        """What the replica's processor that stopped by itself last wrote."""
+        log = [p for p in logs if p.name.startswith(f"processor-{replica}-")][-1]
+        return log.read_text(errors="replace")[-3000:]
 
     faults = [
         (0.20, signal.SIGKILL),
@@ -98,23 +120,25 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
         (0.70, signal.SIGKILL),
     ]
     resumes: list[float] = []
-    proc = start()
+    procs = [start(r) for r in range(replicas)]
     try:
-        for fraction, sig in faults:
+        for n, (fraction, sig) in enumerate(faults):
+            victim = n % replicas
             deadline = time.monotonic() + 600
             while _stored(db) < fraction * expected:
-                assert proc.poll() is None, f"processor died by itself:\n{died()}"
+                for r, p in enumerate(procs):
+                    assert p.poll() is None, f"processor {r} died by itself:\n{died(r)}"
                 assert time.monotonic() < deadline, f"no progress to {fraction:.0%}"
                 time.sleep(0.2)
-            proc.send_signal(sig)
-            proc.wait(timeout=60)
+            procs[victim].send_signal(sig)
+            procs[victim].wait(timeout=60)
             if sig == signal.SIGTERM:
-                assert proc.returncode == 0, "SIGTERM must stop the processor cleanly"
+                assert procs[victim].returncode == 0, "SIGTERM must stop the processor cleanly"
             before = _stored(db)
             restarted = time.monotonic()
-            proc = start()
+            procs[victim] = start(victim)
             while _stored(db) <= before:
-                assert proc.poll() is None, f"restarted processor died:\n{died()}"
+                assert procs[victim].poll() is None, f"restarted one died:\n{died(victim)}"
                 assert time.monotonic() - restarted < 120, "processing did not resume"
                 time.sleep(0.2)
             resumes.append(time.monotonic() - restarted)
@@ -123,8 +147,10 @@ def test_kills_and_restarts_lose_nothing_and_double_nothing(
             time.sleep(0.5)
         time.sleep(3)  # a few more checkpoints: profiles and dead letters flush too
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
 
     print(f"resume times after each fault (s): {[round(r, 1) for r in resumes]}")
     assert max(resumes) < RESUME_LIMIT_S

@@ -12,6 +12,13 @@ a partition in order and its output keeps that order, so for one customer the po
 one raw partition only grow, and a replay (the same input processed again after an abort or a
 restart) repeats positions already applied. Stage 2 keeps the newest position per raw partition
 beside the profile, in the same state value: no extra state read or write per event.
+
+The same guard lets stage 2 read stage 1's output uncommitted (``consumer_isolation``), as soon
+as it is written rather than when stage 1's transaction commits: if that transaction aborts,
+stage 1 replays the same input from the same restored state and so sends the same records at
+the same positions, which stage 2 drops. That needs stage 1 to be deterministic: its only
+wall-clock input is the future-skew check in parsing, so an event right at that boundary could
+be judged differently on the replay.
 """
 
 from __future__ import annotations

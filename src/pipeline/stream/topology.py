@@ -218,7 +218,11 @@ def build_application(
         # open transaction; the embedded broker never times one out (see environment notes).
         producer_extra["transactional.id"] = f"{settings.consumer_group}-{settings.instance_id}"
     # librdkafka statistics every second feed the consumer-lag gauge
-    consumer_config: dict[str, Any] = {"fetch.wait.max.ms": 20, **consumer_stats_config(metrics)}
+    consumer_config: dict[str, Any] = {
+        "fetch.wait.max.ms": 20,
+        "isolation.level": settings.consumer_isolation,
+        **consumer_stats_config(metrics),
+    }
     session_ms = settings.consumer_session_timeout_ms or (3000 if settings.embedded else None)
     if session_ms:
         consumer_config["session.timeout.ms"] = session_ms

@@ -35,9 +35,10 @@ EVENTS = int(os.environ.get("FAULT_TEST_EVENTS", "100000"))
 RESUME_LIMIT_S = 30.0
 # Two replicas killed in turn fail on the embedded broker about 1 run in 5, under either
 # consumer isolation: one attributed partition's profile updates go missing, or (once) no
-# replica resumed. Tansu's ListOffsets answers 0 for read_committed while a transaction is open
-# (and base-of-newest-batch + 1 otherwise), and quixstreams sizes changelog recovery by it, so a
-# warm store can skip the updates another replica made. Kept as a reproducer; see the README.
+# replica resumed: a replica took a partition over without replaying the changelog updates the
+# other had made. Likely cause: quixstreams sizes changelog recovery by ListOffsets, which Tansu
+# answers wrongly (0 for read_committed while a transaction is open, base of the newest batch + 1
+# for read_uncommitted). Kept as a reproducer; see the README.
 TWO_REPLICAS = pytest.param(
     2,
     marks=pytest.mark.skipif(
@@ -67,10 +68,11 @@ def _stored(db: Path) -> int:
 def test_kills_and_restarts_lose_nothing_and_double_nothing(
     broker: EmbeddedBroker, tmp_path: Path, replicas: int
 ) -> None:
-    """One replica: its stage 2 reads its own stage 1's output before the commit (the default
-    read_uncommitted), so a kill leaves applied effects of an aborted transaction that the
-    replay must not repeat. Two replicas, killed in turn: stage 2 of a customer often runs in
-    the replica that was not killed and has committed those effects when the replay arrives."""
+    """One replica: a kill aborts both stages' work together, but the aborted stage-1 records
+    stay readable and the sinks wrote ahead of the commit, so the restarted processor meets
+    effects it must not repeat. Two replicas, killed in turn: stage 2 of a customer often runs
+    in the replica that was not killed and has committed effects of the killed one's
+    uncommitted records (read_uncommitted, the default) when their replay arrives."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update(

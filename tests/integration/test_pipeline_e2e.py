@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,6 +132,35 @@ def test_top_category_affinity_matches_hidden_preference(outcome: Outcome) -> No
         true_top3 = sorted(prefs[cid], key=prefs[cid].get, reverse=True)[:3]
         hits[top in true_top3] += 1
     assert hits[True] >= 0.8 * len(active)
+
+
+def test_stage_2_reads_stage_1_output_before_its_transaction_commits(settings: Settings) -> None:
+    """With one checkpoint a minute, every event still reaches its profile within seconds:
+    stage 2 reads stage 1's records as they are written (the default read_uncommitted).
+    Waiting for stage 1's commit, nothing would reach stage 2 for the first minute."""
+    settings = settings.model_copy(update={"commit_interval_s": 60.0})
+    assert settings.consumer_isolation == "read_uncommitted"
+    with pipeline_run(settings) as run:
+        sim = simulate(SimulationConfig(events=400, seed=5, end=END, days=2), run.catalog)
+        valid = {m.message_id for m in sim.messages if m.kind == "valid" and m.message_id}
+        seen: dict[str, Any] = {}
+
+        def feed() -> None:
+            produce_messages(settings, run.address, sim.messages)
+            started = time.monotonic()
+            while time.monotonic() - started < 30:  # well before the first commit (60 s)
+                stored = int(run.warehouse.scalar("SELECT COUNT(*) FROM events"))
+                profiled = int(
+                    run.warehouse.scalar("SELECT COALESCE(SUM(event_count), 0) FROM profiles")
+                )
+                seen.update(stored=stored, profiled=profiled)
+                if stored == len(valid):
+                    return
+                time.sleep(0.2)
+
+        process_until_idle(run, expected_raw=len(sim.messages), feed=feed, timeout_s=300)
+    assert seen["stored"] == len(valid), seen
+    assert seen["profiled"] >= len(valid), seen  # merged anonymous events count twice
 
 
 def test_bad_input_yields_typed_dead_letters_and_processing_goes_on(settings: Settings) -> None:

@@ -38,7 +38,7 @@ from pipeline import lineage
 from pipeline.broker import client_config, free_port, topic_extra_config
 from pipeline.errors import PipelineError
 from pipeline.loadgen import LoadGenerator, wire_messages
-from pipeline.metrics import StreamMetrics
+from pipeline.metrics import StreamMetrics, cpu_seconds
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage
 
@@ -179,13 +179,6 @@ async def _post_load(
     return events, latencies
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def collector_throughput(
     address: str,
     *,
@@ -220,11 +213,11 @@ def collector_throughput(
     try:
         _wait_http(url, server)
         asyncio.run(_post_load(url, batch, connections, min(1.0, seconds)))
-        cpu_before = _cpu_seconds(server.pid)
+        cpu_before = cpu_seconds(server.pid)
         started = time.monotonic()
         events, latencies = asyncio.run(_post_load(url, batch, connections, seconds))
         elapsed = time.monotonic() - started
-        cpu_s = _cpu_seconds(server.pid) - cpu_before
+        cpu_s = cpu_seconds(server.pid) - cpu_before
     finally:
         _stop(server)
     ack = percentiles(latencies)
@@ -310,6 +303,7 @@ def floor_throughput(
     )
     seen = [0]
     marks: list[float] = []
+    cpu_marks: list[float] = []
     done = threading.Event()
 
     def count(value: bytes, state: Any) -> int:
@@ -318,8 +312,10 @@ def floor_throughput(
         seen[0] += 1
         if seen[0] == 1:
             marks.append(time.monotonic())
+            cpu_marks.append(time.process_time())
         if seen[0] == expected:
             marks.append(time.monotonic())
+            cpu_marks.append(time.process_time())
             done.set()
         return n
 
@@ -345,10 +341,13 @@ def floor_throughput(
     if len(marks) < 2:
         raise PipelineError(f"floor counter saw {seen[0]} of {expected} messages")
     seconds = marks[1] - marks[0]
+    cpu_s = cpu_marks[1] - cpu_marks[0]
     return {
         "events": expected,
         "seconds": round(seconds, 6),
         "events_per_s": round(expected / seconds, 1),
+        "cpu_s": round(cpu_s, 6),
+        "events_per_cpu_s": round(expected / cpu_s, 1) if cpu_s > 0 else None,
     }
 
 
@@ -468,6 +467,9 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             """Paced load from a child process, as remote senders would offer it (see loadgen)."""
             return load.offer(wire_messages(messages), rate)
 
+        broker_pid = run.broker.embedded.process.pid if run.broker.embedded else None
+        broker_cpu_before = cpu_seconds(broker_pid) if broker_pid is not None else 0.0
+
         def feed() -> None:
             m = run.metrics
             _wait_drained(m, len(backlog))
@@ -475,6 +477,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 raise PipelineError("the processor stored nothing from the backlog")
             seconds = m.last_stored_s - m.first_in_s
             measured.update(seconds=seconds, eps=m.raw_in / seconds, raw=m.raw_in)
+            if m.first_in_cpu_s is not None and m.last_stored_cpu_s is not None:
+                measured["cpu_s"] = m.last_stored_cpu_s - m.first_in_cpu_s
+            if broker_pid is not None:
+                measured["broker_cpu_s"] = cpu_seconds(broker_pid) - broker_cpu_before
             expected = len(backlog)
             # a warm-up at the lowest load: caches, connections and batches are in steady state
             offer(warmup, config.load_fractions[0] * measured["eps"])
@@ -502,11 +508,23 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             process_until_idle(run, expected_raw=total, feed=feed, idle_s=0.3)
         finally:
             load.close()
+        cpu_s = measured.get("cpu_s", 0.0)
+        floor_per_cpu = report["floor"]["events_per_cpu_s"]
         report["processor"] = {
             "events": int(measured["raw"]),
             "seconds": round(measured["seconds"], 6),
             "events_per_s": round(measured["eps"], 1),
             "ratio_to_floor": round(measured["eps"] / report["floor"]["events_per_s"], 3),
+            # per processor core: this process's CPU seconds (every thread) over the backlog,
+            # so the broker and the load generator sharing the machine do not count
+            "cpu_s": round(cpu_s, 6),
+            "events_per_cpu_s": round(measured["raw"] / cpu_s, 1) if cpu_s else None,
+            "ratio_to_floor_per_cpu_s": (
+                round(measured["raw"] / cpu_s / floor_per_cpu, 3)
+                if cpu_s and floor_per_cpu
+                else None
+            ),
+            "broker_cpu_s": round(measured.get("broker_cpu_s", 0.0), 3) if broker_pid else None,
             "dead_lettered": run.metrics.dead_lettered_total,
             "duplicates_dropped": run.metrics.duplicates_dropped,
         }

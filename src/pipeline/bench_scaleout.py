@@ -36,6 +36,7 @@ from typing import IO, Any
 import orjson
 
 from pipeline.errors import ConfigurationError, PipelineError
+from pipeline.metrics import cpu_seconds
 from pipeline.replicas import ReplicaError, aggregate, spawn_replicas, stop_replicas
 from pipeline.settings import Settings, TopicNames
 from pipeline.stores.local import LocalWarehouse
@@ -234,6 +235,11 @@ def measure_replicas(
     if group.first_in_s is None or group.last_stored_s is None:
         raise PipelineError(f"the {count}-replica run stored nothing")
     seconds = group.last_stored_s - group.first_in_s
+    cpu_s = sum(
+        s["last_stored_cpu_s"] - s["first_in_cpu_s"]
+        for s in finals
+        if s.get("first_in_cpu_s") is not None and s.get("last_stored_cpu_s") is not None
+    )
     with LocalWarehouse(settings.warehouse_path, read_only=True) as wh:
         results = customer_results(wh)
         stored = int(wh.scalar("SELECT COUNT(*) FROM events"))
@@ -242,6 +248,9 @@ def measure_replicas(
         "events": expected_raw,
         "seconds": round(seconds, 3),
         "events_per_s": round(expected_raw / seconds, 1),
+        # every replica's CPU seconds (all its threads) from its first message to its last store
+        "cpu_s": round(cpu_s, 6),
+        "events_per_cpu_s": round(expected_raw / cpu_s, 1) if cpu_s > 0 else None,
         "raw_read": group.raw_in,
         "events_stored": stored,
         "per_replica": [
@@ -312,16 +321,20 @@ def scaleout(
                     "topics": _own_topics(base.topics, f"scaleout-{name}"),
                 }
             )
-            runs.append(
-                measure_replicas(
-                    run_settings,
-                    count,
-                    run.address,
-                    expected_raw=len(sim.messages),
-                    expected_stored=sum(truth.values()),
-                    timeout_s=timeout_s,
-                )
+            broker_before = _broker_cpu_s(run)
+            measured = measure_replicas(
+                run_settings,
+                count,
+                run.address,
+                expected_raw=len(sim.messages),
+                expected_stored=sum(truth.values()),
+                timeout_s=timeout_s,
             )
+            broker_after = _broker_cpu_s(run)
+            if broker_before is not None and broker_after is not None:
+                # replicas' start-up and shut-down included: an upper bound for the backlog
+                measured["broker_cpu_s"] = round(broker_after - broker_before, 3)
+            runs.append(measured)
     results = [r.pop("_results") for r in runs]
     for r, res in zip(runs, results, strict=True):
         r["matches_truth"] = _event_counts(res) == dict(truth)
@@ -330,6 +343,10 @@ def scaleout(
     for r in runs:
         per_count.setdefault(str(r["replicas"]), []).append(r["events_per_s"])
     eps = {n: round(statistics.median(values), 1) for n, values in per_count.items()}
+    per_cpu: dict[str, list[float]] = {}
+    for r in runs:
+        if r["events_per_cpu_s"] is not None:
+            per_cpu.setdefault(str(r["replicas"]), []).append(r["events_per_cpu_s"])
     report: dict[str, Any] = {
         "events": len(sim.messages),
         "events_stored_truth": sum(truth.values()),
@@ -341,6 +358,7 @@ def scaleout(
         "runs": runs,
         "events_per_s": eps,
         "speedup": {n: round(v / eps[str(first["replicas"])], 3) for n, v in eps.items()},
+        "events_per_cpu_s": {n: round(statistics.median(v), 1) for n, v in per_cpu.items()},
         "customers_compared": len(results[0]),
         "compared_fields": ["events", *PROFILE_FIELDS_EXACT, *PROFILE_FIELDS_CLOSE],
         "left_out_fields": ORDER_DEPENDENT,
@@ -367,5 +385,35 @@ def scaleout(
     return report
 
 
+def _broker_cpu_s(run: Any) -> float | None:
+    """CPU seconds the embedded broker has used so far (None for an external broker)."""
+    if run.broker.embedded is None:
+        return None
+    return cpu_seconds(run.broker.embedded.process.pid)
+
+
 def _shown(differing: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     return {c: list(d) for c, d in list(differing.items())[:DIFFERENCES_SHOWN]}
+
+
+def scaleout_summary(report: Mapping[str, Any]) -> str:
+    """One line: events/s and events per replica CPU-second per replica count, and the verdict."""
+    per_cpu = report.get("events_per_cpu_s", {})
+    counts = " · ".join(
+        f"{n}: {eps:,.0f} ev/s ({per_cpu.get(n, 0):,.0f} per CPU-s)"
+        for n, eps in report["events_per_s"].items()
+    )
+    speedup = ", ".join(f"{n}/1 = {v}" for n, v in report["speedup"].items() if n != "1")
+    return (
+        f"replicas {counts}; {speedup or 'one count'}; per-customer results identical: "
+        f"{report['identical']}"
+    )
+
+
+def write_scaleout(report: Mapping[str, Any], home: Path) -> Path:
+    """Write a ``--scaleout-only`` report to ``home/bench/<timestamp>-scaleout.json``."""
+    out = home / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-scaleout.json"
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    return path

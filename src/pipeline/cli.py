@@ -460,23 +460,56 @@ def bench(
             "(PIPELINE_PARTITIONS >= 2): events/s of each and per-customer results compared.",
         ),
     ] = False,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            help="Replica counts for --scaleout, comma-separated (PIPELINE_PARTITIONS >= the "
+            "largest)."
+        ),
+    ] = "1,2",
+    scaleout_only: Annotated[
+        bool,
+        typer.Option(
+            "--scaleout-only",
+            help="Only the scale-out measurement (no floor, latency, collector or API): "
+            "writes HOME/bench/<timestamp>-scaleout.json.",
+        ),
+    ] = False,
     home: HomeOption = None,
 ) -> None:
     """Benchmark on a fresh embedded broker: bare counter floor, full processor path, latency
     at 25/50/75% of max, collector and API; writes HOME/bench/<timestamp>.json and .html."""
-    from pipeline.bench import BenchConfig, run_bench, write_results
+    from pipeline.bench_scaleout import scaleout as measure_scaleout
 
     settings = _settings(home)
+    try:
+        counts = [int(n) for n in replicas.split(",") if n.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"not a list of numbers: {replicas!r}", param_hint="--replicas"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("replica counts must be positive", param_hint="--replicas")
+    if scaleout_only:
+        from pipeline.bench_scaleout import scaleout_summary, write_scaleout
+
+        n = events or (2_000 if quick else 50_000)
+        out = measure_scaleout(settings, n, counts, seed=seed, rounds=1 if quick else 2)
+        path = write_scaleout(out, settings.home)
+        typer.echo(json.dumps(out, indent=2) if as_json else scaleout_summary(out))
+        if not as_json:
+            typer.echo(f"written: {path}")
+        return
+    from pipeline.bench import BenchConfig, run_bench, write_results
+
     if quick:
         config = BenchConfig.quick_config(seed=seed, events=events)
     else:
         config = BenchConfig(seed=seed) if events is None else BenchConfig(seed=seed, events=events)
     report = run_bench(settings, config)
     if scaleout:
-        from pipeline.bench_scaleout import scaleout as measure_scaleout
-
         report["scaleout"] = measure_scaleout(
-            settings, config.events, seed=config.seed, rounds=1 if config.quick else 2
+            settings, config.events, counts, seed=config.seed, rounds=1 if config.quick else 2
         )
     json_path, html_path = write_results(report, settings.home)
     if as_json:
@@ -489,19 +522,20 @@ def bench(
         f" ev/s · API p50/p99 {report['api']['http']['p50_ms']}/{report['api']['http']['p99_ms']}"
         " ms"
     )
+    console.print(
+        f"  per CPU-second: floor {floor['events_per_cpu_s'] or 0:,.0f} · full path "
+        f"{proc['events_per_cpu_s'] or 0:,.0f} events (ratio {proc['ratio_to_floor_per_cpu_s']});"
+        f" broker used {proc['broker_cpu_s']} CPU-s beside the processor's {proc['cpu_s']}"
+    )
     for p in report["latency"]:
         console.print(
             f"  load {p['load_fraction']:.0%} ({p['offered_eps']:,.0f} ev/s): "
             f"p50 {p['p50_ms']} · p95 {p['p95_ms']} · p99 {p['p99_ms']} ms"
         )
     if scaleout:
-        out = report["scaleout"]
-        console.print(
-            "  replicas "
-            + " · ".join(f"{n}: {eps:,.0f} ev/s" for n, eps in out["events_per_s"].items())
-            + f" (2/1 = {out.get('ratio_2_to_1')}); per-customer results identical: "
-            + f"{out['identical']}"
-        )
+        from pipeline.bench_scaleout import scaleout_summary
+
+        console.print("  " + scaleout_summary(report["scaleout"]))
     console.print(f"written: {json_path}\n         {html_path}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -115,6 +116,10 @@ class StreamMetrics:
     step_sum_ms: dict[str, float] = field(default_factory=dict)
     first_in_s: float | None = None
     last_stored_s: float | None = None
+    # this process's CPU time (all threads) at the first raw message and the last event stored:
+    # the CPU a processor spent on a backlog, whatever else shares the machine
+    first_in_cpu_s: float | None = None
+    last_stored_cpu_s: float | None = None
     # per librdkafka client name: (monotonic time of its statistics, its lag); replaced, never
     # mutated, so a scrape on another thread always reads one whole report
     consumer_lag_reports: dict[str, tuple[float, TopicPartitionLag]] = field(default_factory=dict)
@@ -152,6 +157,7 @@ class StreamMetrics:
         self.raw_in += 1
         if self.first_in_s is None:
             self.first_in_s = time.monotonic()
+            self.first_in_cpu_s = time.process_time()
 
     def traced(self, events: Iterable[Mapping[str, Any]], stored_ms: int) -> None:
         """Count each stored event's step durations (lineage) into per-step histograms."""
@@ -169,6 +175,7 @@ class StreamMetrics:
         self.events_stored += len(ingested_ms)
         self.latencies_ms.extend(stored_ms - i for i in ingested_ms)
         self.last_stored_s = time.monotonic()
+        self.last_stored_cpu_s = time.process_time()
 
     def latency_percentiles(self) -> dict[str, float]:
         if not self.latencies_ms:
@@ -219,3 +226,10 @@ def consumer_stats_config(metrics: StreamMetrics, interval_ms: int = 1000) -> di
         raise ValueError(f"statistics interval must be positive, got {interval_ms} ms")
     callback: Callable[[str], None] = metrics.on_consumer_stats
     return {"statistics.interval.ms": interval_ms, "stats_cb": callback}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

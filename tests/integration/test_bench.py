@@ -40,6 +40,16 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert proc["ratio_to_floor"] == pytest.approx(
         proc["events_per_s"] / floor["events_per_s"], abs=0.001
     )
+    # per CPU-second of the measuring process (the broker and the load generator apart)
+    for figure in (floor, proc):
+        assert figure["cpu_s"] > 0
+        assert figure["events_per_cpu_s"] == pytest.approx(
+            figure["events"] / figure["cpu_s"], rel=0.01
+        )
+    assert proc["ratio_to_floor_per_cpu_s"] == pytest.approx(
+        proc["events_per_cpu_s"] / floor["events_per_cpu_s"], abs=0.001
+    )
+    assert proc["broker_cpu_s"] > 0
 
     phases = report["latency"]
     assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]

@@ -36,6 +36,10 @@ def test_two_replicas_split_the_work_and_store_the_same_customer_results(
         assert run["matches_truth"], run
         assert run["events_per_s"] > 0
         assert all(r["exit_code"] == 0 for r in run["per_replica"]), run["per_replica"]
+        # the replicas' own CPU: positive, and the per-CPU-second figure derived from it
+        assert run["cpu_s"] > 0
+        assert run["events_per_cpu_s"] == pytest.approx(run["events"] / run["cpu_s"], rel=0.01)
+        assert run["broker_cpu_s"] > 0
     # both replicas of the group got partitions and did their share of every stage
     assert len(two["per_replica"]) == 2
     for replica in two["per_replica"]:
@@ -49,6 +53,48 @@ def test_two_replicas_split_the_work_and_store_the_same_customer_results(
     assert report["ratio_2_to_1"] == pytest.approx(
         two["events_per_s"] / one["events_per_s"], abs=0.001
     )
+    assert report["events_per_cpu_s"] == {
+        "1": one["events_per_cpu_s"],
+        "2": two["events_per_cpu_s"],
+    }
+
+
+def test_bench_scaleout_only_writes_its_report(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = run_cli(
+        home,
+        tmp_path,
+        "bench",
+        "--scaleout-only",
+        "--quick",
+        "--events",
+        "600",
+        "--replicas",
+        "1",
+        "--json",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (run,) = report["runs"]
+    assert run["replicas"] == 1 and run["matches_truth"], run
+    assert run["events_stored"] == report["events_stored_truth"] > 0
+    assert report["events_per_s"] == {"1": run["events_per_s"]}
+    (written,) = (home / "bench").glob("*-scaleout.json")
+    assert json.loads(written.read_text())["runs"][0]["events"] == run["events"]
+
+
+def test_bench_refuses_a_bad_replica_list(tmp_path: Path) -> None:
+    done = subprocess.run(
+        pipeline_cmd("bench", "--scaleout-only", "--replicas", "1,two"),
+        env=cli_env(tmp_path / "home"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--replicas" in done.stderr and "'1,two'" in done.stderr
 
 
 def _start_up(home: Path, cwd: Path) -> subprocess.Popen[str]:

@@ -46,6 +46,8 @@ def topic_extra_config(settings: Settings) -> dict[str, str]:
 
 
 RAW_PARTITIONER = "murmur2_random"
+# written to PIPELINE_HOME by a running `pipeline up`: its broker address and embedded pid
+BROKER_FILE = "broker.json"
 """How every producer to ``events.raw`` picks a partition from the key: Kafka's Java default,
 and what quixstreams uses when the processor re-keys a message. Stage 1 keeps a device's state
 in the partition its key maps to, so producers that hash keys differently (librdkafka's default

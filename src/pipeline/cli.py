@@ -398,7 +398,8 @@ def forget(
         if not verify:
             report = forget_customer(customer_id, settings, warehouse=wh, bigquery=bq)
             console.print(
-                f"forgot {customer_id}: {report.devices} devices, deleted {report.deleted}"
+                f"forgot {customer_id}: {report.devices} devices, deleted {report.deleted}; "
+                f"processor state: {report.processor_state}"
             )
         left = verify_forgotten(customer_id, settings, warehouse=wh, bigquery=bq)
     suppressed = is_suppressed(load_suppressed(settings), customer_id=customer_id)

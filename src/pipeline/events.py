@@ -23,6 +23,7 @@ FailureReason = Literal[
     "bad_timestamp",
     "timestamp_out_of_range",
     "suppressed",
+    "bad_control",  # a control message (e.g. an erasure request) that cannot be carried out
 ]
 
 EVENT_TYPES = ("track", "identify", "page", "alias")

@@ -104,6 +104,8 @@ class StreamMetrics:
     clean_out: int = 0
     segment_changes: int = 0
     suppressed: int = 0
+    erasures: int = 0  # erasure requests carried out by stage 1 (one per device or user key)
+    profiles_erased: int = 0  # profiles deleted by stage 2 and cleared from the warehouse
     rekeyed: int = 0  # raw messages sent round again under their device key
     events_stored: int = 0
     profiles_stored: int = 0

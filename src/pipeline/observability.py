@@ -78,6 +78,9 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("profiles_stored", "pipeline_profiles_stored", "Profile rows written to the warehouse."),
     ("dead_letters_stored", "pipeline_dead_letters_stored", "Dead letters written."),
     ("segment_changes", "pipeline_segment_changes", "Segment enter/exit changes."),
+    ("suppressed", "pipeline_suppressed", "Events of forgotten customers dropped."),
+    ("erasures", "pipeline_erasures", "Erasure requests carried out on stage-1 state."),
+    ("profiles_erased", "pipeline_profiles_erased", "Profiles erased from state and warehouse."),
 )
 
 METRIC_NAMES: frozenset[str] = frozenset(

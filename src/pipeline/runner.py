@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import Producer
 
-from pipeline.broker import BrokerHandle, broker_for, producer_config
+from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.errors import PipelineError
 from pipeline.gdpr import suppression_source
@@ -36,8 +36,6 @@ from pipeline.stream.trigger_scan import emit_due, scan_periodically
 from pipeline.triggers import Trigger
 
 log = logging.getLogger(__name__)
-
-BROKER_FILE = "broker.json"
 
 
 class OutgoingMessage(Protocol):

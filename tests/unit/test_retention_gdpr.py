@@ -160,3 +160,31 @@ def test_forget_deletes_alerts_that_name_the_customer(
     assert report.deleted["local.alerts"] == 2
     assert set(warehouse.query("SELECT subject FROM alerts")["subject"]) == {"x", "web"}
     assert verify_forgotten("c1", settings, warehouse=warehouse)["local.alerts"] == 0
+
+
+@pytest.mark.parametrize("marker", [None, "crashed run"])
+def test_forget_without_a_running_broker_deletes_the_processor_state(
+    tmp_path: Path, warehouse: LocalWarehouse, marker: str | None
+) -> None:
+    """No broker to carry an erasure: the state belongs to an embedded broker that is gone
+    (its topics with it), so it could never be restored and is deleted instead."""
+    import subprocess
+    import sys
+
+    settings = Settings(home=tmp_path / "home")
+    store = settings.state_dir / "pipeline-processor" / "default" / "events.attributed" / "0"
+    store.mkdir(parents=True)
+    (store / "000001.sst").write_bytes(b"profile of c1")
+    if marker is not None:  # `pipeline up` was killed: its broker file names a dead process
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        (settings.home / "broker.json").write_text(
+            f'{{"address": "127.0.0.1:1", "embedded_pid": {gone.pid}}}'
+        )
+    report = forget("c1", settings, warehouse=warehouse)
+    assert report.processor_state == "state directory deleted (no broker running)"
+    assert not settings.state_dir.exists()
+    audit = orjson.loads(audit_path(settings).read_bytes().splitlines()[-1])
+    assert audit["processor_state"] == report.processor_state
+    # nothing left to delete the second time
+    assert forget("c1", settings, warehouse=warehouse).processor_state == "no processor state"

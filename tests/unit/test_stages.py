@@ -9,11 +9,14 @@ from typing import Any
 from pipeline.events import CleanEvent
 from pipeline.scoring import ScoringParams
 from pipeline.stream.stages import (
+    KIND_ERASE,
+    KIND_ERASED,
     KIND_EVENT,
     KIND_LINK,
     KIND_PROFILE,
     KIND_RETIRE,
     StageConfig,
+    erase_key,
     fold,
     stitch,
 )
@@ -175,3 +178,58 @@ def test_position_stays_inside_the_hop() -> None:
     event, profile = fold(_seq_record("a", [0, 10, 0]), cust, CONFIG, now_ms=T0_MS)
     assert "seq" not in event
     assert not any(key.startswith("_") for key in profile)
+
+
+def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
+    store: dict[Any, Any] = {}
+    for i in range(2):  # anonymous history buffered under the device
+        stitch(anon(ts=T0_MS + i), device_state(store, T0_MS), CONFIG)
+    login = make_event("Identify", T0_MS + 10, anonymous_id="dev1", user_id="cus_1")
+    stitch(login, device_state(store, T0_MS), CONFIG)
+    stitch(anon(ts=T0_MS + 20), device_state(store, T0_MS), CONFIG)
+    assert MemoryState(store, "dev1").get("linked") == "cus_1"
+    for i in range(2):
+        stitch(anon(name="Page Viewed", ts=T0_MS + 30 + i), MemoryState(store, "dev2"), CONFIG)
+
+    out = erase_key("dev1", "cus_1", device_state(store, T0_MS), requested_at="2026-11-27")
+    assert out == [{"kind": KIND_ERASE, "customer_id": "anon:dev1", "requested_at": "2026-11-27"}]
+    # nothing but dedupe ids (message ids, expired by the window) is left under the device
+    assert {key for prefix, key in store if prefix == "dev1"} <= {
+        key for prefix, key in store if prefix == "dev1" and str(key).startswith("seen:")
+    }
+    # the device forgets its link: a new event is anonymous again, not the customer's
+    later = stitch(anon(ts=T0_MS + 40), device_state(store, T0_MS), CONFIG)
+    assert [r["customer_id"] for r in later] == ["anon:dev1"]
+    # another device's history is untouched, until that device is erased too
+    assert MemoryState(store, "dev2").get("history_len") == 2
+    erase_key("dev2", "cus_1", MemoryState(store, "dev2"))
+    assert [key for prefix, key in store if prefix == "dev2" and "history" in key] == []
+    # the user id keys server-side events: its request also names the customer's profile
+    user_key = erase_key("cus_1", "cus_1", MemoryState(store, "cus_1"))
+    assert [r["customer_id"] for r in user_key] == ["anon:cus_1", "cus_1"]
+
+
+def test_fold_erasure_deletes_the_profile_and_its_applied_positions() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    e = make_event("Product Viewed", T0_MS, customer_id="cus_1", category="dresses")
+    record = {**e.to_dict(), "kind": KIND_EVENT, "seq": [0, 7, 0]}
+    assert fold(dict(record), cust, CONFIG, now_ms=T0_MS)
+    assert cust.get("profile")["_applied"] == {"0": [7, 0]}
+
+    erased = fold(
+        {"kind": KIND_ERASE, "customer_id": "cus_1", "requested_at": "x"},
+        cust,
+        CONFIG,
+        now_ms=T0_MS + 5,
+    )
+    assert erased == [
+        {"kind": KIND_ERASED, "customer_id": "cus_1", "requested_at": "x", "erased_ms": T0_MS + 5}
+    ]
+    assert store == {}
+    # idempotent: an erasure replayed after an aborted transaction finds nothing and says so
+    assert (
+        fold({"kind": KIND_ERASE, "customer_id": "cus_1"}, cust, CONFIG, now_ms=T0_MS)[0]["kind"]
+        == KIND_ERASED
+    )
+    assert store == {}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import uvicorn
 from fastapi import FastAPI
 
+from pipeline.broker import BROKER_FILE
 from pipeline.collector.app import create_app
 from pipeline.collector.config import DEV_WRITE_KEYS
 from pipeline.collector.publish import KafkaPublisher
@@ -25,8 +26,6 @@ def broker_address(settings: Settings) -> str:
     """The configured broker, else the one a running ``pipeline up`` recorded."""
     if settings.broker is not None:
         return settings.broker
-    from pipeline.runner import BROKER_FILE  # deferred: the runner imports the whole processor
-
     marker = settings.home / BROKER_FILE
     if not marker.exists():
         raise PipelineError("no broker: start `pipeline up` first or set PIPELINE_BROKER")

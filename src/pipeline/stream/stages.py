@@ -52,6 +52,8 @@ KIND_CRM = "crm"
 KIND_SUPPRESSED = "suppressed"
 KIND_REKEY = "rekey"
 KIND_ALERT = "alert"
+KIND_ERASE = "erase"  # stage 1 -> stage 2: delete a customer's profile (GDPR erasure)
+KIND_ERASED = "erased"  # stage 2 -> profiles topic and sinks: that profile is gone
 
 _SEEN = "seen:"
 _APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
@@ -176,6 +178,26 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
     return out
 
 
+def erase_key(
+    key: str, customer_id: str, state: KeyValueState, *, requested_at: str | None = None
+) -> list[dict[str, Any]]:
+    """Stage 1, for an erasure request under stage-1 ``key`` (a device, or the user id that keys
+    server-side events): drop the key's link and anonymous history, and ask stage 2 to drop the
+    profiles the key can have (its anonymous one; the customer's when the key is their id).
+
+    Dedupe entries stay until the dedupe window expires them: they hold message ids only.
+    """
+    n = int(state.get(_HISTORY_LEN, 0))
+    for i in range(n):
+        state.delete(f"{_HISTORY}{i}")
+    state.delete(_HISTORY_LEN)
+    state.delete(_LINKED)
+    profiles = [identity.anonymous_customer_id(key)]
+    if key == customer_id:
+        profiles.append(customer_id)
+    return [{"kind": KIND_ERASE, "customer_id": c, "requested_at": requested_at} for c in profiles]
+
+
 def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:
     """The customer's profile and the newest stage-1 position applied per raw partition."""
     stored = state.get(_PROFILE)
@@ -211,7 +233,8 @@ def fold(
     """Stage 2: apply one stage-1 record to the customer's profile (per-customer state).
 
     Returns the applied event and the updated profile (both tagged), only the profile for a
-    retired anonymous profile, or nothing for a record already applied (a replay).
+    retired anonymous profile, nothing for a record already applied (a replay), or for an
+    erasure the ``erased`` notice (the profile and its applied positions are deleted).
     """
     if record["kind"] == KIND_RETIRE:
         profile, applied = _load(state, record["customer_id"])
@@ -223,6 +246,16 @@ def fold(
         return [_store(state, profile, applied)]
     if record["kind"] == KIND_CRM:
         return _apply_crm(record, state, now_ms=now_ms)
+    if record["kind"] == KIND_ERASE:
+        state.delete(_PROFILE)  # and with it the applied positions: nothing of theirs is kept
+        return [
+            {
+                "kind": KIND_ERASED,
+                "customer_id": record["customer_id"],
+                "requested_at": record.get("requested_at"),
+                "erased_ms": now_ms,
+            }
+        ]
     profile, applied = _load(state, record["customer_id"])
     if "seq" in record:
         if _is_replay(record, applied):

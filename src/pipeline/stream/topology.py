@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from quixstreams import Application, message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models import SerializationContext, Serializer, TopicConfig
@@ -38,7 +39,7 @@ from pipeline.anomaly import PartitionedDetector, alert_record, observation_of
 from pipeline.broker import client_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import CleanEvent, Failure
-from pipeline.gdpr import is_suppressed
+from pipeline.gdpr import CONTROL_HEADER, ERASE, SuppressedIds, is_suppressed, nobody_suppressed
 from pipeline.metrics import StreamMetrics, consumer_stats_config
 from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import SchemaRegistry
@@ -49,6 +50,8 @@ from pipeline.stream.stages import (
     KIND_ALERT,
     KIND_CRM,
     KIND_DEAD_LETTER,
+    KIND_ERASE,
+    KIND_ERASED,
     KIND_EVENT,
     KIND_LINK,
     KIND_PROFILE,
@@ -56,6 +59,7 @@ from pipeline.stream.stages import (
     KIND_RETIRE,
     KIND_SEGMENT_CHANGE,
     StageConfig,
+    erase_key,
     fold,
     stitch,
 )
@@ -208,7 +212,7 @@ def build_application(
     warehouse: LocalWarehouse,
     metrics: StreamMetrics,
     extra_warehouses: Sequence[WarehouseWriter] = (),
-    suppressed: Callable[[], Set[str]] = frozenset,
+    suppressed: SuppressedIds = nobody_suppressed,
 ) -> Application:
     """Build the processor application for the broker at ``address``."""
     exactly_once = settings.processing_guarantee == "exactly-once"
@@ -283,6 +287,34 @@ def build_application(
             metrics.alerts[(a.kind, a.severity)] += 1
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
 
+    def erase(
+        value: bytes, raw_key: str | None, timestamp: int, state: Any
+    ) -> list[dict[str, Any]]:
+        """Stage 1, an erasure request (``pipeline forget``): drop this key's state, pass it on."""
+        suppressed(fresh=True)  # the list grew before the request was sent
+        try:
+            request = orjson.loads(value)
+            customer_id = request["customer_id"]
+            if raw_key is None or type(customer_id) is not str:
+                raise ValueError("an erasure request needs a key and a customer_id string")
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+            ctx = message_context()
+            failure = Failure.of(
+                "bad_control",
+                f"erasure request not carried out: {exc!r}",
+                value or b"",
+                key=raw_key,
+                topic=ctx.topic,
+                partition=ctx.partition,
+                offset=ctx.offset,
+                ingested_ms=timestamp,
+                failed_ms=_now_ms(),
+            )
+            metrics.dead_lettered[failure.reason] += 1
+            return [{**failure.to_dict(), "kind": KIND_DEAD_LETTER}]
+        metrics.erasures += 1
+        return erase_key(raw_key, customer_id, state, requested_at=request.get("requested_at"))
+
     def ingest(
         value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
     ) -> list[dict[str, Any]]:
@@ -290,6 +322,8 @@ def build_application(
         metrics.saw_raw()
         ctx = message_context()
         raw_key = key.decode("utf-8", errors="replace") if key is not None else None
+        if headers and (CONTROL_HEADER, ERASE) in headers:
+            return erase(value, raw_key, timestamp, state)
         result = parse_event(
             value,
             registry=registry,
@@ -342,6 +376,22 @@ def build_application(
 
     def run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.attributed_in += 1
+        kind = value["kind"]
+        if kind == KIND_EVENT:
+            # stage 1 checks too, but its list can be seconds older than an erasure that
+            # overtook this event: a forgotten customer's profile must not come back
+            forgotten = suppressed()
+            if forgotten and is_suppressed(
+                forgotten,
+                customer_id=value["customer_id"],
+                user_id=value["user_id"],
+                anonymous_id=value["anonymous_id"],
+            ):
+                metrics.suppressed += 1
+                return []
+        elif kind == KIND_ERASE:
+            suppressed(fresh=True)
+            return fold(value, state, config, now_ms=_now_ms())
         out = fold(value, state, config, now_ms=_now_ms())
         if not out:
             metrics.replays_dropped += 1
@@ -362,6 +412,7 @@ def build_application(
         failures = by_kind.get(KIND_DEAD_LETTER)
         changes = by_kind.get(KIND_SEGMENT_CHANGE)
         alerts = by_kind.get(KIND_ALERT)
+        erased = by_kind.get(KIND_ERASED)
         links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
         # the local warehouse first: it is the serving store, and latency is measured on it;
         # all of its tables in one transaction (a commit per flush, not per table)
@@ -385,6 +436,13 @@ def build_application(
                     wh.write_identity_links(links)
                 if alerts:
                     wh.write_alerts(alerts)
+        if erased:
+            # after this batch's writes: rows of theirs that were in flight when `pipeline
+            # forget` deleted them must not outlive the erasure (BigQuery: re-run forget)
+            for r in erased:
+                customer = r["customer_id"]
+                warehouse.delete_customer([customer], [], customer)
+            metrics.profiles_erased += len(erased)
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.
@@ -395,7 +453,12 @@ def build_application(
     profiles = out_topic(names.profiles)
     segment_changes = out_topic(names.segment_changes)
     alerts_topic = out_topic(names.alerts)
-    by_kind_out = {KIND_EVENT: clean, KIND_PROFILE: profiles, KIND_SEGMENT_CHANGE: segment_changes}
+    by_kind_out = {
+        KIND_EVENT: clean,
+        KIND_PROFILE: profiles,
+        KIND_ERASED: profiles,  # consumers of profile updates learn that a profile is gone
+        KIND_SEGMENT_CHANGE: segment_changes,
+    }
     ingest_out = {
         KIND_DEAD_LETTER: dlq,
         KIND_ALERT: alerts_topic,
@@ -403,11 +466,12 @@ def build_application(
         KIND_REKEY: raw,
         KIND_EVENT: attributed,
         KIND_RETIRE: attributed,
+        KIND_ERASE: attributed,
     }
 
     def ingest_key(value: dict[str, Any]) -> Any:
         kind = value["kind"]
-        if kind in (KIND_EVENT, KIND_RETIRE):
+        if kind in (KIND_EVENT, KIND_RETIRE, KIND_ERASE):
             return value["customer_id"]
         if kind == KIND_LINK:
             return value["anonymous_id"]

@@ -361,6 +361,10 @@ class Phase:
     produce_s: float
     start_ms: int
     end_ms: int
+    # CPU seconds per 1,000 events from the phase's start until it drained: at a paced load
+    # the broker serves many small requests, so it costs far more per event than in a backlog
+    processor_cpu_s_per_1k: float | None = None
+    broker_cpu_s_per_1k: float | None = None
 
 
 def _wait_drained(
@@ -441,6 +445,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             "processing_guarantee": bench_settings.processing_guarantee,
             "commit_interval_s": bench_settings.commit_interval_s,
             "consumer_isolation": bench_settings.consumer_isolation,
+            "producer_linger_ms": bench_settings.producer_linger_ms,
         },
     }
     with pipeline_run(bench_settings) as run:
@@ -470,6 +475,9 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         broker_pid = run.broker.embedded.process.pid if run.broker.embedded else None
         broker_cpu_before = cpu_seconds(broker_pid) if broker_pid is not None else 0.0
 
+        def _broker_cpu() -> float | None:
+            return cpu_seconds(broker_pid) if broker_pid is not None else None
+
         def feed() -> None:
             m = run.metrics
             _wait_drained(m, len(backlog))
@@ -488,11 +496,14 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             _wait_drained(m, expected)
             for fraction, messages in zip(config.load_fractions, phase_slices, strict=True):
                 rate = fraction * measured["eps"]
+                cpu_before, broker_before = time.process_time(), _broker_cpu()
                 start_ms = _now_ms()
                 produce_s = offer(messages, rate)
                 end_ms = _now_ms()
                 expected += len(messages)
                 _wait_drained(m, expected)
+                per_1k = 1000 / len(messages)
+                broker_after = _broker_cpu()
                 phases.append(
                     Phase(
                         fraction,
@@ -501,6 +512,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                         round(produce_s, 3),
                         start_ms,
                         end_ms,
+                        round((time.process_time() - cpu_before) * per_1k, 3),
+                        None
+                        if broker_after is None or broker_before is None
+                        else round((broker_after - broker_before) * per_1k, 3),
                     )
                 )
 

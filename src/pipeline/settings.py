@@ -141,6 +141,16 @@ class Settings(BaseSettings):
         "(stage 2 then waits for stage 1's commit). With read_uncommitted, 0.1/0.5/1.0 s "
         "gave the same backlog throughput within the noise (2,100-2,550 ev/s).",
     )
+    producer_linger_ms: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="How long the processor's producer gathers records into one batch. On the "
+        "embedded broker at 900 ev/s paced after a 20k backlog (2 rounds each): 5 ms gave p50 "
+        "50-57, p99 140-241 ms and 0.71 broker CPU-s per 1k events; 10 ms p50 47-51, p99 82-95 "
+        "ms, 0.56-0.62 CPU-s; 20 ms p50 51-58; 50 ms p50 72-105. Backlog throughput was the "
+        "same within the noise. Fewer, larger requests cost the broker less per event.",
+    )
     consumer_isolation: Literal["read_committed", "read_uncommitted"] = Field(
         "read_uncommitted",
         description="How the processor's consumer reads stage 1's output. read_uncommitted: "

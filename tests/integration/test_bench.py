@@ -61,6 +61,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert 0 < phase["events_stored"] <= phase["events"]
         assert phase["start_ms"] <= phase["end_ms"]
         assert 0 <= phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+        assert phase["processor_cpu_s_per_1k"] > 0 and phase["broker_cpu_s_per_1k"] > 0
 
     collector = report["collector"]
     assert collector["events"] > 0 and collector["requests"] > 0

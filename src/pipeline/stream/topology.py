@@ -216,7 +216,10 @@ def build_application(
 ) -> Application:
     """Build the processor application for the broker at ``address``."""
     exactly_once = settings.processing_guarantee == "exactly-once"
-    producer_extra: dict[str, Any] = {"linger.ms": 5, "compression.type": "lz4"}
+    producer_extra: dict[str, Any] = {
+        "linger.ms": settings.producer_linger_ms,
+        "compression.type": "lz4",
+    }
     if exactly_once:
         # A stable transactional.id lets a restarted replica fence and abort its predecessor's
         # open transaction; the embedded broker never times one out (see environment notes).

@@ -192,7 +192,14 @@ def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
         stitch(anon(name="Page Viewed", ts=T0_MS + 30 + i), MemoryState(store, "dev2"), CONFIG)
 
     out = erase_key("dev1", "cus_1", device_state(store, T0_MS), requested_at="2026-11-27")
-    assert out == [{"kind": KIND_ERASE, "customer_id": "anon:dev1", "requested_at": "2026-11-27"}]
+    assert out == [
+        {
+            "kind": KIND_ERASE,
+            "customer_id": "anon:dev1",
+            "key": "dev1",
+            "requested_at": "2026-11-27",
+        }
+    ]
     # nothing but dedupe ids (message ids, expired by the window) is left under the device
     assert {key for prefix, key in store if prefix == "dev1"} <= {
         key for prefix, key in store if prefix == "dev1" and str(key).startswith("seen:")

@@ -195,7 +195,10 @@ def erase_key(
     profiles = [identity.anonymous_customer_id(key)]
     if key == customer_id:
         profiles.append(customer_id)
-    return [{"kind": KIND_ERASE, "customer_id": c, "requested_at": requested_at} for c in profiles]
+    return [
+        {"kind": KIND_ERASE, "customer_id": c, "key": key, "requested_at": requested_at}
+        for c in profiles
+    ]
 
 
 def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:

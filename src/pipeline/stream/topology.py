@@ -415,7 +415,8 @@ def build_application(
         failures = by_kind.get(KIND_DEAD_LETTER)
         changes = by_kind.get(KIND_SEGMENT_CHANGE)
         alerts = by_kind.get(KIND_ALERT)
-        erased = by_kind.get(KIND_ERASED)
+        erased = by_kind.get(KIND_ERASED, [])
+        erasures = [*by_kind.get(KIND_ERASE, ()), *erased]
         links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
         # the local warehouse first: it is the serving store, and latency is measured on it;
         # all of its tables in one transaction (a commit per flush, not per table)
@@ -439,12 +440,13 @@ def build_application(
                     wh.write_identity_links(links)
                 if alerts:
                     wh.write_alerts(alerts)
-        if erased:
-            # after this batch's writes: rows of theirs that were in flight when `pipeline
-            # forget` deleted them must not outlive the erasure (BigQuery: re-run forget)
-            for r in erased:
-                customer = r["customer_id"]
-                warehouse.delete_customer([customer], [], customer)
+        if erasures:
+            # after this batch's writes: rows that in-flight records wrote after `pipeline
+            # forget` deleted them must not outlive the erasure (stage 1: the key's links,
+            # dead letters and alerts; stage 2: the profile's rows) (BigQuery: re-run forget)
+            for r in erasures:
+                customer, key = r["customer_id"], r.get("key")
+                warehouse.delete_customer([customer], [key] if key else [], key or customer)
             metrics.profiles_erased += len(erased)
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
@@ -491,7 +493,7 @@ def build_application(
         .sink(
             WarehouseSink(
                 write,
-                frozenset({KIND_DEAD_LETTER, KIND_ALERT, KIND_LINK}),
+                frozenset({KIND_DEAD_LETTER, KIND_ALERT, KIND_LINK, KIND_ERASE}),
                 max_delay_ms=sink_delay_ms,
             )
         )

@@ -14,8 +14,8 @@ from confluent_kafka.admin import AdminClient
 from topic_reader import read_topic
 
 from pipeline.broker import client_config
-from pipeline.gdpr import forget, verify_forgotten
-from pipeline.runner import pipeline_run, process_until_idle, produce_messages
+from pipeline.gdpr import CONTROL_HEADER, ERASE, forget, verify_forgotten
+from pipeline.runner import make_producer, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, SimulationConfig, simulate
 from pipeline.stores.local import LocalWarehouse
@@ -91,11 +91,20 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
             ]
             found["late"] = len(late)
             produce_messages(settings, run.address, late)
+            # a request that cannot be carried out is a typed dead letter, not a stopped stream
+            producer = make_producer(settings, run.address)
+            producer.produce(
+                settings.topics.raw,
+                key=b"dev-x",
+                value=b"{not json",
+                headers=[(CONTROL_HEADER, ERASE)],
+            )
+            assert producer.flush(10) == 0
             keys = 1 + len(devices)
             wait_for(
                 lambda: (
                     run.metrics.profiles_erased >= keys + 1
-                    and run.metrics.raw_in >= len(sim.messages) + keys + len(late)
+                    and run.metrics.raw_in >= len(sim.messages) + keys + len(late) + 1
                 ),
                 "erasure carried out",
             )
@@ -111,6 +120,12 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
         # each key's anonymous profile, and the customer's own (keyed by their user id)
         assert m.profiles_erased == 2 + len(devices)
         assert m.suppressed == found["late"]
+
+        bad = run.warehouse.query(
+            "SELECT message_key, detail FROM dead_letters WHERE reason = ?", ("bad_control",)
+        )
+        assert list(bad["message_key"]) == ["dev-x"], bad
+        assert "erasure request not carried out" in bad["detail"][0]
 
         # the warehouse holds nothing of theirs, though the stream wrote after `forget` deleted
         left = verify_forgotten(customer, settings, warehouse=run.warehouse)

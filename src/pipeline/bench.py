@@ -570,14 +570,16 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
 
 
 def chart(report: dict[str, Any]) -> go.Figure:
-    """Latency percentiles against offered load, throughput bars, and latency per step."""
+    """Latency percentiles against offered load, throughput bars, latency per step, and the
+    CPU that the processor and the broker spend per 1,000 events, backlog and paced."""
     fig = make_subplots(
         rows=1,
-        cols=3,
+        cols=4,
         subplot_titles=(
             "End-to-end latency vs offered load",
             "Throughput (events/s)",
             "Where the time goes (p50 per step)",
+            "CPU-seconds per 1,000 events",
         ),
     )
     loads = [p["offered_eps"] for p in report["latency"]]
@@ -615,7 +617,28 @@ def chart(report: dict[str, Any]) -> go.Figure:
             row=1,
             col=3,
         )
+    proc = report["processor"]
+    per_1k = 1000 / proc["events"]
+    cpu_rows = [("backlog", proc.get("cpu_s"), proc.get("broker_cpu_s"), per_1k)] + [
+        (name, p.get("processor_cpu_s_per_1k"), p.get("broker_cpu_s_per_1k"), 1.0)
+        for name, p in zip(names, report["latency"], strict=True)
+    ]
+    for who, index in (("processor CPU", 1), ("broker CPU", 2)):
+        fig.add_trace(
+            go.Bar(
+                x=[row[0] for row in cpu_rows],
+                y=[
+                    None if row[index] is None else round(float(row[index]) * row[3], 3)
+                    for row in cpu_rows
+                ],
+                name=who,
+            ),
+            row=1,
+            col=4,
+        )
     fig.update_layout(barmode="stack")
+    fig.update_xaxes(title_text="load (share of max)", row=1, col=4)
+    fig.update_yaxes(title_text="CPU-s per 1k events", row=1, col=4)
     fig.update_xaxes(title_text="load (share of max)", row=1, col=3)
     fig.update_yaxes(title_text="ms", row=1, col=3)
     fig.update_xaxes(title_text="offered load (events/s)", row=1, col=1)

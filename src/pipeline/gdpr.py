@@ -115,11 +115,9 @@ def erase_processor_state(
             shutil.rmtree(settings.state_dir)
             return "state directory deleted (no broker running)"
         return "no processor state"
-    from confluent_kafka import Producer
+    from pipeline.runner import make_producer  # deferred: the runner imports this module
 
-    from pipeline.broker import producer_config
-
-    producer = Producer({**producer_config(settings, address), "enable.idempotence": True})
+    producer = make_producer(settings, address)
     requests = erase_requests(customer_id, devices, at)
     for key, value in requests:
         producer.produce(
@@ -183,10 +181,8 @@ def forget(
     warehouse: LocalWarehouse,
     bigquery: BigQueryWarehouse | None = None,
     now: datetime | None = None,
-    erase: bool = True,
 ) -> ForgetReport:
-    """Suppress, delete everywhere and audit one customer (see module docstring); ``erase=False``
-    leaves the processor's state alone (callers that own it, and wipe or drive it themselves)."""
+    """Suppress, delete everywhere and audit one customer (see module docstring)."""
     at = (now or datetime.now(UTC)).isoformat()
     devices = set(warehouse.linked_devices(customer_id))
     if bigquery is not None:
@@ -202,7 +198,7 @@ def forget(
     if bigquery is not None:
         bq = bigquery.delete_customer(keys, sorted(devices), customer_id)
         deleted |= {f"bigquery.{t}": n for t, n in bq.items()}
-    state = erase_processor_state(settings, customer_id, sorted(devices), at=at) if erase else ""
+    state = erase_processor_state(settings, customer_id, sorted(devices), at=at)
     report = ForgetReport(subject, len(devices), deleted, at, state)
     _append_jsonl(audit_path(settings), {"action": "forget", **report.to_dict()})
     return report

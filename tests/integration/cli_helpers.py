@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +41,26 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def stop_up(
+    up: subprocess.Popen[str], home: Path, sig: int = signal.SIGINT, timeout: float = 60
+) -> str:
+    """Stop a running `pipeline up` with ``sig`` and return its stderr.
+
+    If it ignores the signal for ``timeout`` seconds, it and its embedded broker are killed (a
+    test never leaves them behind) and the test fails with the end of its log.
+    """
+    up.send_signal(sig)
+    try:
+        return up.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        up.kill()
+        err = up.communicate()[1]
+        marker = home / "broker.json"
+        if marker.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
+                os.kill(int(json.loads(marker.read_text())["embedded_pid"]), signal.SIGKILL)
+        raise AssertionError(
+            f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-3000:]}"
+        ) from None

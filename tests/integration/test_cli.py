@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli_env, pipeline_cmd, run_cli
+from cli_helpers import cli_env, pipeline_cmd, run_cli, stop_up
 
 from pipeline.broker import free_port
 from pipeline.catalog import load_catalog
@@ -137,8 +137,7 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
             time.sleep(0.5)
         assert stored == expected
     finally:
-        up.send_signal(signal.SIGINT)
-        _out, err = up.communicate(timeout=60)
+        err = stop_up(up, home)
     assert up.returncode == 0, err[-3000:]
     assert "stopped" in err
     assert not (home / "broker.json").exists()
@@ -192,7 +191,6 @@ def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path
         send(2)
         wait_for(lambda: stored() > 0, "traffic after the restart not processed")
     finally:
-        up.send_signal(signal.SIGINT)
-        _out, err = up.communicate(timeout=60)
+        err = stop_up(up, home)
     assert "embedded broker died" in err
     assert up.returncode == 0, err[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import cli_env, pipeline_cmd, run_cli
+from cli_helpers import cli_env, pipeline_cmd, run_cli, stop_up
 
 from pipeline.bench_scaleout import scaleout
 from pipeline.catalog import load_catalog
@@ -176,8 +176,7 @@ def test_up_with_two_replicas_processes_traffic_and_stops_them_on_sigterm(
             limit=10,
         )
     finally:
-        up.send_signal(signal.SIGTERM)
-        _out, err = up.communicate(timeout=120)
+        err = stop_up(up, home, signal.SIGTERM, timeout=120)
     assert up.returncode == 0, err[-3000:]
     for instance, pid in pids.items():
         assert f"replica {instance}: pid {pid}" in err

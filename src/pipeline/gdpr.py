@@ -35,6 +35,7 @@ import orjson
 from pipeline.broker import BROKER_FILE
 from pipeline.errors import PipelineError
 from pipeline.identity import anonymous_customer_id
+from pipeline.identity import is_suppressed as is_suppressed  # where callers expect it
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.bigquery import BigQueryWarehouse
@@ -69,20 +70,6 @@ def _entries(settings: Settings) -> list[dict[str, Any]]:
 def load_suppressed(settings: Settings) -> frozenset[str]:
     """Hashes of every suppressed identity (customer ids and ``anon:<device>`` keys)."""
     return frozenset(h for e in _entries(settings) for h in e["ids"])
-
-
-def is_suppressed(
-    suppressed: Set[str],
-    *,
-    customer_id: str | None = None,
-    user_id: str | None = None,
-    anonymous_id: str | None = None,
-) -> bool:
-    """True when any identity of an event belongs to a forgotten customer."""
-    if not suppressed:
-        return False
-    keys = [customer_id, user_id, anonymous_customer_id(anonymous_id) if anonymous_id else None]
-    return any(k is not None and sha256_hex(k) in suppressed for k in keys)
 
 
 # An erasure request on the raw topic: this header marks it (clients of the collector cannot

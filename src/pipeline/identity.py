@@ -10,11 +10,12 @@ device (a shared computer) re-links the device for future events only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.events import CleanEvent
+from pipeline.pii import sha256_hex
 
 ANON_PREFIX = "anon:"
 
@@ -82,3 +83,17 @@ def resolve(event: CleanEvent, linked_customer: str | None) -> Resolution:
         return Resolution(customer_id=linked_customer)
     assert device is not None, "validated events carry userId or anonymousId"
     return Resolution(customer_id=anonymous_customer_id(device))
+
+
+def is_suppressed(
+    suppressed: Set[str],
+    *,
+    customer_id: str | None = None,
+    user_id: str | None = None,
+    anonymous_id: str | None = None,
+) -> bool:
+    """True when any identity of an event belongs to a forgotten customer."""
+    if not suppressed:
+        return False
+    keys = [customer_id, user_id, anonymous_customer_id(anonymous_id) if anonymous_id else None]
+    return any(k is not None and sha256_hex(k) in suppressed for k in keys)

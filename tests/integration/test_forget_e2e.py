@@ -19,6 +19,7 @@ from pipeline.runner import make_producer, pipeline_run, process_until_idle, pro
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, SimulationConfig, simulate
 from pipeline.stores.local import LocalWarehouse
+from pipeline.sync import CrmRecord, KafkaRecordProducer
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +92,11 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
             ]
             found["late"] = len(late)
             produce_messages(settings, run.address, late)
+            # a CRM re-import names them too: only stage 2 sees it, and must not revive them
+            crm = KafkaRecordProducer(settings, run.address)
+            row = {"customer_id": customer, "email": "back@example.com", "updated_at": "2026-11-02"}
+            crm.send(customer, CrmRecord.parse(row, "crm").to_message("crm"))
+            crm.flush()
             # a request that cannot be carried out is a typed dead letter, not a stopped stream
             producer = make_producer(settings, run.address)
             producer.produce(
@@ -105,6 +111,7 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
                 lambda: (
                     run.metrics.profiles_erased >= keys + 1
                     and run.metrics.raw_in >= len(sim.messages) + keys + len(late) + 1
+                    and run.metrics.suppressed >= len(late) + 1
                 ),
                 "erasure carried out",
             )
@@ -119,7 +126,7 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
         assert m.erasures == 1 + len(devices)
         # each key's anonymous profile, and the customer's own (keyed by their user id)
         assert m.profiles_erased == 2 + len(devices)
-        assert m.suppressed == found["late"]
+        assert m.suppressed == found["late"] + 1  # the late events and the CRM record
 
         bad = run.warehouse.query(
             "SELECT message_key, detail FROM dead_letters WHERE reason = ?", ("bad_control",)

@@ -7,14 +7,17 @@ from datetime import timedelta
 from typing import Any
 
 from pipeline.events import CleanEvent
+from pipeline.pii import sha256_hex
 from pipeline.scoring import ScoringParams
 from pipeline.stream.stages import (
+    KIND_CRM,
     KIND_ERASE,
     KIND_ERASED,
     KIND_EVENT,
     KIND_LINK,
     KIND_PROFILE,
     KIND_RETIRE,
+    KIND_SUPPRESSED,
     StageConfig,
     erase_key,
     fold,
@@ -240,3 +243,34 @@ def test_fold_erasure_deletes_the_profile_and_its_applied_positions() -> None:
         == KIND_ERASED
     )
     assert store == {}
+
+
+def test_fold_drops_a_forgotten_customers_events_and_crm_records_without_touching_state() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    forgotten = frozenset({sha256_hex("cus_1")})
+    crm = {"kind": KIND_CRM, "customer_id": "cus_1", "email": "a@b.c", "updated_at": "2026-01-01"}
+    for record in (_seq_record("a", [0, 10, 0]), crm):
+        assert fold(dict(record), cust, CONFIG, now_ms=T0_MS, suppressed=forgotten) == [
+            {"kind": KIND_SUPPRESSED, "customer_id": "cus_1"}
+        ]
+    assert store == {}  # no profile came back, not even an empty one
+    # an anonymous device of theirs is matched by its hashed anonymous profile id too
+    device = make_event("Product Viewed", T0_MS, customer_id="anon:dev9", anonymous_id="dev9")
+    by_device = frozenset({sha256_hex("anon:dev9")})
+    device_record = {**device.to_dict(), "kind": KIND_EVENT, "seq": [1, 3, 0]}
+    out = fold(
+        device_record, MemoryState(store, "anon:dev9"), CONFIG, now_ms=T0_MS, suppressed=by_device
+    )
+    assert [r["kind"] for r in out] == [KIND_SUPPRESSED]
+    # everyone else is folded as before
+    other = MemoryState(store, "cus_2")
+    e = make_event("Product Viewed", T0_MS, customer_id="cus_2")
+    kept = fold(
+        {**e.to_dict(), "kind": KIND_EVENT, "seq": [0, 11, 0]},
+        other,
+        CONFIG,
+        now_ms=T0_MS,
+        suppressed=forgotten,
+    )
+    assert [r["kind"] for r in kept] == [KIND_EVENT, KIND_PROFILE]

@@ -23,6 +23,7 @@ be judged differently on the replay.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -49,7 +50,7 @@ KIND_PROFILE = "profile"
 KIND_DEAD_LETTER = "dead_letter"
 KIND_SEGMENT_CHANGE = "segment_change"
 KIND_CRM = "crm"
-KIND_SUPPRESSED = "suppressed"
+KIND_SUPPRESSED = "suppressed"  # stage 2: a forgotten customer's event, dropped
 KIND_REKEY = "rekey"
 KIND_ALERT = "alert"
 KIND_ERASE = "erase"  # stage 1 -> stage 2: delete a customer's profile (GDPR erasure)
@@ -231,14 +232,33 @@ def _is_replay(record: dict[str, Any], applied: dict[str, list[int]]) -> bool:
 
 
 def fold(
-    record: dict[str, Any], state: KeyValueState, config: StageConfig, *, now_ms: int
+    record: dict[str, Any],
+    state: KeyValueState,
+    config: StageConfig,
+    *,
+    now_ms: int,
+    suppressed: Set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Stage 2: apply one stage-1 record to the customer's profile (per-customer state).
 
     Returns the applied event and the updated profile (both tagged), only the profile for a
-    retired anonymous profile, nothing for a record already applied (a replay), or for an
-    erasure the ``erased`` notice (the profile and its applied positions are deleted).
+    retired anonymous profile, nothing for a record already applied (a replay), for an
+    erasure the ``erased`` notice (the profile and its applied positions are deleted), and for
+    an event or CRM record of a forgotten customer (hashed ids in ``suppressed``) a
+    ``suppressed`` marker and no state change: stage 1 checks too, but its list can be seconds
+    older than an erasure that overtook the event, and the profile must not come back.
     """
+    if (
+        suppressed
+        and record["kind"] in (KIND_EVENT, KIND_CRM)  # a CRM re-import must not revive them
+        and identity.is_suppressed(
+            suppressed,
+            customer_id=record["customer_id"],
+            user_id=record.get("user_id"),
+            anonymous_id=record.get("anonymous_id"),
+        )
+    ):
+        return [{"kind": KIND_SUPPRESSED, "customer_id": record["customer_id"]}]
     if record["kind"] == KIND_RETIRE:
         profile, applied = _load(state, record["customer_id"])
         if profile.merged_into == record["merged_into"]:

@@ -58,6 +58,7 @@ from pipeline.stream.stages import (
     KIND_REKEY,
     KIND_RETIRE,
     KIND_SEGMENT_CHANGE,
+    KIND_SUPPRESSED,
     StageConfig,
     erase_key,
     fold,
@@ -380,24 +381,16 @@ def build_application(
     def run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.attributed_in += 1
         kind = value["kind"]
-        if kind == KIND_EVENT:
-            # stage 1 checks too, but its list can be seconds older than an erasure that
-            # overtook this event: a forgotten customer's profile must not come back
-            forgotten = suppressed()
-            if forgotten and is_suppressed(
-                forgotten,
-                customer_id=value["customer_id"],
-                user_id=value["user_id"],
-                anonymous_id=value["anonymous_id"],
-            ):
-                metrics.suppressed += 1
-                return []
-        elif kind == KIND_ERASE:
-            suppressed(fresh=True)
-            return fold(value, state, config, now_ms=_now_ms())
-        out = fold(value, state, config, now_ms=_now_ms())
+        # an erasure: the list grew before it was sent, so re-read it for the events behind it
+        forgotten = suppressed(fresh=kind == KIND_ERASE)
+        out = fold(value, state, config, now_ms=_now_ms(), suppressed=forgotten)
+        if kind == KIND_ERASE:
+            return out
         if not out:
             metrics.replays_dropped += 1
+        elif out[0]["kind"] == KIND_SUPPRESSED:
+            metrics.suppressed += 1
+            return []
         else:
             metrics.profile_updates += 1
             metrics.clean_out += sum(1 for r in out if r["kind"] == KIND_EVENT)

@@ -1,7 +1,8 @@
 """The reproducible benchmark behind ``pipeline bench``: floor, full path, latency, collector, API.
 
 One run on a fresh embedded broker measures (a) a bare quixstreams stateful per-key counter over
-the simulated raw messages, (b) the full processor over the same messages, (c) end-to-end latency
+the simulated raw messages, and the processor's Kafka shape with no logic in it (the topology
+floor), (b) the full processor over the same messages, (c) end-to-end latency
 (warehouse ``stored_ms - ingested_ms``) at fixed fractions of (b), (d) collector throughput and
 (e) recommendations API latency; results go to a JSON file and a plotly chart.
 """
@@ -45,6 +46,7 @@ from pipeline.simulate import RawMessage
 BENCH_WRITE_KEY = "wk_bench"
 BENCH_API_KEY = "ak_bench_0123456789"
 FLOOR_GROUP = "bench-floor"
+TOPOLOGY_FLOOR_GROUP = "bench-topology-floor"
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,65 @@ def api_http_latencies(
         _stop(server)
 
 
+class _Stopwatch:
+    """Wall and CPU time of this process from the first counted message to the ``expected``-th."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.seen = 0
+        self.marks: list[tuple[float, float]] = []
+        self.done = threading.Event()
+
+    def tick(self) -> None:
+        self.seen += 1
+        if self.seen == 1 or self.seen == self.expected:
+            self.marks.append((time.monotonic(), time.process_time()))
+        if self.seen == self.expected:
+            self.done.set()
+
+    def run(self, app: Application, what: str, timeout_s: float) -> dict[str, Any]:
+        """Run ``app`` until the count is reached (or ``timeout_s``); the figures."""
+        finished = threading.Event()
+
+        def stop_when_done() -> None:
+            self.done.wait(timeout_s)
+            if not finished.is_set():
+                app.stop()
+
+        stopper = threading.Thread(target=stop_when_done, name="bench-floor-stop", daemon=True)
+        stopper.start()
+        try:
+            app.run()
+        finally:
+            finished.set()
+            self.done.set()
+            stopper.join()
+        if len(self.marks) < 2:
+            raise PipelineError(f"{what} saw {self.seen} of {self.expected} messages")
+        (wall0, cpu0), (wall1, cpu1) = self.marks
+        seconds, cpu_s = wall1 - wall0, cpu1 - cpu0
+        return {
+            "events": self.expected,
+            "seconds": round(seconds, 6),
+            "events_per_s": round(self.expected / seconds, 1),
+            "cpu_s": round(cpu_s, 6),
+            "events_per_cpu_s": round(self.expected / cpu_s, 1) if cpu_s > 0 else None,
+        }
+
+
+def _topic_config(settings: Settings) -> TopicConfig:
+    return TopicConfig(
+        num_partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+        extra_config=topic_extra_config(settings),
+    )
+
+
+def _keyed(_value: Any, key: Any, _timestamp: int, _headers: Any) -> bool:
+    # keyless messages have no per-key state; the processor dead-letters them anyway
+    return key is not None
+
+
 def floor_throughput(
     settings: Settings, address: str, expected: int, *, timeout_s: float = 600.0
 ) -> dict[str, Any]:
@@ -295,60 +356,83 @@ def floor_throughput(
         settings.topics.raw,
         value_deserializer="bytes",
         key_deserializer="bytes",
-        config=TopicConfig(
-            num_partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
-            extra_config=topic_extra_config(settings),
-        ),
+        config=_topic_config(settings),
     )
-    seen = [0]
-    marks: list[float] = []
-    cpu_marks: list[float] = []
-    done = threading.Event()
+    watch = _Stopwatch(expected)
 
     def count(value: bytes, state: Any) -> int:
         n: int = state.get("n", 0) + 1
         state.set("n", n)
-        seen[0] += 1
-        if seen[0] == 1:
-            marks.append(time.monotonic())
-            cpu_marks.append(time.process_time())
-        if seen[0] == expected:
-            marks.append(time.monotonic())
-            cpu_marks.append(time.process_time())
-            done.set()
+        watch.tick()
         return n
 
-    # Keyless messages have no per-key state; the processor dead-letters them anyway.
-    app.dataframe(topic).filter(lambda _v, key, _ts, _h: key is not None, metadata=True).apply(
-        count, stateful=True
+    app.dataframe(topic).filter(_keyed, metadata=True).apply(count, stateful=True)
+    return watch.run(app, "floor counter", timeout_s)
+
+
+def topology_floor_throughput(
+    settings: Settings, address: str, expected: int, *, timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """Events/s of the processor's Kafka shape with no logic in it, over the same backlog.
+
+    The processor's application settings (client, commit, exactly-once, state), and per message
+    what the processor does to Kafka and its state stores: stage 1 reads a state key and sets
+    one (dedupe), then re-keys the message through a topic of its own; stage 2 reads and writes
+    a small per-key value and produces two records (the clean event and the profile). The gap
+    between this and the full path is the cost of the processor's own work (parsing,
+    validation, scoring, segments, sinks, bigger records), not of the Kafka round trips.
+    """
+    from pipeline.stream.topology import new_application
+
+    state_dir = settings.home / "topology-floor-state"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    app = new_application(
+        settings, address, StreamMetrics(), consumer_group=TOPOLOGY_FLOOR_GROUP, state_dir=state_dir
     )
-    finished = threading.Event()
+    config = _topic_config(settings)
+    raw = app.topic(
+        settings.topics.raw, value_deserializer="bytes", key_deserializer="str", config=config
+    )
 
-    def stop_when_done() -> None:
-        done.wait(timeout_s)
-        if not finished.is_set():
-            app.stop()
+    def out(name: str) -> Any:
+        return app.topic(
+            f"{TOPOLOGY_FLOOR_GROUP}.{name}",
+            key_serializer="str",
+            key_deserializer="str",
+            value_serializer="json",
+            value_deserializer="json",
+            config=config,
+        )
 
-    stopper = threading.Thread(target=stop_when_done, name="bench-floor-stop", daemon=True)
-    stopper.start()
-    try:
-        app.run()
-    finally:
-        finished.set()
-        done.set()
-        stopper.join()
-    if len(marks) < 2:
-        raise PipelineError(f"floor counter saw {seen[0]} of {expected} messages")
-    seconds = marks[1] - marks[0]
-    cpu_s = cpu_marks[1] - cpu_marks[0]
-    return {
-        "events": expected,
-        "seconds": round(seconds, 6),
-        "events_per_s": round(expected / seconds, 1),
-        "cpu_s": round(cpu_s, 6),
-        "events_per_cpu_s": round(expected / cpu_s, 1) if cpu_s > 0 else None,
-    }
+    hop, clean, profiles = out("attributed"), out("clean"), out("profiles")
+    watch = _Stopwatch(expected)
+
+    def stage_1(value: bytes, key: str, timestamp: int, _headers: Any, state: Any) -> Any:
+        seen = f"seen:{timestamp}:{len(value)}"
+        if state.get(seen) is None:
+            state.set(seen, 1)
+        return {"customer_id": key, "size": len(value), "ts": timestamp}
+
+    def stage_2(record: dict[str, Any], state: Any) -> list[dict[str, Any]]:
+        profile = state.get("profile") or {"n": 0, "bytes": 0}
+        profile["n"] += 1
+        profile["bytes"] += record["size"]
+        state.set("profile", profile)
+        watch.tick()
+        return [{**record, "kind": "event"}, {**profile, "kind": "profile"}]
+
+    (
+        app.dataframe(raw)
+        .filter(_keyed, metadata=True)
+        .apply(stage_1, stateful=True, metadata=True)
+        .to_topic(hop, key=lambda record: record["customer_id"])
+    )
+    (
+        app.dataframe(hop)
+        .apply(stage_2, stateful=True, expand=True)
+        .to_topic(lambda record, *_: clean if record["kind"] == "event" else profiles)
+    )
+    return watch.run(app, "topology floor", timeout_s)
 
 
 @dataclass(frozen=True)
@@ -462,6 +546,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         produce_messages(bench_settings, run.address, backlog)
         keyed = sum(1 for msg in backlog if msg.key is not None)
         report["floor"] = floor_throughput(bench_settings, run.address, keyed)
+        report["topology_floor"] = topology_floor_throughput(bench_settings, run.address, keyed)
 
         phases: list[Phase] = []
         measured: dict[str, float] = {}
@@ -525,6 +610,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             load.close()
         cpu_s = measured.get("cpu_s", 0.0)
         floor_per_cpu = report["floor"]["events_per_cpu_s"]
+        topology_per_cpu = report["topology_floor"]["events_per_cpu_s"]
         report["processor"] = {
             "events": int(measured["raw"]),
             "seconds": round(measured["seconds"], 6),
@@ -537,6 +623,12 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             "ratio_to_floor_per_cpu_s": (
                 round(measured["raw"] / cpu_s / floor_per_cpu, 3)
                 if cpu_s and floor_per_cpu
+                else None
+            ),
+            # the same Kafka work with no logic: what the processor's own work costs
+            "ratio_to_topology_floor_per_cpu_s": (
+                round(measured["raw"] / cpu_s / topology_per_cpu, 3)
+                if cpu_s and topology_per_cpu
                 else None
             ),
             "broker_cpu_s": round(measured.get("broker_cpu_s", 0.0), 3) if broker_pid else None,
@@ -593,6 +685,7 @@ def chart(report: dict[str, Any]) -> go.Figure:
         )
     bars = {
         "floor (bare counter)": report["floor"]["events_per_s"],
+        "topology floor (no logic)": report["topology_floor"]["events_per_s"],
         "processor (full path)": report["processor"]["events_per_s"],
         "collector (HTTP)": report["collector"]["events_per_s"],
     }

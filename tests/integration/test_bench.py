@@ -29,8 +29,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
 
     assert report["config"]["quick"] is True
-    floor, proc = report["floor"], report["processor"]
-    for figure in (floor, proc):
+    floor, topology, proc = report["floor"], report["topology_floor"], report["processor"]
+    assert topology["events"] == floor["events"]  # the same keyed messages, both floors
+    for figure in (floor, topology, proc):
         assert figure["events"] > 0
         assert figure["seconds"] > 0
         assert figure["events_per_s"] == pytest.approx(
@@ -41,13 +42,16 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         proc["events_per_s"] / floor["events_per_s"], abs=0.001
     )
     # per CPU-second of the measuring process (the broker and the load generator apart)
-    for figure in (floor, proc):
+    for figure in (floor, topology, proc):
         assert figure["cpu_s"] > 0
         assert figure["events_per_cpu_s"] == pytest.approx(
             figure["events"] / figure["cpu_s"], rel=0.01
         )
     assert proc["ratio_to_floor_per_cpu_s"] == pytest.approx(
         proc["events_per_cpu_s"] / floor["events_per_cpu_s"], abs=0.001
+    )
+    assert proc["ratio_to_topology_floor_per_cpu_s"] == pytest.approx(
+        proc["events_per_cpu_s"] / topology["events_per_cpu_s"], abs=0.001
     )
     assert proc["broker_cpu_s"] > 0
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -204,18 +205,16 @@ def parse_limits(settings: Settings) -> ParseLimits:
     )
 
 
-def build_application(
+def new_application(
     settings: Settings,
     address: str,
-    *,
-    catalog: ProductLookup,
-    registry: SchemaRegistry,
-    warehouse: LocalWarehouse,
     metrics: StreamMetrics,
-    extra_warehouses: Sequence[WarehouseWriter] = (),
-    suppressed: SuppressedIds = nobody_suppressed,
+    *,
+    consumer_group: str | None = None,
+    state_dir: Path | None = None,
 ) -> Application:
-    """Build the processor application for the broker at ``address``."""
+    """An empty quixstreams application with the processor's client, commit and state settings
+    (the benchmark's topology floor runs on the same, to isolate the cost of the logic)."""
     exactly_once = settings.processing_guarantee == "exactly-once"
     producer_extra: dict[str, Any] = {
         "linger.ms": settings.producer_linger_ms,
@@ -224,7 +223,8 @@ def build_application(
     if exactly_once:
         # A stable transactional.id lets a restarted replica fence and abort its predecessor's
         # open transaction; the embedded broker never times one out (see environment notes).
-        producer_extra["transactional.id"] = f"{settings.consumer_group}-{settings.instance_id}"
+        group = consumer_group or settings.consumer_group
+        producer_extra["transactional.id"] = f"{group}-{settings.instance_id}"
     # librdkafka statistics every second feed the consumer-lag gauge
     consumer_config: dict[str, Any] = {
         "fetch.wait.max.ms": 20,
@@ -235,13 +235,13 @@ def build_application(
     if session_ms:
         consumer_config["session.timeout.ms"] = session_ms
         consumer_config["heartbeat.interval.ms"] = max(100, session_ms // 6)
-    app = Application(
+    return Application(
         broker_address=ConnectionConfig.from_librdkafka_dict(client_config(settings, address)),
-        consumer_group=settings.consumer_group,
+        consumer_group=consumer_group or settings.consumer_group,
         auto_offset_reset="earliest",
         commit_interval=settings.commit_interval_s,
         processing_guarantee=settings.processing_guarantee,
-        state_dir=settings.state_dir,
+        state_dir=state_dir or settings.state_dir,
         consumer_extra_config=consumer_config,
         producer_extra_config=producer_extra,
         consumer_poll_timeout=0.2,
@@ -254,6 +254,21 @@ def build_application(
         ),
         loglevel=settings.log_level,
     )
+
+
+def build_application(
+    settings: Settings,
+    address: str,
+    *,
+    catalog: ProductLookup,
+    registry: SchemaRegistry,
+    warehouse: LocalWarehouse,
+    metrics: StreamMetrics,
+    extra_warehouses: Sequence[WarehouseWriter] = (),
+    suppressed: SuppressedIds = nobody_suppressed,
+) -> Application:
+    """Build the processor application for the broker at ``address``."""
+    app = new_application(settings, address, metrics)
     topic_config = TopicConfig(
         num_partitions=settings.partitions,
         replication_factor=settings.replication_factor,

@@ -11,6 +11,7 @@ file of messages and a rate per phase.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -121,7 +122,9 @@ class LoadGenerator:
     def close(self) -> None:
         child = self._child
         if child.stdin is not None and not child.stdin.closed:
-            child.stdin.close()  # end of requests: the child exits
+            # end of requests: the child exits (a dead child leaves an unsent request behind)
+            with contextlib.suppress(BrokenPipeError):
+                child.stdin.close()
         try:
             child.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -30,10 +30,16 @@ class Outcome:
     sim: Simulation
 
 
-@pytest.fixture(scope="module")
-def outcome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
+@pytest.fixture(scope="module", params=["exactly-once", "at-least-once"])
+def outcome(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Outcome]:
+    """The whole simulation processed once per processing guarantee; every test below holds
+    for both (at-least-once replays nothing here: no restart, see test_fault_injection)."""
     home = tmp_path_factory.mktemp("e2e") / "home"
-    settings = Settings(home=home, partitions=4, commit_interval_s=0.3)
+    settings = Settings(
+        home=home, partitions=4, commit_interval_s=0.3, processing_guarantee=request.param
+    )
     with pipeline_run(settings) as run:
         sim = simulate(SimulationConfig(events=6000, seed=11, end=END, days=10), run.catalog)
         process_until_idle(

@@ -45,6 +45,14 @@ def topic_extra_config(settings: Settings) -> dict[str, str]:
     return {"retention.ms": str(settings.topic_retention_ms), "retention.bytes": _RETENTION_BYTES}
 
 
+# The suppression list: one record per hashed id, never expired; compaction keeps the newest
+KEPT_FOREVER = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def _topic_config(settings: Settings, name: str) -> dict[str, str]:
+    return KEPT_FOREVER if name == settings.topics.suppressions else topic_extra_config(settings)
+
+
 RAW_PARTITIONER = "murmur2_random"
 # written to PIPELINE_HOME by a running `pipeline up`: its broker address and embedded pid
 BROKER_FILE = "broker.json"
@@ -190,7 +198,7 @@ def ensure_topics(settings: Settings, address: str, *, timeout_s: float = 30.0) 
                 t,
                 num_partitions=settings.partitions,
                 replication_factor=settings.replication_factor,
-                config=topic_extra_config(settings),
+                config=_topic_config(settings, t),
             )
             for t in wanted
         ],

@@ -1,7 +1,9 @@
 """The right to be forgotten: suppress a customer at once, delete them everywhere, prove it.
 
-``forget`` first appends the customer to the suppression list (``PIPELINE_HOME/suppression.jsonl``)
-so the collector and the processor drop their new events (both call :func:`is_suppressed`),
+``forget`` first appends the customer to the suppression list (``PIPELINE_HOME/suppression.jsonl``
+and, with a broker to reach, the compacted ``customers.suppressed`` topic that every machine
+reads: :class:`SharedSuppressionList`) so the collector and the processor drop their new events
+(both call :func:`is_suppressed`),
 then deletes every row about the customer and their devices from the local warehouse (which
 is also the profile store) and from BigQuery, then erases them from the processor's state
 stores (:func:`erase_processor_state`), and appends an audit record to
@@ -21,8 +23,10 @@ compacted changelog topics drop the older values behind the tombstones.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Set
 from dataclasses import asdict, dataclass, field
@@ -31,8 +35,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
-from pipeline.broker import BROKER_FILE
+from pipeline.broker import BROKER_FILE, client_config, ensure_topics
 from pipeline.errors import PipelineError
 from pipeline.identity import anonymous_customer_id
 from pipeline.identity import is_suppressed as is_suppressed  # where callers expect it
@@ -40,6 +52,8 @@ from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.bigquery import BigQueryWarehouse
 from pipeline.stores.local import LocalWarehouse
+
+log = logging.getLogger(__name__)
 
 SUPPRESSION_FILE = "suppression.jsonl"
 AUDIT_FILE = Path("audit") / "forget.jsonl"
@@ -86,37 +100,61 @@ def erase_requests(customer_id: str, devices: Iterable[str], at: str) -> list[tu
 
 
 def erase_processor_state(
-    settings: Settings, customer_id: str, devices: Iterable[str], *, at: str, timeout_s: float = 30
+    settings: Settings,
+    customer_id: str,
+    devices: Iterable[str],
+    *,
+    at: str,
+    producer: Producer | None = None,
+    timeout_s: float = 30,
 ) -> str:
     """Have the processor delete what its state stores hold about the customer; says what it did.
 
-    With a broker to reach (configured, or the embedded one of a running ``pipeline up``), the
-    erasure travels the stream as requests on the raw topic, in order behind the customer's
-    earlier events: stage 1 drops the device's link and anonymous history, stage 2 the profiles
-    (the changelog topics get tombstones). Without one, the state directory belongs to an embedded
-    broker that is gone, so nothing can restore it: it is deleted.
+    With a broker to reach (``producer``: configured, or the embedded one of a running
+    ``pipeline up``), the erasure travels the stream as requests on the raw topic, in order
+    behind the customer's earlier events: stage 1 drops the device's link and anonymous
+    history, stage 2 the profiles (the changelog topics get tombstones). Without one, the state
+    directory belongs to an embedded broker that is gone, so nothing can restore it: it is
+    deleted.
     """
-    address = _reachable_broker(settings)
-    if address is None:
+    if producer is None:
         if settings.state_dir.exists():
             shutil.rmtree(settings.state_dir)
             return "state directory deleted (no broker running)"
         return "no processor state"
-    from pipeline.runner import make_producer  # deferred: the runner imports this module
-
-    producer = make_producer(settings, address)
     requests = erase_requests(customer_id, devices, at)
     for key, value in requests:
         producer.produce(
             settings.topics.raw, key=key, value=value, headers=[(CONTROL_HEADER, ERASE)]
         )
+    _flush(producer, len(requests), "erasure requests", timeout_s)
+    return f"erasure sent to the processor for {len(requests)} keys"
+
+
+def suppression_records(customer_id: str, keys: Iterable[str], at: str) -> list[tuple[str, bytes]]:
+    """(key, value) of the suppressions-topic records for a customer: one per hashed id, so
+    that compaction keeps every id however often the customer is forgotten."""
+    value = orjson.dumps({"customer": sha256_hex(customer_id), "at": at})
+    return [(sha256_hex(k), value) for k in keys]
+
+
+def publish_suppression(
+    settings: Settings, producer: Producer, records: list[tuple[str, bytes]], timeout_s: float = 30
+) -> None:
+    """Write the customer's hashed ids to the suppressions topic: collectors and processors on
+    other machines read it (:class:`SharedSuppressionList`)."""
+    for key, value in records:
+        producer.produce(settings.topics.suppressions, key=key, value=value)
+    _flush(producer, len(records), "suppression records", timeout_s)
+
+
+def _flush(producer: Producer, sent: int, what: str, timeout_s: float) -> None:
     left = producer.flush(timeout_s)
     if left:
         raise ForgetError(
-            f"{left} of {len(requests)} erasure requests not acknowledged by {address} within "
-            f"{timeout_s:.0f}s: run `pipeline forget` again once the broker is reachable"
+            f"{left} of {sent} {what} not acknowledged within {timeout_s:.0f}s: run "
+            "`pipeline forget` again once the broker is reachable"
         )
-    return f"erasure sent to the processor for {len(requests)} keys"
 
 
 def _reachable_broker(settings: Settings) -> str | None:
@@ -180,12 +218,20 @@ def forget(
         suppression_path(settings),
         {"customer": subject, "ids": [sha256_hex(k) for k in keys], "at": at},
     )
+    address = _reachable_broker(settings)
+    producer = None
+    if address is not None:
+        from pipeline.runner import make_producer  # deferred: the runner imports this module
+
+        producer = make_producer(settings, address)
+        ensure_topics(settings, address)  # a cluster from before the suppressions topic
+        publish_suppression(settings, producer, suppression_records(customer_id, keys, at))
     local = warehouse.delete_customer(keys, sorted(devices), customer_id)
     deleted = {f"local.{t}": n for t, n in local.items()}
     if bigquery is not None:
         bq = bigquery.delete_customer(keys, sorted(devices), customer_id)
         deleted |= {f"bigquery.{t}": n for t, n in bq.items()}
-    state = erase_processor_state(settings, customer_id, sorted(devices), at=at)
+    state = erase_processor_state(settings, customer_id, sorted(devices), at=at, producer=producer)
     report = ForgetReport(subject, len(devices), deleted, at, state)
     _append_jsonl(audit_path(settings), {"action": "forget", **report.to_dict()})
     return report
@@ -251,9 +297,146 @@ def nobody_suppressed(*, fresh: bool = False) -> Set[str]:
     return frozenset()
 
 
-def suppression_source(settings: Settings, ttl_s: float = 5.0) -> SuppressedIds:
+class SuppressionListError(PipelineError):
+    """The suppressions topic could not be read to its end."""
+
+
+def close_source(source: SuppressedIds) -> None:
+    """Release what a suppression source holds (a consumer), if anything."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+class SharedSuppressionList:
+    """Every machine's suppression list: the local file, and the suppressions topic that
+    ``forget`` writes wherever it runs, read from its start by a consumer with no group.
+
+    Read once when created, then a background thread re-reads both every ``ttl_s`` seconds,
+    so a call never waits for the broker (the collector calls it in its request path);
+    ``fresh=True`` re-reads now, in the caller (the processor asks when an erasure reaches it,
+    since the list grew before the request was sent). If the broker does not answer within
+    ``timeout_s``, the ids read so far stay in use and a warning is logged.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        address: str,
+        *,
+        ttl_s: float = 5.0,
+        timeout_s: float = 5.0,
+        refresh_in_background: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._topic = settings.topics.suppressions
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._consumer = Consumer(
+            {
+                **client_config(settings, address),
+                "group.id": "pipeline-suppression-readers",  # required; never joined
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self._next: dict[int, int] | None = None  # next offset per partition, once assigned
+        self._ids: set[str] = set()
+        self._current: frozenset[str] = frozenset()
+        self._lock = threading.Lock()  # one reader of the consumer at a time
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self.refresh()  # a new reader starts with the whole list (waits up to timeout_s)
+        if refresh_in_background:
+            self._refresher = threading.Thread(
+                target=self._refresh_periodically, name="suppression-list", daemon=True
+            )
+            self._refresher.start()
+
+    def __call__(self, *, fresh: bool = False) -> frozenset[str]:
+        if fresh:
+            self.refresh()
+        return self._current
+
+    def refresh(self) -> None:
+        """Read the topic to its current end and the file again."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            try:
+                self._catch_up()
+            except (KafkaException, SuppressionListError) as exc:
+                log.warning("suppressions not read (%s); retried in %ss", exc, self._ttl_s)
+            self._current = frozenset(self._ids) | load_suppressed(self._settings)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._refresher is not None:
+            self._refresher.join(self._timeout_s + 1)
+        with self._lock:
+            self._consumer.close()
+
+    def _refresh_periodically(self) -> None:
+        while not self._closed.wait(self._ttl_s):
+            self.refresh()
+
+    def _catch_up(self) -> None:
+        """Read the topic up to the end offsets it has now (and whatever arrived with them)."""
+        if self._next is None:
+            topic = self._consumer.list_topics(self._topic, timeout=self._timeout_s).topics
+            found = topic.get(self._topic)
+            if found is None or found.error is not None or not found.partitions:
+                return  # not created yet: nobody was forgotten through a broker
+            self._consumer.assign(
+                [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in found.partitions]
+            )
+            self._next = dict.fromkeys(found.partitions, 0)
+        ends = {
+            p: self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, p), timeout=self._timeout_s
+            )[1]
+            for p in self._next
+        }
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            behind = any(self._next[p] < end for p, end in ends.items())
+            # once caught up, only drain what was fetched already (the rest of a batch)
+            message = self._consumer.poll(0.1 if behind else 0)
+            if message is None:
+                if not behind:
+                    return
+                if time.monotonic() > deadline:
+                    raise SuppressionListError(
+                        f"{self._topic} not read to its end in {self._timeout_s}s"
+                    )
+                continue
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(error)
+            key = message.key()
+            if key is not None:
+                if message.value() is None:
+                    self._ids.discard(key.decode())  # a tombstone: no longer suppressed
+                else:
+                    self._ids.add(key.decode())
+            partition, offset = message.partition(), message.offset()
+            if partition is not None and offset is not None:
+                self._next[partition] = offset + 1
+
+
+def suppression_source(
+    settings: Settings, address: str | None = None, ttl_s: float = 5.0
+) -> SuppressedIds:
     """The forgotten customers' hashed ids, re-read at most every ``ttl_s`` seconds (or when
-    asked: the processor does when an erasure reaches it, since the list grew before it)."""
+    asked: the processor does when an erasure reaches it, since the list grew before it).
+
+    With the broker's ``address``, the list every machine shares (:class:`SharedSuppressionList`);
+    without, this machine's file.
+    """
+    if address is not None:
+        return SharedSuppressionList(settings, address, ttl_s=ttl_s)
     loaded_at = -float("inf")
     current: frozenset[str] = frozenset()
 

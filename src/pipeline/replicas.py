@@ -262,7 +262,7 @@ def run_replica(
     """
     from pipeline.catalog import load_catalog
     from pipeline.collector.server import broker_address
-    from pipeline.gdpr import suppression_source
+    from pipeline.gdpr import close_source, suppression_source
     from pipeline.observability import start_metrics_server
     from pipeline.runner import _bigquery
     from pipeline.schemas import default_registry
@@ -294,6 +294,8 @@ def run_replica(
         extra = _bigquery(settings)
         for wh in extra:
             stack.callback(wh.close)
+        suppressed = suppression_source(settings, address)
+        stack.callback(close_source, suppressed)
         app = build_application(
             settings,
             address,
@@ -302,7 +304,7 @@ def run_replica(
             warehouse=warehouse,
             metrics=metrics,
             extra_warehouses=extra,
-            suppressed=suppression_source(settings),
+            suppressed=suppressed,
         )
         server = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
         stack.callback(server)

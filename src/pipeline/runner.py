@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.errors import PipelineError
-from pipeline.gdpr import suppression_source
+from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
@@ -191,6 +191,7 @@ def process_until_idle(
     """Run the processor in this thread until it consumed ``expected_raw`` raw messages and
     nothing moved for ``idle_s`` (every checkpoint flushed); ``feed`` runs in a thread."""
     registry = default_registry()
+    suppressed = suppression_source(run.settings, run.address)
     app = build_application(
         run.settings,
         run.address,
@@ -199,7 +200,7 @@ def process_until_idle(
         warehouse=run.warehouse,
         metrics=run.metrics,
         extra_warehouses=run.extra_warehouses,
-        suppressed=suppression_source(run.settings),
+        suppressed=suppressed,
     )
     m = run.metrics
     errors: list[BaseException] = []
@@ -228,7 +229,10 @@ def process_until_idle(
 
     watcher = threading.Thread(target=watch, name="pipeline-watch", daemon=True)
     watcher.start()
-    app.run()
+    try:
+        app.run()
+    finally:
+        close_source(suppressed)
     watcher.join()
     if errors:
         raise errors[0]
@@ -271,6 +275,7 @@ def _process_while_broker_lives(
     ``services`` (each started with the run, returning its stop function).
     """
     producer = make_producer(run.settings, run.address)
+    suppressed = suppression_source(run.settings, run.address)
     params = run.settings.triggers
     delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
 
@@ -291,7 +296,7 @@ def _process_while_broker_lives(
         warehouse=run.warehouse,
         metrics=run.metrics,
         extra_warehouses=run.extra_warehouses,
-        suppressed=suppression_source(run.settings),
+        suppressed=suppressed,
     )
     done = threading.Event()
     broker_died = threading.Event()
@@ -314,6 +319,7 @@ def _process_while_broker_lives(
         log.debug("processor stopped after the broker died", exc_info=True)
     finally:
         done.set()
+        close_source(suppressed)
         for stop in reversed(stops):
             stop()
     return broker_died.is_set()

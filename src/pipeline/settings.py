@@ -43,6 +43,8 @@ class TopicNames(BaseModel):
     email_dlq: str = "email.dlq"
     crm_customers: str = "crm.customers"
     alerts: str = "alerts"
+    # `pipeline forget`'s hashed ids, compacted and kept forever: every machine's list
+    suppressions: str = "customers.suppressed"
 
     def all(self) -> tuple[str, ...]:
         return (
@@ -57,6 +59,7 @@ class TopicNames(BaseModel):
             self.email_dlq,
             self.crm_customers,
             self.alerts,
+            self.suppressions,
         )
 
 

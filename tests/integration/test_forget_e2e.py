@@ -1,5 +1,8 @@
 """`pipeline forget` against a running processor (real broker): the customer leaves the
-processor's state stores and their changelog topics too, and their later events are dropped."""
+processor's state stores and their changelog topics too, and their later events are dropped.
+
+``forget`` runs as on another machine (a home of its own, the broker configured): the
+processor learns of it through the broker alone, not through a shared file."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from confluent_kafka.admin import AdminClient
 from topic_reader import read_topic
 
 from pipeline.broker import client_config
-from pipeline.gdpr import CONTROL_HEADER, ERASE, forget, verify_forgotten
+from pipeline.gdpr import CONTROL_HEADER, ERASE, forget, suppression_path, verify_forgotten
 from pipeline.runner import make_producer, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, SimulationConfig, simulate
@@ -62,6 +65,9 @@ def _latest_by_key(settings: Settings, address: str, topic: str) -> dict[bytes, 
 
 def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> None:
     with pipeline_run(settings) as run:
+        admin_host = settings.model_copy(
+            update={"home": settings.home.parent / "admin-host", "broker": run.address}
+        )
         sim = simulate(SimulationConfig(events=800, seed=11, end=END, days=4), run.catalog)
         valid = {m.message_id for m in sim.messages if m.kind == "valid" and m.message_id}
         found: dict[str, Any] = {}
@@ -84,7 +90,7 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
             customer = str(row["customer_id"])
             with LocalWarehouse(settings.warehouse_path) as wh:
                 devices = sorted(wh.linked_devices(customer))
-                report = forget(customer, settings, warehouse=wh)
+                report = forget(customer, admin_host, warehouse=wh)
             found.update(customer=customer, devices=devices, report=report)
             late = [
                 _late_event(1, user_id=customer, device=devices[0]),
@@ -135,7 +141,8 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
         assert "erasure request not carried out" in bad["detail"][0]
 
         # the warehouse holds nothing of theirs, though the stream wrote after `forget` deleted
-        left = verify_forgotten(customer, settings, warehouse=run.warehouse)
+        assert not suppression_path(settings).exists()  # the processor's machine has no file
+        left = verify_forgotten(customer, admin_host, warehouse=run.warehouse)
         assert not any(left.values()), left
 
         # the changelog topics that restore the state stores end in a tombstone for every key

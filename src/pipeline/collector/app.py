@@ -24,7 +24,7 @@ from pipeline.collector.intake import events_of, parse_body, prepare_messages
 from pipeline.collector.limits import Clock, RateLimiter, read_body
 from pipeline.collector.publish import Publisher
 from pipeline.collector.storefront import register_storefront
-from pipeline.gdpr import is_suppressed, suppression_source
+from pipeline.gdpr import SuppressedIds, close_source, is_suppressed, suppression_source
 from pipeline.observability import CollectorMetrics, metrics_response
 from pipeline.settings import Settings
 
@@ -44,8 +44,12 @@ def create_app(
     *,
     clock_ms: Callable[[], int] = utc_now_ms,
     rate_clock: Clock | None = None,
+    suppressed: SuppressedIds | None = None,
 ) -> FastAPI:
-    """The collector app; ``producer_factory`` is called once at start-up, closed at shutdown."""
+    """The collector app; ``producer_factory`` is called once at start-up, closed at shutdown.
+
+    ``suppressed`` (default: this machine's suppression file) says whose events to drop.
+    """
     cfg = settings.collector
     keys = WriteKeys(cfg.write_keys)
     limiter = (
@@ -55,7 +59,7 @@ def create_app(
     )
     topic = settings.topics.raw
     publishers: list[Publisher] = []
-    suppressed = suppression_source(settings)
+    forgotten_ids = suppressed or suppression_source(settings)
     metrics = CollectorMetrics()
 
     @asynccontextmanager
@@ -66,6 +70,7 @@ def create_app(
             yield
         finally:
             publishers.pop().close()
+            close_source(forgotten_ids)
 
     app = FastAPI(
         title="pipeline collector",
@@ -109,7 +114,7 @@ def create_app(
                 batch_sent_at=batch_sent_at,
                 max_event_bytes=settings.max_event_bytes,
             )
-            forgotten = suppressed()
+            forgotten = forgotten_ids()
             if forgotten:
                 # a forgotten customer's new events are acknowledged and dropped, never stored
                 messages = [

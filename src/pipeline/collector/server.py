@@ -17,6 +17,7 @@ from pipeline.collector.config import DEV_WRITE_KEYS
 from pipeline.collector.publish import KafkaPublisher
 from pipeline.devkeys import warn_if_dev_key_exposed
 from pipeline.errors import PipelineError
+from pipeline.gdpr import suppression_source
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,11 @@ def kafka_app(settings: Settings, address: str) -> FastAPI:
         DEV_WRITE_KEYS["local"],
         "PIPELINE_COLLECTOR__WRITE_KEYS",
     )
-    return create_app(settings, lambda: KafkaPublisher.connect(settings, address))
+    return create_app(
+        settings,
+        lambda: KafkaPublisher.connect(settings, address),
+        suppressed=suppression_source(settings, address),  # forgotten on any machine
+    )
 
 
 def _server(settings: Settings, address: str) -> uvicorn.Server:

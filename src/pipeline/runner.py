@@ -278,6 +278,10 @@ def _process_while_broker_lives(
     suppressed = suppression_source(run.settings, run.address)
     params = run.settings.triggers
     delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
+    if delivery is not None:
+        recovered = delivery.recover()  # emails a previous run queued and did not send
+        if recovered:
+            log.info("%d scheduled emails queued again from the warehouse", recovered)
 
     def scan() -> None:
         try:

@@ -355,11 +355,24 @@ def test_triggers_become_rendered_emails_delivered_once_at_their_send_time(
     now[0] = int(datetime.now(UTC).timestamp() * 1000)
     early, _ = delivery.deliver()
     assert early < queued  # optimized send times lie ahead: not everything is due at once
+    waiting = run.warehouse.scheduled_emails()
+    assert len(waiting) == queued - early  # the rest waits in the warehouse too
+
+    # a restart: a new delivery with an empty queue takes the schedule up from the warehouse
+    restarted = trigger_delivery(run, make_producer(run.settings, run.address), platform)
+    restarted.clock_ms = lambda: now[0]
+    assert restarted.recover() == queued - early
+    # a customer forgotten meanwhile loses their row (pipeline forget): not sent
+    gone = waiting[0]
+    run.warehouse.unschedule_emails([gone["email_id"]])
     now[0] += 8 * 86_400_000  # a week later every send time has passed
-    delivery.deliver()
-    assert platform.calls == len(platform.sent) == queued  # each email sent exactly once
+    restarted.deliver()
+    assert restarted.stats.dropped_forgotten == 1
+    assert platform.calls == len(platform.sent) == queued - 1  # each email sent exactly once
+    assert gone["email_id"] not in platform.sent
+    assert run.warehouse.scheduled_emails() == []
     sent = run.warehouse.query("SELECT customer_id, campaign_id, html FROM sent_emails")
-    assert len(sent) == queued
+    assert len(sent) == queued - 1
     assert set(sent.campaign_id) <= {"cart_abandonment", "browse_abandonment"}
     assert all("unsubscribe" in html.lower() for html in sent.html)
 

@@ -127,6 +127,18 @@ def test_deliver_due_sends_through_any_platform() -> None:
     assert list(platform.sent) == [idempotency_key("c", "a", 1)]
 
 
+def test_deliver_due_drops_what_keep_refuses() -> None:
+    platform = MemoryEmailPlatform()
+    jobs = [RenderJob(10, _payload("a")), RenderJob(20, _payload("b"))]
+    scheduler = DeliveryScheduler(jobs)
+    outcomes, _ = deliver_due(
+        scheduler, platform, 30, keep=lambda due: [j for j in due if j.payload.customer != "a"]
+    )
+    assert [o.customer for o in outcomes] == ["b"]
+    assert list(platform.sent) == [idempotency_key("c", "b", 1)]
+    assert len(scheduler) == 0  # the refused job is gone too, not sent later
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1_000.0

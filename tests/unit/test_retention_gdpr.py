@@ -162,6 +162,33 @@ def test_forget_deletes_alerts_that_name_the_customer(
     assert verify_forgotten("c1", settings, warehouse=warehouse)["local.alerts"] == 0
 
 
+def test_forget_deletes_the_customers_scheduled_emails(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    settings = Settings(home=tmp_path / "home")
+
+    def scheduled(email_id: str, customer: str) -> dict[str, object]:
+        return {
+            "email_id": email_id,
+            "customer_id": customer,
+            "campaign_id": "cart_abandonment",
+            "send_at_ms": T0_MS,
+            "subject": "s",
+            "html": "<p>h</p>",
+            "text": "t",
+            "snapshot": {"profile": {"version": 3}},
+        }
+
+    assert warehouse.write_scheduled_emails([scheduled("m1", "c1"), scheduled("m2", "c2")]) == 2
+    assert warehouse.write_scheduled_emails([scheduled("m1", "c1")]) == 0  # once per email
+    report = forget("c1", settings, warehouse=warehouse)
+    assert report.deleted["local.scheduled_emails"] == 1
+    assert [r["email_id"] for r in warehouse.scheduled_emails()] == ["m2"]
+    assert warehouse.scheduled_emails()[0]["snapshot"] == {"profile": {"version": 3}}
+    assert warehouse.still_scheduled(["m1", "m2"]) == {"m2"}
+    assert verify_forgotten("c1", settings, warehouse=warehouse)["local.scheduled_emails"] == 0
+
+
 @pytest.mark.parametrize("marker", [None, "crashed run"])
 def test_forget_without_a_running_broker_deletes_the_processor_state(
     tmp_path: Path, warehouse: LocalWarehouse, marker: str | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pipeline.delivery.client import EmailPlatform
@@ -63,8 +63,14 @@ class DeliveryScheduler:
 
 
 def deliver_due(
-    scheduler: DeliveryScheduler, platform: EmailPlatform, now_ms: int
+    scheduler: DeliveryScheduler,
+    platform: EmailPlatform,
+    now_ms: int,
+    *,
+    keep: Callable[[Sequence[RenderJob]], Sequence[RenderJob]] | None = None,
 ) -> tuple[list[DeliveryOutcome], list[DeliveryFailure]]:
-    """Send every job due at ``now_ms``; ``(all outcomes, the failures for the dead letters)``."""
-    outcomes = [platform.send(job.payload) for job in scheduler.due(now_ms)]
+    """Send every job due at ``now_ms`` (those ``keep`` keeps, if given; the others are
+    dropped); ``(all outcomes, the failures for the dead letters)``."""
+    due = scheduler.due(now_ms)
+    outcomes = [platform.send(job.payload) for job in (keep(due) if keep else due)]
     return outcomes, [o for o in outcomes if isinstance(o, DeliveryFailure)]

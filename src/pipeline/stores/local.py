@@ -143,6 +143,17 @@ CREATE TABLE IF NOT EXISTS alerts (
     stored_ms        INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_ms);
+CREATE TABLE IF NOT EXISTS scheduled_emails (
+    email_id     TEXT PRIMARY KEY,
+    customer_id  TEXT NOT NULL,
+    campaign_id  TEXT NOT NULL,
+    send_at_ms   INTEGER NOT NULL,
+    scheduled_ms INTEGER NOT NULL,
+    subject      TEXT NOT NULL,
+    html         TEXT NOT NULL,
+    text         TEXT NOT NULL,
+    snapshot     TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -212,6 +223,16 @@ class WarehouseWriter(Protocol):
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
+
+_SCHEDULED_COLUMNS = (
+    "email_id",
+    "customer_id",
+    "campaign_id",
+    "send_at_ms",
+    "subject",
+    "html",
+    "text",
+)
 
 # Columns added after a table's first release: (table, column, SQL type); always nullable.
 _ADDED_COLUMNS = (
@@ -427,6 +448,54 @@ class LocalWarehouse:
             )
         return stored
 
+    def write_scheduled_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
+        """Keep rendered e-mails waiting for their send time (no address: it is looked up
+        again when they are sent), once per email_id; returns how many were new."""
+        stored = _now_ms()
+        rows = [
+            {
+                **{k: m[k] for k in _SCHEDULED_COLUMNS},
+                "scheduled_ms": stored,
+                "snapshot": orjson.dumps(m["snapshot"]).decode(),
+            }
+            for m in emails
+        ]
+        with self._tx() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO scheduled_emails VALUES (:email_id, :customer_id,"
+                " :campaign_id, :send_at_ms, :scheduled_ms, :subject, :html, :text, :snapshot)",
+                rows,
+            )
+            return conn.total_changes - before
+
+    def scheduled_emails(self) -> list[dict[str, Any]]:
+        """Every e-mail still waiting for its send time, earliest first."""
+        cursor = self._conn.execute(
+            "SELECT email_id, customer_id, campaign_id, send_at_ms, subject, html, text, snapshot"
+            " FROM scheduled_emails ORDER BY send_at_ms, email_id"
+        )
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        for row in rows:
+            row["snapshot"] = orjson.loads(row["snapshot"])
+        return rows
+
+    def still_scheduled(self, email_ids: Sequence[str]) -> set[str]:
+        """Which of ``email_ids`` are still scheduled (``pipeline forget`` deletes a customer's)."""
+        if not email_ids:
+            return set()
+        marks = ",".join("?" * len(email_ids))
+        query = f"SELECT email_id FROM scheduled_emails WHERE email_id IN ({marks})"
+        return {row[0] for row in self._conn.execute(query, list(email_ids))}
+
+    def unschedule_emails(self, email_ids: Sequence[str]) -> int:
+        """Forget scheduled e-mails that were sent or failed for good."""
+        with self._tx() as conn:
+            return conn.executemany(
+                "DELETE FROM scheduled_emails WHERE email_id = ?", [(i,) for i in email_ids]
+            ).rowcount
+
     def delete_older_than(self, table: str, time_column: str, cutoff_ms: int) -> int:
         """Delete the rows of ``table`` whose ``time_column`` (epoch ms) is before the cutoff."""
         if (table, time_column) not in _RETENTION_COLUMNS:
@@ -456,6 +525,7 @@ class LocalWarehouse:
             "segment_changes": (f"customer_id IN ({k})", list(keys)),
             "email_triggers": (f"customer_id IN ({k})", list(keys)),
             "sent_emails": (f"customer_id IN ({k})", list(keys)),
+            "scheduled_emails": (f"customer_id IN ({k})", list(keys)),
             "dead_letters": (
                 f"message_key IN ({k}) OR message_key IN ({a}) OR {raw}",
                 [*keys, *anonymous_ids, *texts],

@@ -4,6 +4,11 @@ Each new trigger (see :mod:`pipeline.triggers`) becomes one rendered email (reco
 reasons, as-of snapshot) queued at the customer's best send time; every scan delivers what is
 due through the email platform client (retries, idempotency keys). Sent emails land in the
 ``sent_emails`` table; permanent failures go to the email dead-letter topic.
+
+The queue survives restarts: each queued email is also kept in the ``scheduled_emails`` table
+(without its address) until it is sent or fails for good, and :meth:`TriggeredDelivery.recover`
+queues them again at start-up, looking the address and consent up again. An email whose row is
+gone when it falls due (``pipeline forget`` deletes the customer's) is not sent.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class DeliveryStats:
     skipped_no_consent: int = 0
     delivered: int = 0
     failed: int = 0
+    recovered: int = 0
+    dropped_forgotten: int = 0
 
 
 @dataclass
@@ -59,7 +66,7 @@ class TriggeredDelivery:
     def schedule(self, triggers: Sequence[Trigger]) -> int:
         """Render and queue one email per trigger; customers without an address or consent
         are skipped. Returns how many were queued."""
-        queued = 0
+        queued: list[tuple[RenderJob, Mapping[str, Any]]] = []
         for trigger in triggers:
             try:
                 view = self.service.campaign_email(trigger.customer_id, trigger.trigger)
@@ -70,19 +77,64 @@ class TriggeredDelivery:
             if view.to is None or traits.get("emailConsent") is False:
                 self.stats.skipped_no_consent += 1
                 continue
-            payload = payload_for(view.email, view.to)
-            if self.scheduler.add(RenderJob(view.send_time.send_at_ms, payload)):
-                self._pending[payload.idempotency_key] = (payload, view.email.snapshot)
-                queued += 1
-        self.stats.scheduled += queued
-        return queued
+            job = RenderJob(view.send_time.send_at_ms, payload_for(view.email, view.to))
+            if self._queue(job, view.email.snapshot):
+                queued.append((job, view.email.snapshot))
+        if queued:
+            self.warehouse.write_scheduled_emails(
+                [_scheduled_row(job, snapshot) for job, snapshot in queued]
+            )
+        self.stats.scheduled += len(queued)
+        return len(queued)
+
+    def recover(self) -> int:
+        """Queue again what an earlier run scheduled and did not send; returns how many.
+
+        The address and consent are looked up again: a customer who lost either since is
+        dropped from the schedule.
+        """
+        recovered, gone = 0, []
+        for row in self.warehouse.scheduled_emails():
+            to = self._address(row["customer_id"])
+            if to is None:
+                gone.append(row["email_id"])
+                self.stats.skipped_no_consent += 1
+                continue
+            payload = EmailPayload(
+                to=to,
+                subject=row["subject"],
+                html=row["html"],
+                text=row["text"],
+                campaign=row["campaign_id"],
+                customer=row["customer_id"],
+                idempotency_key=row["email_id"],
+            )
+            recovered += self._queue(RenderJob(row["send_at_ms"], payload), row["snapshot"])
+        if gone:
+            self.warehouse.unschedule_emails(gone)
+        self.stats.recovered += recovered
+        return recovered
 
     def deliver(self) -> tuple[int, int]:
         """Send what is due now; record sent emails and dead-letter permanent failures."""
-        outcomes, failures = deliver_due(self.scheduler, self.platform, self.clock_ms())
+
+        def still_wanted(jobs: Sequence[RenderJob]) -> list[RenderJob]:
+            kept = self.warehouse.still_scheduled([job.key for job in jobs])
+            for job in jobs:
+                if job.key not in kept:  # the customer was forgotten since it was queued
+                    self._pending.pop(job.key, None)
+                    self.stats.dropped_forgotten += 1
+            return [job for job in jobs if job.key in kept]
+
+        outcomes, failures = deliver_due(
+            self.scheduler, self.platform, self.clock_ms(), keep=still_wanted
+        )
         sent = [o for o in outcomes if isinstance(o, Delivered)]
-        if sent:
-            self.warehouse.write_sent_emails([self._sent_row(o) for o in sent])
+        if outcomes:
+            with self.warehouse.batch():  # sent and off the schedule together
+                if sent:
+                    self.warehouse.write_sent_emails([self._sent_row(o) for o in sent])
+                self.warehouse.unschedule_emails([o.idempotency_key for o in outcomes])
         for failure in failures:
             self._dead_letter(failure)
         for outcome in outcomes:
@@ -90,6 +142,23 @@ class TriggeredDelivery:
         self.stats.delivered += len(sent)
         self.stats.failed += len(failures)
         return len(sent), len(failures)
+
+    def _queue(self, job: RenderJob, snapshot: Mapping[str, Any]) -> bool:
+        if not self.scheduler.add(job):
+            return False
+        self._pending[job.key] = (job.payload, snapshot)
+        return True
+
+    def _address(self, customer_id: str) -> str | None:
+        """The customer's address if they can still be emailed (profile kept, consent)."""
+        try:
+            traits = self.warehouse.get_profile(customer_id).get("traits", {})
+        except PipelineError:
+            return None
+        to = traits.get("email")
+        if not isinstance(to, str) or traits.get("emailConsent") is False:
+            return None
+        return to
 
     def _sent_row(self, outcome: Delivered) -> dict[str, object]:
         payload, snapshot = self._pending[outcome.idempotency_key]
@@ -111,3 +180,17 @@ class TriggeredDelivery:
         )
         if self.producer.flush(30):
             raise BrokerError(f"email dead letter not acknowledged on {self.dlq_topic!r}")
+
+
+def _scheduled_row(job: RenderJob, snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    p = job.payload
+    return {
+        "email_id": job.key,
+        "customer_id": p.customer,
+        "campaign_id": p.campaign,
+        "send_at_ms": job.send_at_ms,
+        "subject": p.subject,
+        "html": p.html,
+        "text": p.text,
+        "snapshot": snapshot,
+    }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -574,6 +576,8 @@ def process(
 def main() -> None:
     # a transitive import warns on every start; it is not ours to fix and only adds noise
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+    # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a run hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

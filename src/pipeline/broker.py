@@ -8,6 +8,7 @@ earlier broker is stale and is wiped by :func:`reset_local_state`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, PipelineError
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,23 @@ def _topic_config(settings: Settings, name: str) -> dict[str, str]:
 
 
 RAW_PARTITIONER = "murmur2_random"
-# written to PIPELINE_HOME by a running `pipeline up`: its broker address and embedded pid
-BROKER_FILE = "broker.json"
 """How every producer to ``events.raw`` picks a partition from the key: Kafka's Java default,
 and what quixstreams uses when the processor re-keys a message. Stage 1 keeps a device's state
 in the partition its key maps to, so producers that hash keys differently (librdkafka's default
 is CRC32) would split one device's state between partitions."""
+
+# written to PIPELINE_HOME by a running `pipeline up`: its broker address and embedded pid
+BROKER_FILE = "broker.json"
+
+
+def broker_address(settings: Settings) -> str:
+    """The configured broker, else the one a running ``pipeline up`` recorded."""
+    if settings.broker is not None:
+        return settings.broker
+    marker = settings.home / BROKER_FILE
+    if not marker.exists():
+        raise PipelineError("no broker: start `pipeline up` first or set PIPELINE_BROKER")
+    return str(json.loads(marker.read_text())["address"])
 
 
 def producer_config(settings: Settings, address: str) -> dict[str, Any]:

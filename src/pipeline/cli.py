@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -218,7 +219,7 @@ def simulate(
             f"rejected by reason: {report.rejected_by_code() or 'none'}"
         )
         return
-    from pipeline.collector.server import broker_address
+    from pipeline.broker import broker_address
 
     address = broker_address(settings)
     with tqdm(total=events, desc="produced", unit="msg", disable=not sys.stderr.isatty()) as bar:
@@ -336,7 +337,8 @@ def collect(
     home: HomeOption = None,
 ) -> None:
     """Run the HTTP collector (Segment tracking API) in front of `pipeline up`'s broker."""
-    from pipeline.collector.server import broker_address, serve
+    from pipeline.broker import broker_address
+    from pipeline.collector.server import serve
 
     settings = _settings(home)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
@@ -413,7 +415,7 @@ def forget(
 @app.command("sync-crm")
 def sync_crm_command(home: HomeOption = None) -> None:
     """Import new and changed CRM customers (CSV, SQLite) onto the crm.customers topic."""
-    from pipeline.collector.server import broker_address
+    from pipeline.broker import broker_address
     from pipeline.sync import KafkaRecordProducer, sync_crm
 
     settings = _settings(home)
@@ -428,13 +430,25 @@ def api(
         str | None, typer.Option(help="Bind address (default: settings, 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: settings, 8090).")] = None,
+    follow: Annotated[
+        bool | None,
+        typer.Option(
+            "--follow/--no-follow",
+            help="Keep this API's own copy of the store from the processor's output topics "
+            "(PIPELINE_API__FOLLOW_TOPICS; for an API that does not share the processor's home).",
+        ),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Serve profiles, recommendations, send times and email previews over HTTP (FastAPI)."""
     from pipeline.api.server import serve_api
 
     settings = _settings(home)
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("host", host), ("port", port), ("follow_topics", follow))
+        if v is not None
+    }
     if overrides:
         settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
     cfg = settings.api
@@ -442,8 +456,33 @@ def api(
         f"[bold]pipeline api[/]: http://{cfg.host}:{cfg.port}/docs over {settings.warehouse_path}; "
         f"clients: {', '.join(sorted(cfg.api_keys)) or 'none'}"
         + ("; JWT bearer tokens accepted" if cfg.jwt.enabled else "")
+        + ("; kept from the output topics" if cfg.follow_topics else "")
     )
     serve_api(settings)
+
+
+@app.command()
+def follow(home: HomeOption = None) -> None:
+    """Keep PIPELINE_HOME's serving store (the warehouse the API and workbench read) from the
+    processor's output topics until Ctrl-C or SIGTERM: for a machine or pod that does not
+    share the processor's home, e.g. beside the workbench in Kubernetes."""
+    from pipeline.stores.follow import follow_topics
+
+    settings = _settings(home)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    follower = follow_topics(settings, settings.warehouse_path)
+    console.print(f"[bold]pipeline follow[/]: keeping {settings.warehouse_path} from the topics")
+    try:
+        reported = False
+        while not stop.wait(0.5):
+            if not reported and follower.caught_up.is_set():
+                console.print(f"caught up: {follower.applied} records applied")
+                reported = True
+    finally:
+        follower.close()
+    console.print(f"stopped: {follower.applied} records applied, {follower.dropped} dropped")
 
 
 @app.command()

@@ -260,8 +260,8 @@ def run_replica(
     joins the group, so that replicas started together get their partitions in one rebalance
     (the benchmark uses it). Returns its last progress report.
     """
+    from pipeline.broker import broker_address
     from pipeline.catalog import load_catalog
-    from pipeline.collector.server import broker_address
     from pipeline.gdpr import close_source, suppression_source
     from pipeline.observability import start_metrics_server
     from pipeline.runner import _bigquery

@@ -246,6 +246,34 @@ def _pipeline_argv(container: Container) -> list[str] | None:
     return [*command[1:], *args]
 
 
+def _is_follower(container: Container) -> bool:
+    return _pipeline_argv(container) == ["follow"]
+
+
+def _home_mount(container: Container, home: str) -> str | None:
+    """The volume mounted at the pipeline home in ``container``, if any."""
+    mounts = container.spec.get("volumeMounts", [])
+    return next((m["name"] for m in mounts if m["mountPath"] == home), None)
+
+
+@pytest.mark.parametrize("name", ["pipeline-api", "pipeline-workbench"])
+def test_readers_of_the_store_keep_their_own_copy_from_the_topics(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # their pods do not share the processor pods' volumes: without a copy they serve nothing
+    pod = [c for c in CONTAINERS if c.workload["metadata"]["name"] == name]
+    main = next(c for c in pod if not _is_follower(c))
+    argv = _pipeline_argv(main)
+    if argv is not None and argv[0] == "api" and "--follow" in argv:
+        return
+    home = str(_settings_for(main, monkeypatch, tmp_path).home)
+    followers = [c for c in pod if _is_follower(c)]
+    assert followers, f"{name} has no `pipeline follow` container and no --follow"
+    volume = _home_mount(main, home)
+    assert volume is not None, f"{main.id} does not mount the pipeline home {home}"
+    assert all(_home_mount(f, home) == volume for f in followers), "not the same home volume"
+
+
 def _check_cli(argv: list[str]) -> None:
     """Parse ``pipeline ARGV`` as the CLI would (options and their types), without running it."""
     group = typer.main.get_command(app)
@@ -300,6 +328,9 @@ def _expected_port(name: str, settings: Settings) -> int:
 def test_container_ports_match_the_settings(
     container: Container, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    if _is_follower(container):  # a sidecar keeping the store: serves nothing
+        assert container.ports == {}
+        return
     settings = _settings_for(container, monkeypatch, tmp_path)
     expected = _expected_port(container.workload["metadata"]["name"], settings)
     assert list(container.ports.values()) == [expected]
@@ -337,7 +368,7 @@ def test_services_select_pods_and_target_their_ports() -> None:
         pods = _selected(service["spec"]["selector"])
         assert pods, f"Service {service['metadata']['name']} selects no pod"
         for port in service["spec"]["ports"]:
-            assert all(port["targetPort"] in c.ports for c in pods)
+            assert all(port["targetPort"] in c.ports for c in pods if not _is_follower(c))
 
 
 def _processor() -> Container:

@@ -27,6 +27,7 @@ from pipeline.api.models import (
     ID_PATTERN,
     CustomerResponse,
     ErrorBody,
+    FollowStatus,
     HealthResponse,
     RecommendationsResponse,
     RecommendedItem,
@@ -42,8 +43,10 @@ from pipeline.api.service import PersonalizationService, wall_clock_ms
 from pipeline.errors import ProfileNotFoundError, StoreError
 from pipeline.observability import ApiMetrics, RequestMetricsMiddleware, metrics_response
 from pipeline.settings import Settings
+from pipeline.stores.follow import StoreFollower, follow_topics
 
 log = logging.getLogger(__name__)
+_CATCH_UP_WAIT_S = 60.0  # at start-up, for a copy of the store kept from the topics
 
 CAMPAIGN_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 NO_STORE = {"Cache-Control": "no-store"}
@@ -298,8 +301,16 @@ def create_app(
     """The API over the warehouse at ``warehouse_path`` (default: the settings' warehouse)."""
     service = PersonalizationService(settings, warehouse_path, clock_ms=clock_ms)
 
+    follower: StoreFollower | None = None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal follower
+        if settings.api.follow_topics:
+            follower = await run_in_threadpool(follow_topics, settings, service.warehouse_path)
+            # caches built from a copy still being filled would be served for their whole TTL
+            if not await run_in_threadpool(follower.caught_up.wait, _CATCH_UP_WAIT_S):
+                log.warning("serving before the copy caught up with the topics")
         if service.warehouse_ready():
             # Build the shared signals before the first request, not during it.
             try:
@@ -309,6 +320,8 @@ def create_app(
                 log.warning("could not warm the API caches: %s", exc)
         yield
         service.close()
+        if follower is not None:
+            await run_in_threadpool(follower.close)
 
     app = FastAPI(
         title="Email personalization API",
@@ -325,8 +338,17 @@ def create_app(
 
     @app.get("/health", tags=["health"])
     async def health() -> HealthResponse:
-        """Liveness and whether the profile store exists; needs no credentials."""
-        return HealthResponse(status="ok", warehouse=service.warehouse_ready())
+        """Liveness, whether the profile store exists and, for an API keeping its own copy,
+        how far that got; needs no credentials."""
+        following = None
+        if follower is not None:
+            following = FollowStatus(
+                applied=follower.applied,
+                dropped=follower.dropped,
+                last_applied_ms=follower.last_applied_ms,
+                caught_up=follower.caught_up.is_set(),
+            )
+        return HealthResponse(status="ok", warehouse=service.warehouse_ready(), following=following)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -50,6 +50,11 @@ class ApiSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=0, le=65535)
+    follow_topics: bool = Field(
+        False,
+        description="Keep this API's own copy of the serving store from the processor's output "
+        "topics (PIPELINE_BROKER): for an API that does not share the processor's files.",
+    )
     api_keys: dict[str, SecretStr] = Field(default_factory=lambda: dict(DEV_API_KEYS))
     jwt: JwtSettings = JwtSettings()
     signals_ttl_s: float = Field(

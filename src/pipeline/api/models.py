@@ -111,6 +111,16 @@ class SegmentsResponse(BaseModel):
     segments: list[SegmentSize]
 
 
+class FollowStatus(BaseModel):
+    """A serving replica's progress (``api.follow_topics``)."""
+
+    applied: int
+    dropped: int
+    last_applied_ms: int | None
+    caught_up: bool
+
+
 class HealthResponse(BaseModel):
     status: str
     warehouse: bool
+    following: FollowStatus | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -11,7 +10,6 @@ from collections.abc import Callable
 import uvicorn
 from fastapi import FastAPI
 
-from pipeline.broker import BROKER_FILE
 from pipeline.collector.app import create_app
 from pipeline.collector.config import DEV_WRITE_KEYS
 from pipeline.collector.publish import KafkaPublisher
@@ -21,16 +19,6 @@ from pipeline.gdpr import suppression_source
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def broker_address(settings: Settings) -> str:
-    """The configured broker, else the one a running ``pipeline up`` recorded."""
-    if settings.broker is not None:
-        return settings.broker
-    marker = settings.home / BROKER_FILE
-    if not marker.exists():
-        raise PipelineError("no broker: start `pipeline up` first or set PIPELINE_BROKER")
-    return str(json.loads(marker.read_text())["address"])
 
 
 def kafka_app(settings: Settings, address: str) -> FastAPI:

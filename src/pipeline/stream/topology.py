@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,9 @@ from pipeline.schemas import SchemaRegistry
 from pipeline.segments import load_segments
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
+from pipeline.stores.records import RecordBatch
+from pipeline.stores.records import erase as erase_records
+from pipeline.stores.records import write as write_records
 from pipeline.stream.stages import (
     KIND_ALERT,
     KIND_CRM,
@@ -416,51 +418,25 @@ def build_application(
             metrics.clean_out += sum(1 for r in out if r["kind"] == KIND_EVENT)
         return out
 
-    targets: list[WarehouseWriter] = [warehouse, *extra_warehouses]
     sink_delay_ms = settings.sink_max_delay_ms
 
     def write(records: list[dict[str, Any]]) -> None:
-        by_kind: dict[str, list[dict[str, Any]]] = {}
-        for r in records:
-            by_kind.setdefault(r["kind"], []).append(r)
-        events = by_kind.get(KIND_EVENT)
-        profiles = by_kind.get(KIND_PROFILE)
-        failures = by_kind.get(KIND_DEAD_LETTER)
-        changes = by_kind.get(KIND_SEGMENT_CHANGE)
-        alerts = by_kind.get(KIND_ALERT)
-        erased = by_kind.get(KIND_ERASED, [])
-        erasures = [*by_kind.get(KIND_ERASE, ()), *erased]
-        links = [{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())]
+        batch = RecordBatch.of(records)
         # the local warehouse first: it is the serving store, and latency is measured on it;
         # all of its tables in one transaction (a commit per flush, not per table)
-        for primary, wh in zip((True, *[False] * len(extra_warehouses)), targets, strict=True):
-            with warehouse.batch() if primary else nullcontext():
-                if events:
-                    stored = wh.write_events(events)
-                    if primary:
-                        metrics.stored_events([e["ingested_ms"] for e in events], stored)
-                        metrics.traced(events, stored)
-                if profiles:
-                    wh.write_profiles(profiles)
-                    metrics.profiles_stored += len(profiles) * primary
-                if failures:
-                    wh.write_dead_letters(failures)
-                    metrics.dead_letters_stored += len(failures) * primary
-                if changes:
-                    wh.write_segment_changes(changes)
-                    metrics.segment_changes += len(changes) * primary
-                if links:
-                    wh.write_identity_links(links)
-                if alerts:
-                    wh.write_alerts(alerts)
-        if erasures:
-            # after this batch's writes: rows that in-flight records wrote after `pipeline
-            # forget` deleted them must not outlive the erasure (stage 1: the key's links,
-            # dead letters and alerts; stage 2: the profile's rows) (BigQuery: re-run forget)
-            for r in erasures:
-                customer, key = r["customer_id"], r.get("key")
-                warehouse.delete_customer([customer], [key] if key else [], key or customer)
-            metrics.profiles_erased += len(erased)
+        with warehouse.batch():
+            stored = write_records(warehouse, batch)
+        if stored is not None:
+            metrics.stored_events([e["ingested_ms"] for e in batch.events], stored)
+            metrics.traced(batch.events, stored)
+        metrics.profiles_stored += len(batch.profiles)
+        metrics.dead_letters_stored += len(batch.failures)
+        metrics.segment_changes += len(batch.changes)
+        for wh in extra_warehouses:
+            write_records(wh, batch)
+        if batch.erasures:
+            erase_records(warehouse, batch)  # (BigQuery: re-run forget)
+            metrics.profiles_erased += batch.erased
 
     # Each stage is one linear chain (apply → to_topic by kind → sink): quixstreams copies
     # every record once per branch, so routing by kind instead of branching is cheaper.

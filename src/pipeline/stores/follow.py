@@ -1,0 +1,201 @@
+"""A serving replica of the processor's local store, kept from its output topics.
+
+The API (and the workbench) read a :class:`LocalWarehouse`. On one machine that is the file the
+processor writes. In the Kubernetes layout they run in pods of their own, so each keeps its own
+copy by reading the topics the processor sends the same records to (``events.clean``,
+``profiles.updates``, ``segments.changes``, ``identities.links``, ``events.dlq``, ``alerts``)
+and writing them with the processor's own writes (:mod:`pipeline.stores.records`), which are
+idempotent: a replica that starts again reads from the topics' start and converges.
+
+What a replica cannot know: rows older than the topics' retention (a new replica holds what the
+topics still have), and the order between topics (a forgotten customer's events could arrive
+after the profile's erasure notice), which is why records of suppressed customers are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from pipeline.broker import broker_address, client_config
+from pipeline.gdpr import (
+    SuppressedIds,
+    close_source,
+    is_suppressed,
+    nobody_suppressed,
+    suppression_source,
+)
+from pipeline.settings import Settings
+from pipeline.stores.local import LocalWarehouse
+from pipeline.stores.records import RecordBatch, erase, write
+from pipeline.stream.stages import KIND_ERASE, KIND_ERASED
+
+log = logging.getLogger(__name__)
+_ERASURES = frozenset({KIND_ERASE, KIND_ERASED})  # about forgotten customers, and applied
+
+
+def followed_topics(settings: Settings) -> tuple[str, ...]:
+    """The processor's output topics whose records a replica applies."""
+    t = settings.topics
+    return (t.clean, t.profiles, t.segment_changes, t.identities, t.dlq, t.alerts)
+
+
+def _forgotten(record: dict[str, Any], ids: AbstractSet[str]) -> bool:
+    return is_suppressed(
+        ids,
+        customer_id=record.get("customer_id"),
+        user_id=record.get("user_id"),
+        anonymous_id=record.get("anonymous_id"),
+    )
+
+
+class StoreFollower:
+    """Applies the output topics to ``warehouse`` in a background thread until closed.
+
+    Reads every partition from its start with an assigned consumer (no group to join), in
+    batches of up to ``batch`` records, one warehouse transaction each. Topics that do not
+    exist yet (no processor ran) are looked for again every ``poll_s``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        address: str,
+        warehouse: LocalWarehouse,
+        *,
+        suppressed: SuppressedIds = nobody_suppressed,
+        batch: int = 2000,
+        poll_s: float = 0.5,
+        on_close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self._warehouse = warehouse
+        self._on_close = on_close
+        self._suppressed = suppressed
+        self._topics = followed_topics(settings)
+        self._batch = batch
+        self._poll_s = poll_s
+        self._consumer = Consumer(
+            {
+                **client_config(settings, address),
+                "group.id": "pipeline-store-followers",  # required; never joined
+                "enable.auto.commit": False,
+                "isolation.level": settings.consumer_isolation,  # as the processor reads
+            }
+        )
+        self._assigned: set[str] = set()
+        self._closed = threading.Event()
+        self.applied = 0  # records written
+        self.dropped = 0  # undecodable, or about a forgotten customer
+        self.last_applied_ms: int | None = None
+        # set once a read found nothing more: the copy has what the topics had at its start
+        self.caught_up = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-follower", daemon=True)
+
+    def start(self) -> StoreFollower:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop reading (after the batch in hand), release the consumer, run ``on_close``."""
+        self._closed.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()
+        for release in self._on_close:
+            release()
+
+    def __enter__(self) -> StoreFollower:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _assign_new_topics(self) -> None:
+        """Assign, from their start, the partitions of followed topics that exist by now."""
+        missing = [t for t in self._topics if t not in self._assigned]
+        if not missing:
+            return
+        found = self._consumer.list_topics(timeout=5).topics
+        fresh = [
+            TopicPartition(t, p, OFFSET_BEGINNING)
+            for t in missing
+            if (meta := found.get(t)) is not None and meta.error is None and meta.partitions
+            for p in meta.partitions
+        ]
+        if fresh:
+            self._consumer.incremental_assign(fresh)
+            self._assigned.update(tp.topic for tp in fresh)
+
+    def _run(self) -> None:
+        next_look = 0.0
+        while not self._closed.is_set():
+            try:
+                if time.monotonic() >= next_look:
+                    self._assign_new_topics()
+                    next_look = time.monotonic() + (5.0 if self._assigned else self._poll_s)
+                if not self._assigned:
+                    self._closed.wait(self._poll_s)
+                    continue
+                messages = self._consumer.consume(self._batch, self._poll_s)
+                if messages:
+                    self._apply(messages)
+                elif self._assigned.issuperset(self._topics):
+                    self.caught_up.set()
+            except KafkaException as exc:
+                log.warning("store follower: %s; retrying", exc)
+                self._closed.wait(self._poll_s)
+
+    def _apply(self, messages: list[Any]) -> None:
+        records: list[dict[str, Any]] = []
+        ids = self._suppressed()
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("store follower: %s", error)
+                continue
+            try:
+                record = orjson.loads(m.value())
+            except (orjson.JSONDecodeError, TypeError):
+                record = None
+            if not isinstance(record, dict) or "kind" not in record:  # every output has one
+                self.dropped += 1
+                log.warning("store follower: not an output record at %s:%s", m.topic(), m.offset())
+                continue
+            if ids and record["kind"] not in _ERASURES and _forgotten(record, ids):
+                self.dropped += 1
+                continue
+            records.append(record)
+        if not records:
+            return
+        batch = RecordBatch.of(records)
+        with self._warehouse.batch():
+            write(self._warehouse, batch)
+        if batch.erasures:
+            erase(self._warehouse, batch)
+        self.applied += len(records)
+        self.last_applied_ms = time.time_ns() // 1_000_000
+
+
+def follow_topics(settings: Settings, path: Path) -> StoreFollower:
+    """Start keeping the warehouse at ``path`` from the output topics of the broker the
+    settings name (or a running `pipeline up`'s), forgotten customers left out."""
+    address = broker_address(settings)
+    warehouse = LocalWarehouse(path)
+    suppressed = suppression_source(settings, address)  # forgotten on any machine
+    follower = StoreFollower(
+        settings,
+        address,
+        warehouse,
+        suppressed=suppressed,
+        on_close=(lambda: close_source(suppressed), warehouse.close),
+    )
+    log.info("keeping %s from the output topics of %s", path, address)
+    return follower.start()

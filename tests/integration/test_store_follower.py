@@ -1,0 +1,187 @@
+"""An API that does not share the processor's files (the Kubernetes layout: its own pod and
+home) keeps its own copy of the serving store from the output topics, and serves what an API
+over the processor's own store serves, forgotten customers included (real broker, real HTTP)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cli_helpers import cli_env
+
+from pipeline.api.server import serve_api_in_thread
+from pipeline.gdpr import forget
+from pipeline.runner import pipeline_run, process_until_idle, produce_messages
+from pipeline.settings import Settings
+from pipeline.simulate import SimulationConfig, simulate
+from pipeline.stores.local import LocalWarehouse
+
+pytestmark = pytest.mark.integration
+
+KEY = {"X-API-Key": "ak_local_dev"}
+END_OF_DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+TABLES = ("events", "profiles", "segment_changes", "identity_links", "dead_letters", "alerts")
+
+
+def _counts(path: Any) -> dict[str, int]:
+    with LocalWarehouse(path, read_only=True) as wh:
+        return {t: int(wh.scalar(f"SELECT COUNT(*) FROM {t}")) for t in TABLES}
+
+
+def _wait_for(done: Callable[[], bool], what: Callable[[], str], limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.3)
+
+
+def _api_settings(settings: Settings, home_name: str, **api: Any) -> Settings:
+    return settings.model_copy(
+        update={
+            "home": settings.home.parent / home_name,
+            "api": settings.api.model_copy(update={"port": 0, **api}),
+        }
+    )
+
+
+def test_an_api_in_its_own_home_serves_what_the_processor_stored(settings: Settings) -> None:
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    with pipeline_run(settings) as run:
+        sim = simulate(SimulationConfig(events=700, seed=21, end=end, days=5), run.catalog)
+        process_until_idle(
+            run,
+            expected_raw=len(sim.messages),
+            feed=lambda: produce_messages(settings, run.address, sim.messages),
+        )
+        processed = _counts(settings.warehouse_path)
+        assert processed["events"] > 0 and processed["profiles"] > 0
+        # the processor's own API, and a "pod" with nothing but the broker's address
+        beside = serve_api_in_thread(
+            settings.model_copy(update={"api": settings.api.model_copy(update={"port": 0})})
+        )
+        pod_settings = _api_settings(settings, "api-pod", follow_topics=True).model_copy(
+            update={"broker": run.address}
+        )
+        assert not pod_settings.warehouse_path.exists()
+        pod = serve_api_in_thread(pod_settings)
+        try:
+            with (
+                httpx.Client(base_url=beside.url, headers=KEY, timeout=30) as here,
+                httpx.Client(base_url=pod.url, headers=KEY, timeout=30) as there,
+            ):
+                _wait_for(
+                    lambda: _counts(pod_settings.warehouse_path) == processed,
+                    lambda: f"replica {_counts(pod_settings.warehouse_path)} != {processed}",
+                )
+                following = there.get("/health").json()["following"]
+                assert following["caught_up"]
+                assert following["applied"] >= sum(processed.values()) - processed["alerts"]
+                customers = [
+                    str(c)
+                    for c in run.warehouse.query(
+                        "SELECT customer_id FROM profiles WHERE merged_into IS NULL "
+                        "AND is_anonymous = 0 ORDER BY customer_id LIMIT 5"
+                    )["customer_id"]
+                ]
+                assert customers
+                for c in customers:
+                    for route in (
+                        f"/api/customers/{c}",
+                        f"/api/customers/{c}/send-time",
+                        f"/api/customers/{c}/recommendations",
+                    ):
+                        a, b = here.get(route), there.get(route)
+                        assert a.status_code == b.status_code == 200, (route, b.text)
+                        _assert_same(a.json(), b.json(), route)
+                # forgotten through the broker: the replica drops the customer as well
+                gone = customers[0]
+                admin = settings.model_copy(
+                    update={"home": settings.home.parent / "admin-host", "broker": run.address}
+                )
+                with LocalWarehouse(settings.warehouse_path) as wh:
+                    devices = wh.linked_devices(gone)
+                    forget(gone, admin, warehouse=wh)
+                keys = 1 + len(devices)  # one erasure request per key: customer, devices
+                process_until_idle(
+                    run,
+                    expected_raw=run.metrics.raw_in + keys,
+                    feed=lambda: _wait_for(
+                        lambda: run.metrics.profiles_erased >= keys,
+                        lambda: f"erasures not processed: {run.metrics.progress()}",
+                    ),
+                )
+                _wait_for(
+                    lambda: there.get(f"/api/customers/{gone}").status_code == 404,
+                    lambda: (
+                        f"{gone} still served by the replica "
+                        f"(here: {here.get(f'/api/customers/{gone}').status_code}, "
+                        f"erased: {run.metrics.profiles_erased}, "
+                        f"{there.get('/health').json()['following']})"
+                    ),
+                )
+                with LocalWarehouse(pod_settings.warehouse_path, read_only=True) as replica:
+                    left = replica.count_customer_rows([gone], devices, gone)
+                assert not any(left.values()), left
+                assert there.get(f"/api/customers/{customers[1]}").status_code == 200
+        finally:
+            pod()
+            beside()
+
+
+def _assert_same(a: Any, b: Any, where: str) -> None:
+    """Equal, but for scores that decay with the request's clock (two requests differ)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in {"at_ms", "as_of"}:
+                _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for n, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{n}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_pipeline_follow_keeps_a_home_until_stopped(settings: Settings, tmp_path: Path) -> None:
+    with pipeline_run(settings) as run:
+        sim = simulate(SimulationConfig(events=300, seed=4, end=END_OF_DAY, days=3), run.catalog)
+        process_until_idle(
+            run,
+            expected_raw=len(sim.messages),
+            feed=lambda: produce_messages(settings, run.address, sim.messages),
+        )
+        processed = _counts(settings.warehouse_path)
+        sidecar_home = tmp_path / "workbench-pod"
+        env = {**cli_env(sidecar_home), "PIPELINE_BROKER": run.address}
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "follow"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            store = sidecar_home / "warehouse.sqlite"
+            _wait_for(
+                lambda: store.exists() and _counts(store) == processed,
+                lambda: f"{_counts(store) if store.exists() else 'no store'} != {processed}",
+            )
+            time.sleep(2)  # a read that finds nothing more (0.5 s), then its report
+        finally:
+            follow.send_signal(signal.SIGTERM)
+            out, err = follow.communicate(timeout=30)
+        assert follow.returncode == 0, err[-3000:]
+        log = out + err
+        assert "caught up" in log and "stopped" in log, log[-3000:]

@@ -20,6 +20,7 @@ from cli_helpers import (
     stopped_after,
     wait_until_serving,
 )
+from esp_platform import platform_env, running_platform
 
 from pipeline.broker import free_port
 from pipeline.catalog import load_catalog
@@ -235,3 +236,64 @@ def test_a_stop_signal_while_the_embedded_broker_is_dead_stops_up_instead_of_res
     assert "stopped" in err
     assert err.count("pipeline up: broker") == 1, "a new broker was started"
     assert not up.marker.exists()
+
+
+def test_up_with_delivery_on_renders_triggered_emails_and_holds_them_for_their_send_time(
+    tmp_path: Path,
+) -> None:
+    # delivery switched on as in production (the platform: a real local HTTP server): the
+    # trigger scan's emails are rendered and kept, without the address, until their optimized
+    # send time, which is the start of a coming hour, so none may reach the platform yet
+    home = tmp_path / "home"
+    with running_platform() as (platform, url):
+        env = {**cli_env(home), **platform_env(url), "PIPELINE_TRIGGERS__SCAN_INTERVAL_S": "1"}
+        up = subprocess.Popen(
+            pipeline_cmd("up", "--no-workbench", "--no-api"),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        store = home / "warehouse.sqlite"
+
+        def scheduled() -> list[dict[str, Any]]:
+            if not store.exists():
+                return []
+            with LocalWarehouse(store, read_only=True) as wh:
+                return wh.scheduled_emails()
+
+        with stopped_after(up, home) as log:
+            deadline = time.monotonic() + 60
+            while not (home / "broker.json").exists():
+                assert up.poll() is None and time.monotonic() < deadline, "no broker started"
+                time.sleep(0.2)
+            sent = run_cli(home, tmp_path, "simulate", "--events", "3000", "--seed", "8")
+            assert sent.returncode == 0, sent.stderr
+            started = int(time.time() * 1000)
+            # settled: the scan found every due trigger (nothing new for 5 scans)
+            last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 120
+            while time.monotonic() < deadline:
+                now = len(scheduled())
+                if now != last:
+                    last, still_since = now, time.monotonic()
+                elif now and time.monotonic() - still_since > 5:
+                    break
+                time.sleep(0.5)
+            waiting = scheduled()
+            assert waiting, "no email was scheduled"
+            with LocalWarehouse(store, read_only=True) as wh:
+                triggers = wh.query("SELECT customer_id, trigger FROM email_triggers")
+                no_address = wh.query(
+                    "SELECT customer_id FROM profiles "
+                    "WHERE json_extract(profile, '$.traits.email') IS NULL"
+                )
+        assert "stopped" in log[0]
+    assert platform.deliveries == {} and platform.token_requests == 0  # nothing due yet
+    assert {(e["customer_id"], e["campaign_id"]) for e in waiting} <= set(
+        zip(triggers.customer_id, triggers.trigger, strict=True)
+    )
+    assert not {e["customer_id"] for e in waiting} & set(no_address.customer_id)
+    for email in waiting:
+        assert email["send_at_ms"] > started - 60_000
+        assert "unsubscribe" in email["html"].lower()

@@ -20,7 +20,7 @@ from cli_helpers import cli_env
 
 from pipeline.api.server import serve_api_in_thread
 from pipeline.gdpr import forget
-from pipeline.runner import pipeline_run, process_until_idle, produce_messages
+from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, simulate
 from pipeline.stores.local import LocalWarehouse
@@ -44,6 +44,17 @@ def _wait_for(done: Callable[[], bool], what: Callable[[], str], limit: float = 
         time.sleep(0.3)
 
 
+def _process(run: Run, config: SimulationConfig) -> dict[str, int]:
+    """Simulate, process everything and return the rows per table the processor stored."""
+    sim = simulate(config, run.catalog)
+    process_until_idle(
+        run,
+        expected_raw=len(sim.messages),
+        feed=lambda: produce_messages(run.settings, run.address, sim.messages),
+    )
+    return _counts(run.settings.warehouse_path)
+
+
 def _api_settings(settings: Settings, home_name: str, **api: Any) -> Settings:
     return settings.model_copy(
         update={
@@ -56,13 +67,7 @@ def _api_settings(settings: Settings, home_name: str, **api: Any) -> Settings:
 def test_an_api_in_its_own_home_serves_what_the_processor_stored(settings: Settings) -> None:
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     with pipeline_run(settings) as run:
-        sim = simulate(SimulationConfig(events=700, seed=21, end=end, days=5), run.catalog)
-        process_until_idle(
-            run,
-            expected_raw=len(sim.messages),
-            feed=lambda: produce_messages(settings, run.address, sim.messages),
-        )
-        processed = _counts(settings.warehouse_path)
+        processed = _process(run, SimulationConfig(events=700, seed=21, end=end, days=5))
         assert processed["events"] > 0 and processed["profiles"] > 0
         # the processor's own API, and a "pod" with nothing but the broker's address
         beside = serve_api_in_thread(
@@ -156,13 +161,7 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
 
 def test_pipeline_follow_keeps_a_home_until_stopped(settings: Settings, tmp_path: Path) -> None:
     with pipeline_run(settings) as run:
-        sim = simulate(SimulationConfig(events=300, seed=4, end=END_OF_DAY, days=3), run.catalog)
-        process_until_idle(
-            run,
-            expected_raw=len(sim.messages),
-            feed=lambda: produce_messages(settings, run.address, sim.messages),
-        )
-        processed = _counts(settings.warehouse_path)
+        processed = _process(run, SimulationConfig(events=300, seed=4, end=END_OF_DAY, days=3))
         sidecar_home = tmp_path / "workbench-pod"
         env = {**cli_env(sidecar_home), "PIPELINE_BROKER": run.address}
         follow = subprocess.Popen(

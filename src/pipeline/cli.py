@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import importlib
 import json
 import logging
 import signal
@@ -613,7 +615,11 @@ def process(
 
 
 def main() -> None:
-    # a transitive import warns on every start; it is not ours to fix and only adds noise
+    # a transitive import (quixstreams -> authlib) warns on every start: not ours to fix, only
+    # noise. authlib puts an "always" filter for its warnings first when it is imported, which
+    # would override ours: so it is imported before ours goes in.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("authlib.deprecate")
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a run hangs
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -148,10 +148,9 @@ def up(
         from pipeline.collector.server import serve_in_thread
 
         def start_collector(run: Run) -> Any:
-            stop = serve_in_thread(run.settings, run.address)
-            cfg = run.settings.collector
-            console.print(f"collector: http://{cfg.host}:{cfg.port}/v1/batch")
-            return stop
+            running = serve_in_thread(run.settings, run.address)
+            console.print(f"collector: {running.url}/v1/batch")
+            return running
 
         services.append(start_collector)
 

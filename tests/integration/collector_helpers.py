@@ -39,11 +39,11 @@ def collector_settings(home: Path, **collector: Any) -> Settings:
 @contextmanager
 def running_collector(settings: Settings, address: str) -> Iterator[str]:
     """A real uvicorn collector on 127.0.0.1; yields its base URL and stops it afterwards."""
-    stop = serve_in_thread(settings, address)
+    running = serve_in_thread(settings, address)
     try:
-        yield f"http://127.0.0.1:{settings.collector.port}"
+        yield running.url
     finally:
-        stop()
+        running()
 
 
 def read_raw(

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import uvicorn
 
 from pipeline.api.app import create_app
 from pipeline.api.config import DEV_API_KEYS
 from pipeline.devkeys import warn_if_dev_key_exposed
-from pipeline.errors import PipelineError
+from pipeline.serving import RunningServer, start_in_thread
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,35 +36,6 @@ def serve_api(settings: Settings) -> None:
     _server(settings).run()
 
 
-class RunningApi:
-    """A started API server: call it to stop; ``url`` is where it listens (real port if 0)."""
-
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, url: str) -> None:
-        self._server = server
-        self._thread = thread
-        self.url = url
-
-    def __call__(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
-def serve_api_in_thread(settings: Settings, *, ready_timeout_s: float = 30.0) -> RunningApi:
+def serve_api_in_thread(settings: Settings, *, ready_timeout_s: float = 30.0) -> RunningServer:
     """Start the API in a background thread once it accepts connections; return its stop."""
-    server = _server(settings)
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + ready_timeout_s
-    cfg = settings.api
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(timeout=5)
-            raise PipelineError(f"API did not start on {cfg.host}:{cfg.port}")
-        time.sleep(0.02)
-    port = cfg.port
-    for listener in server.servers:
-        for sock in listener.sockets:
-            port = int(sock.getsockname()[1])
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    return RunningApi(server, thread, f"http://{host}:{port}")
+    return start_in_thread(_server(settings), "API", ready_timeout_s=ready_timeout_s)

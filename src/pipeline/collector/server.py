@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -14,8 +11,8 @@ from pipeline.collector.app import create_app
 from pipeline.collector.config import DEV_WRITE_KEYS
 from pipeline.collector.publish import KafkaPublisher
 from pipeline.devkeys import warn_if_dev_key_exposed
-from pipeline.errors import PipelineError
 from pipeline.gdpr import suppression_source
+from pipeline.serving import RunningServer, start_in_thread
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,22 +55,12 @@ def serve(settings: Settings, address: str) -> None:
 
 def serve_in_thread(
     settings: Settings, address: str, *, ready_timeout_s: float = 15.0
-) -> Callable[[], None]:
-    """Start the collector in a background thread once it accepts connections; return its stop."""
-    server = _server(settings, address)
-    thread = threading.Thread(target=server.run, name="collector", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + ready_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(timeout=5)
-            cfg = settings.collector
-            raise PipelineError(f"collector did not start on {cfg.host}:{cfg.port}")
-        time.sleep(0.02)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=settings.collector.ack_timeout_s + 5)
-
-    return stop
+) -> RunningServer:
+    """Start the collector in a background thread once it accepts connections; return its stop
+    (which waits for the acknowledgements in flight)."""
+    return start_in_thread(
+        _server(settings, address),
+        "collector",
+        ready_timeout_s=ready_timeout_s,
+        stop_timeout_s=settings.collector.ack_timeout_s + 5,
+    )

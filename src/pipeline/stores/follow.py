@@ -26,6 +26,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.broker import broker_address, client_config
+from pipeline.errors import StoreError
 from pipeline.gdpr import (
     SuppressedIds,
     close_source,
@@ -135,6 +136,7 @@ class StoreFollower:
 
     def _run(self) -> None:
         next_look = 0.0
+        messages: list[Any] = []  # read, not yet written (kept while the store refuses them)
         while not self._closed.is_set():
             try:
                 if time.monotonic() >= next_look:
@@ -143,14 +145,19 @@ class StoreFollower:
                 if not self._assigned:
                     self._closed.wait(self._poll_s)
                     continue
-                messages = self._consumer.consume(self._batch, self._poll_s)
+                messages = messages or self._consumer.consume(self._batch, self._poll_s)
                 if messages:
                     self._apply(messages)
+                    messages = []
                 elif self._assigned.issuperset(self._topics):
                     self.caught_up.set()
-            except KafkaException as exc:
+            except (KafkaException, StoreError) as exc:  # the broker or the disk: try again
                 log.warning("store follower: %s; retrying", exc)
                 self._closed.wait(self._poll_s)
+            except (KeyError, TypeError, ValueError):  # a record not as the processor writes
+                log.exception("store follower: %d records not applied", len(messages))
+                self.dropped += len(messages)
+                messages = []
 
     def _apply(self, messages: list[Any]) -> None:
         records: list[dict[str, Any]] = []

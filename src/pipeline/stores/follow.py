@@ -107,7 +107,8 @@ class StoreFollower:
     def close(self) -> None:
         """Stop reading (after the batch in hand), release the consumer, run ``on_close``."""
         self._closed.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         self._consumer.close()
         for release in self._on_close:
             release()

@@ -1,0 +1,88 @@
+"""What a serving replica applies of the records it reads (a real SQLite store; the messages
+stand in for what confluent-kafka's ``consume`` returns, as far as the follower reads them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.identity import sha256_hex
+from pipeline.settings import Settings
+from pipeline.stores.follow import StoreFollower
+from pipeline.stores.local import LocalWarehouse
+from pipeline.stream.stages import KIND_ERASED, KIND_EVENT
+from pipeline.testing import make_event
+
+
+class Message:
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._value = value
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return "events.clean"
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def _event(customer: str) -> bytes:
+    record: dict[str, Any] = make_event(user_id=customer, customer_id=customer).to_dict()
+    return orjson.dumps({**record, "customer_id": customer, "kind": KIND_EVENT})
+
+
+@pytest.fixture
+def replica(tmp_path: Path) -> Iterator[tuple[LocalWarehouse, set[str]]]:
+    forgotten: set[str] = set()
+    with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
+        yield wh, forgotten
+
+
+def _follower(tmp_path: Path, wh: LocalWarehouse, forgotten: set[str]) -> StoreFollower:
+    return StoreFollower(
+        Settings(home=tmp_path),
+        "127.0.0.1:9",  # never reached: these tests hand the records over themselves
+        wh,
+        suppressed=lambda fresh=False: frozenset(forgotten),
+    )
+
+
+def test_records_are_applied_and_undecodable_ones_counted(
+    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+) -> None:
+    wh, forgotten = replica
+    follower = _follower(tmp_path, wh, forgotten)
+    event = _event("c1")
+    follower._apply([Message(event, 0), Message(b"{not json", 1), Message(b"[1]", 2)])
+    assert wh.counts()["events"] == 1
+    assert (follower.applied, follower.dropped) == (1, 2)
+    follower._apply([Message(event, 0)])  # read again after a restart: not stored twice
+    assert wh.counts()["events"] == 1
+    follower.close()
+
+
+def test_a_forgotten_customers_records_are_dropped_but_their_erasure_applied(
+    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+) -> None:
+    wh, forgotten = replica
+    follower = _follower(tmp_path, wh, forgotten)
+    follower._apply([Message(_event("c1"), 0), Message(_event("c2"), 1)])
+    assert wh.counts()["events"] == 2
+    forgotten.add(sha256_hex("c1"))
+    erased = {"kind": KIND_ERASED, "customer_id": "c1", "requested_at": None, "erased_ms": 1}
+    # an event of theirs read after the erasure notice (another topic): not written back
+    follower._apply([Message(orjson.dumps(erased), 2), Message(_event("c1"), 3)])
+    assert wh.count_customer_rows(["c1"], [], "c1")["events"] == 0
+    assert wh.counts()["events"] == 1  # c2's
+    assert follower.dropped == 1
+    follower.close()

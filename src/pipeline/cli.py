@@ -483,7 +483,10 @@ def follow(home: HomeOption = None) -> None:
                 reported = True
     finally:
         follower.close()
-    console.print(f"stopped: {follower.applied} records applied, {follower.dropped} dropped")
+    console.print(
+        f"stopped: {follower.applied} records applied, {follower.dropped} dropped, "
+        f"{follower.retries} retries"
+    )
 
 
 @app.command()

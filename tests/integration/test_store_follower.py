@@ -23,6 +23,7 @@ from pipeline.gdpr import forget
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, simulate
+from pipeline.stores.follow import StoreFollower
 from pipeline.stores.local import LocalWarehouse
 
 pytestmark = pytest.mark.integration
@@ -184,3 +185,24 @@ def test_pipeline_follow_keeps_a_home_until_stopped(settings: Settings, tmp_path
         assert follow.returncode == 0, err[-3000:]
         log = out + err
         assert "caught up" in log and "stopped" in log, log[-3000:]
+
+
+def test_a_replica_whose_disk_fills_up_keeps_retrying_and_loses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with pipeline_run(settings) as run:
+        processed = _process(run, SimulationConfig(events=300, seed=8, end=END_OF_DAY, days=2))
+        path = tmp_path / "replica.sqlite"
+        with LocalWarehouse(path) as wh:
+            full = f"PRAGMA max_page_count = {int(wh.scalar('PRAGMA page_count'))}"
+            wh._conn.execute(full)  # no page more: SQLite's "database or disk is full"
+            with StoreFollower(settings, run.address, wh, poll_s=0.2) as follower:
+                _wait_for(lambda: follower.retries >= 3, lambda: f"{follower.retries} retries")
+                assert (follower.applied, follower.dropped) == (0, 0)
+                assert sum(_counts(path).values()) == 0
+                wh._conn.execute("PRAGMA max_page_count = 1073741823")  # space again
+                _wait_for(
+                    lambda: _counts(path) == processed,
+                    lambda: f"replica {_counts(path)} != {processed}",
+                )
+                assert follower.dropped == 0

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.errors import StoreError
 from pipeline.identity import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.follow import StoreFollower
@@ -32,13 +33,16 @@ class Message:
     def topic(self) -> str:
         return "events.clean"
 
+    def partition(self) -> int:
+        return 0
+
     def offset(self) -> int:
         return self._offset
 
 
-def _event(customer: str) -> bytes:
+def _event(customer: str, **fields: Any) -> bytes:
     record: dict[str, Any] = make_event(user_id=customer, customer_id=customer).to_dict()
-    return orjson.dumps({**record, "customer_id": customer, "kind": KIND_EVENT})
+    return orjson.dumps({**record, "customer_id": customer, "kind": KIND_EVENT, **fields})
 
 
 @pytest.fixture
@@ -85,4 +89,43 @@ def test_a_forgotten_customers_records_are_dropped_but_their_erasure_applied(
     assert wh.count_customer_rows(["c1"], [], "c1")["events"] == 0
     assert wh.counts()["events"] == 1  # c2's
     assert follower.dropped == 1
+    follower.close()
+
+
+def test_a_record_not_as_the_processor_writes_it_is_dropped_alone(
+    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+) -> None:
+    wh, forgotten = replica
+    follower = _follower(tmp_path, wh, forgotten)
+    no_id = orjson.dumps({"kind": KIND_EVENT, "customer_id": "c3"})  # rows cannot be built
+    unbindable = _event("c4", message_id={"not": "a string"})  # SQLite refuses the row
+    follower._apply(
+        [
+            Message(_event("c1"), 0),
+            Message(no_id, 1),
+            Message(unbindable, 2),
+            Message(_event("c2"), 3),
+        ]
+    )
+    assert wh.count_customer_rows(["c1"], [], "c1")["events"] == 1
+    assert wh.count_customer_rows(["c2"], [], "c2")["events"] == 1
+    assert wh.counts()["events"] == 2
+    assert (follower.applied, follower.dropped) == (2, 2)
+    follower.close()
+
+
+def test_a_full_store_fails_the_batch_for_a_retry_and_drops_nothing(
+    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+) -> None:
+    wh, forgotten = replica
+    follower = _follower(tmp_path, wh, forgotten)
+    batch = [Message(_event(f"c{i}"), i) for i in range(300)]  # needs new pages
+    pages = int(wh.scalar("PRAGMA page_count"))
+    wh._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    with pytest.raises(StoreError, match="full"):
+        follower._apply(batch)
+    assert (follower.applied, follower.dropped, wh.counts()["events"]) == (0, 0, 0)
+    wh._conn.execute("PRAGMA max_page_count = 1073741823")  # space again: the retry writes
+    follower._apply(batch)
+    assert (follower.applied, follower.dropped, wh.counts()["events"]) == (300, 0, 300)
     follower.close()

@@ -345,6 +345,7 @@ def create_app(
             following = FollowStatus(
                 applied=follower.applied,
                 dropped=follower.dropped,
+                retries=follower.retries,
                 last_applied_ms=follower.last_applied_ms,
                 caught_up=follower.caught_up.is_set(),
             )

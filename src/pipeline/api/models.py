@@ -115,7 +115,11 @@ class FollowStatus(BaseModel):
     """A serving replica's progress (``api.follow_topics``)."""
 
     applied: int
-    dropped: int
+    dropped: int = Field(description="Records not applied: undecodable, malformed, forgotten.")
+    retries: int = Field(
+        description="Reads or writes tried again: rising while nothing is applied, the broker "
+        "or the replica's disk is failing (records wait; none is dropped for it)."
+    )
     last_applied_ms: int | None
     caught_up: bool
 

@@ -15,6 +15,7 @@ after the profile's erasure notice), which is why records of suppressed customer
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,16 @@ from pipeline.stream.stages import KIND_ERASE, KIND_ERASED
 
 log = logging.getLogger(__name__)
 _ERASURES = frozenset({KIND_ERASE, KIND_ERASED})  # about forgotten customers, and applied
+# what building rows from a record that is not shaped as the processor writes it raises
+_MALFORMED_RECORD = (KeyError, TypeError, ValueError, AttributeError)
+# what SQLite raises for rows it refuses (a constraint, a value it cannot bind); its other
+# errors (locked, disk full, I/O) are about the store, and the write is tried again
+_REFUSED_ROW = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    sqlite3.DataError,
+)
 
 
 def followed_topics(settings: Settings) -> tuple[str, ...]:
@@ -93,8 +104,9 @@ class StoreFollower:
         )
         self._assigned: set[str] = set()
         self._closed = threading.Event()
-        self.applied = 0  # records written
-        self.dropped = 0  # undecodable, or about a forgotten customer
+        self.applied = 0  # records written (again, when a failed store made a batch retry)
+        self.dropped = 0  # undecodable, malformed, or about a forgotten customer
+        self.retries = 0  # reads or writes tried again (the broker or the store failed)
         self.last_applied_ms: int | None = None
         # set once a read found nothing more: the copy has what the topics had at its start
         self.caught_up = threading.Event()
@@ -153,15 +165,15 @@ class StoreFollower:
                 elif self._assigned.issuperset(self._topics):
                     self.caught_up.set()
             except (KafkaException, StoreError) as exc:  # the broker or the disk: try again
+                self.retries += 1
                 log.warning("store follower: %s; retrying", exc)
                 self._closed.wait(self._poll_s)
-            except (KeyError, TypeError, ValueError):  # a record not as the processor writes
-                log.exception("store follower: %d records not applied", len(messages))
-                self.dropped += len(messages)
-                messages = []
 
     def _apply(self, messages: list[Any]) -> None:
+        """Write one read batch in one transaction; a record the store cannot take (not as the
+        processor writes it) is logged and dropped alone, the rest of its batch is written."""
         records: list[dict[str, Any]] = []
+        positions: list[str] = []
         ids = self._suppressed()
         for m in messages:
             error = m.error()
@@ -181,15 +193,42 @@ class StoreFollower:
                 self.dropped += 1
                 continue
             records.append(record)
+            positions.append(f"{m.topic()}:{m.partition()}:{m.offset()}")
         if not records:
             return
+        applied = self.applied
+        try:
+            self._write(records)
+        except Exception as exc:
+            if not _about_the_records(exc):
+                raise  # the store or the broker: _run tries the whole batch again
+            # rolled back: write them one by one, so only the record(s) at fault are lost
+            for record, position in zip(records, positions, strict=True):
+                try:
+                    self._write([record])
+                except Exception as exc:
+                    if not _about_the_records(exc):
+                        raise
+                    self.dropped += 1
+                    log.warning("store follower: record at %s not applied: %r", position, exc)
+        if self.applied > applied:
+            self.last_applied_ms = time.time_ns() // 1_000_000
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Write ``records`` in one store transaction, then apply their erasures."""
         batch = RecordBatch.of(records)
         with self._warehouse.batch():
             write(self._warehouse, batch)
         if batch.erasures:
             erase(self._warehouse, batch)
         self.applied += len(records)
-        self.last_applied_ms = time.time_ns() // 1_000_000
+
+
+def _about_the_records(exc: Exception) -> bool:
+    """Whether a write failed on the records themselves (dropped) rather than on the store."""
+    if isinstance(exc, StoreError):
+        return isinstance(exc.__cause__, _REFUSED_ROW)
+    return isinstance(exc, _MALFORMED_RECORD)
 
 
 def follow_topics(settings: Settings, path: Path) -> StoreFollower:

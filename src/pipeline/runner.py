@@ -314,12 +314,18 @@ def _once(stop: Callable[[], None]) -> Callable[[], None]:
     return run_once
 
 
+def _leave_dead_broker(settings: Settings) -> None:
+    """Before this process is replaced or exits at once: forget the dead broker's address
+    (``pipeline api``/``simulate`` read it from the home) and flush what was printed."""
+    (settings.home / BROKER_FILE).unlink(missing_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def _restart_process(settings: Settings) -> NoReturn:
     """Replace this process by a fresh `pipeline up` (same PID, arguments and environment),
     which resets the local state and starts a new embedded broker like any start does."""
-    (settings.home / BROKER_FILE).unlink(missing_ok=True)  # it names the dead broker
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _leave_dead_broker(settings)
     try:
         os.execv(sys.executable, sys.orig_argv)
     except OSError:
@@ -333,8 +339,8 @@ def _process_while_broker_lives(
     services: Sequence[Callable[[Run], Callable[[], None]]] = (),
     on_broker_death: Callable[[bool], None] | None = None,
     grace_s: float = 5.0,
-) -> bool:
-    """Run the processor until it is stopped; True if it stopped because the broker died.
+) -> None:
+    """Run the processor until it is stopped (by a signal, or because the broker died).
 
     The trigger scan runs beside it, every ``settings.triggers.scan_interval_s``, and so do
     ``services`` (each started with the run, returning its stop function).
@@ -414,7 +420,6 @@ def _process_while_broker_lives(
         stopped.set()
     if broker_died.is_set():
         guard.join()  # on_broker_death decides what comes next
-    return broker_died.is_set()
 
 
 def serve(
@@ -436,10 +441,8 @@ def serve(
     def on_broker_death(processor_stopped: bool) -> None:
         if stop_signals.requested.is_set():
             if not processor_stopped:  # blocked in a call to the dead broker: do not wait
-                (settings.home / BROKER_FILE).unlink(missing_ok=True)
                 announce("stopped")
-                sys.stdout.flush()
-                sys.stderr.flush()
+                _leave_dead_broker(settings)
                 os._exit(0)
             return  # the main thread returns and stops as for any stop signal
         announce(

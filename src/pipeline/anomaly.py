@@ -38,9 +38,9 @@ warehouse and the metrics. Decisions:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -388,8 +388,21 @@ class BotDetector:
 
 @dataclass
 class _SkewState:
-    skews: deque[int]
+    skews: deque[int]  # in arrival order, the newest ``window``
+    ordered: list[int] = field(default_factory=list)  # the same, sorted: a median per event
     alerted_ms: int | None = None
+
+    def add(self, skew: int) -> None:
+        if len(self.skews) == self.skews.maxlen:
+            oldest = self.skews[0]
+            del self.ordered[bisect.bisect_left(self.ordered, oldest)]
+        self.skews.append(skew)
+        bisect.insort(self.ordered, skew)
+
+    def median(self) -> float:
+        ordered, n = self.ordered, len(self.ordered)
+        mid = n // 2
+        return float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class ClockSkewMonitor:
@@ -409,10 +422,10 @@ class ClockSkewMonitor:
         state = self._sources.get(source)
         if state is None:
             state = self._sources[source] = _SkewState(deque(maxlen=p.window))
-        state.skews.append(abs(received_ms - timestamp_ms))
+        state.add(abs(received_ms - timestamp_ms))
         if len(state.skews) < p.min_samples:
             return []
-        median = float(statistics.median(state.skews))
+        median = state.median()
         if median < p.threshold_ms:
             state.alerted_ms = None
             return []
@@ -424,7 +437,7 @@ class ClockSkewMonitor:
 
     def median_ms(self, source: str) -> float | None:
         state = self._sources.get(source)
-        return float(statistics.median(state.skews)) if state and state.skews else None
+        return state.median() if state and state.skews else None
 
 
 @dataclass

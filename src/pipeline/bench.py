@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -425,6 +425,18 @@ def topology_floor_throughput(
     return watch.run(app, "topology floor", timeout_s)
 
 
+def cpu_per_event(step_cpu_s: Mapping[str, float], cpu_s: float, events: float) -> dict[str, float]:
+    """Processor CPU microseconds per raw event: each of its own steps
+    (:data:`~pipeline.metrics.CPU_STEPS`), ``framework`` for the rest of the process's CPU
+    (quixstreams, the Kafka client, serialization, the sink threads' bookkeeping), ``total``."""
+    if not events or not cpu_s:
+        return {}
+    per = {step: round(seconds / events * 1e6, 1) for step, seconds in step_cpu_s.items()}
+    per["framework"] = round((cpu_s - sum(step_cpu_s.values())) / events * 1e6, 1)
+    per["total"] = round(cpu_s / events * 1e6, 1)
+    return per
+
+
 @dataclass(frozen=True)
 class Phase:
     """One paced latency phase: its offered load and the wall-clock window it was produced in."""
@@ -540,6 +552,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
 
         phases: list[Phase] = []
         measured: dict[str, float] = {}
+        step_cpu: dict[str, float] = {}  # per step, over the backlog
 
         load = LoadGenerator(run.address, work, topic=bench_settings.topics.raw)
 
@@ -562,6 +575,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             measured.update(seconds=seconds, eps=m.raw_in / seconds, raw=m.raw_in)
             if m.first_in_cpu_s is not None and m.last_stored_cpu_s is not None:
                 measured["cpu_s"] = m.last_stored_cpu_s - m.first_in_cpu_s
+            step_cpu.update(m.step_cpu_s)
             if broker_pid is not None:
                 measured["broker_cpu_s"] = cpu_seconds(broker_pid) - broker_cpu_before
             expected = len(backlog)
@@ -622,6 +636,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 else None
             ),
             "broker_cpu_s": round(measured.get("broker_cpu_s", 0.0), 3) if broker_pid else None,
+            "cpu_us_per_event": cpu_per_event(step_cpu, cpu_s, measured["raw"]),
             "dead_lettered": run.metrics.dead_lettered_total,
             "duplicates_dropped": run.metrics.duplicates_dropped,
         }
@@ -655,13 +670,14 @@ def chart(report: dict[str, Any]) -> go.Figure:
     """Latency percentiles against offered load, throughput bars, latency per step, and the
     CPU that the processor and the broker spend per 1,000 events, backlog and paced."""
     fig = make_subplots(
-        rows=1,
-        cols=4,
+        rows=2,
+        cols=3,
         subplot_titles=(
             "End-to-end latency vs offered load",
             "Throughput (events/s)",
             "Where the time goes (p50 per step)",
             "CPU-seconds per 1,000 events",
+            "Where a processor core goes (backlog, µs per event)",
         ),
     )
     loads = [p["offered_eps"] for p in report["latency"]]
@@ -716,12 +732,26 @@ def chart(report: dict[str, Any]) -> go.Figure:
                 ],
                 name=who,
             ),
-            row=1,
-            col=4,
+            row=2,
+            col=1,
         )
-    fig.update_layout(barmode="stack")
-    fig.update_xaxes(title_text="load (share of max)", row=1, col=4)
-    fig.update_yaxes(title_text="CPU-s per 1k events", row=1, col=4)
+    per_event = proc.get("cpu_us_per_event") or {}
+    parts = [(step, us) for step, us in per_event.items() if step != "total"]
+    fig.add_trace(
+        go.Bar(
+            x=[us for _, us in parts],
+            y=[step for step, _ in parts],
+            orientation="h",
+            name="µs per event",
+            showlegend=False,
+        ),
+        row=2,
+        col=2,
+    )
+    fig.update_layout(barmode="stack", height=900)
+    fig.update_xaxes(title_text="load (share of max)", row=2, col=1)
+    fig.update_yaxes(title_text="CPU-s per 1k events", row=2, col=1)
+    fig.update_xaxes(title_text="CPU µs per raw event", row=2, col=2)
     fig.update_xaxes(title_text="load (share of max)", row=1, col=3)
     fig.update_yaxes(title_text="ms", row=1, col=3)
     fig.update_xaxes(title_text="offered load (events/s)", row=1, col=1)

@@ -23,6 +23,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
     start_http_server,
 )
@@ -94,6 +95,14 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pipeline_step_latency_seconds_bucket",
         "pipeline_step_latency_seconds_sum",
         "pipeline_step_latency_seconds_count",
+        "pipeline_step_cpu_seconds_total",
+        # prometheus_client's ProcessCollector (Linux)
+        "process_cpu_seconds_total",
+        "process_virtual_memory_bytes",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
         "pipeline_consumer_lag",
         "pipeline_seconds_since_last_store",
     }
@@ -151,6 +160,16 @@ class StreamMetricsCollector(Collector):
         yield alerts
         yield self._latency()
         yield self._step_latency()
+        cpu = CounterMetricFamily(
+            "pipeline_step_cpu_seconds",
+            "CPU seconds the processor spent in each of its own steps (pipeline.metrics."
+            "CPU_STEPS); the rest of process_cpu_seconds_total goes to the stream framework, "
+            "the Kafka client and serialization (and, in `pipeline up`, the collector and API).",
+            labels=["step"],
+        )
+        for step, seconds in list(m.step_cpu_s.items()):
+            cpu.add_metric([step], seconds)
+        yield cpu
         lag = GaugeMetricFamily(
             "pipeline_consumer_lag",
             "Messages behind the partition's high watermark.",
@@ -218,9 +237,11 @@ def _le(bound: float) -> str:
 def metrics_registry(
     metrics: StreamMetrics, *, lag: LagProvider | None = None
 ) -> CollectorRegistry:
-    """A registry holding only the pipeline's collector (no process/platform defaults)."""
+    """A registry with the pipeline's collector and the process's own figures (CPU, memory:
+    ``process_*``, read from /proc at each scrape; absent where there is no /proc)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StreamMetricsCollector(metrics, lag=lag))
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -13,7 +13,7 @@ import math
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -302,10 +302,23 @@ class ProcessorScrape:
     replays_dropped: int
     dead_lettered: dict[str, int]
     consumer_lag: dict[tuple[str, int], int]
+    step_cpu_s: dict[str, float] = field(default_factory=dict)
+    process_cpu_s: float | None = None  # the whole process's CPU (None: not exported)
 
     @property
     def consumer_lag_total(self) -> int:
         return sum(self.consumer_lag.values())
+
+    def cpu_table(self) -> pd.DataFrame:
+        """CPU microseconds per raw event since the processor started: each of its steps, and
+        ``framework`` (stream framework, Kafka client, serialization) for the rest."""
+        rows: list[tuple[str, float]] = []
+        if self.raw_in:
+            rows = [(step, s / self.raw_in * 1e6) for step, s in self.step_cpu_s.items()]
+            if self.process_cpu_s is not None:
+                rest = self.process_cpu_s - sum(self.step_cpu_s.values())
+                rows.append(("framework", max(0.0, rest) / self.raw_in * 1e6))
+        return pd.DataFrame(rows, columns=["step", "us_per_event"])
 
     def lag_table(self) -> pd.DataFrame:
         """Lag per topic and partition, in topic then partition order."""
@@ -329,14 +342,26 @@ def parse_processor_scrape(text: str) -> ProcessorScrape:
     counters = dict.fromkeys(_PROCESSOR_COUNTERS.values(), 0)
     dead: dict[str, int] = {}
     lag: dict[tuple[str, int], int] = {}
+    cpu: dict[str, float] = {}
+    process_cpu: float | None = None
     for name, labels, value in _samples(text):
-        if name == "pipeline_dead_lettered_total":
+        if name == "pipeline_step_cpu_seconds_total":
+            cpu[labels.get("step", "")] = value
+        elif name == "process_cpu_seconds_total":
+            process_cpu = value
+        elif name == "pipeline_dead_lettered_total":
             dead[labels.get("reason", "")] = int(value)
         elif name == "pipeline_consumer_lag":
             lag[(labels.get("topic", ""), int(labels.get("partition", "-1")))] = int(value)
         elif name in _PROCESSOR_COUNTERS:
             counters[_PROCESSOR_COUNTERS[name]] = int(value)
-    return ProcessorScrape(dead_lettered=dead, consumer_lag=lag, **counters)
+    return ProcessorScrape(
+        dead_lettered=dead,
+        consumer_lag=lag,
+        step_cpu_s=cpu,
+        process_cpu_s=process_cpu,
+        **counters,
+    )
 
 
 @dataclass(frozen=True, slots=True)

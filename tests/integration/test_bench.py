@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.metrics import CPU_STEPS
+
 pytestmark = pytest.mark.integration
 
 
@@ -54,6 +56,16 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         proc["events_per_cpu_s"] / topology["events_per_cpu_s"], abs=0.001
     )
     assert proc["broker_cpu_s"] > 0
+    # where the processor's CPU went: each of its own steps ran, and the framework's share is
+    # what the process spent beyond them; the parts add up to the total
+    per_event = proc["cpu_us_per_event"]
+    assert set(per_event) == {*CPU_STEPS, "framework", "total"}
+    assert all(per_event[step] > 0 for step in CPU_STEPS), per_event
+    assert 0 < per_event["framework"] < per_event["total"]
+    assert sum(per_event[s] for s in (*CPU_STEPS, "framework")) == pytest.approx(
+        per_event["total"], abs=0.5
+    )
+    assert per_event["total"] == pytest.approx(1e6 / proc["events_per_cpu_s"], rel=0.01)
 
     phases = report["latency"]
     assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import streamlit as st
@@ -294,6 +296,13 @@ def test_email_page_previews_a_segment(use_home: pytest.MonkeyPatch, filled_home
     assert "segment" not in at.query_params
 
 
+def _array(value: Any) -> list[Any]:
+    """A plotly figure's array as a list (plotly writes numbers as base64 typed arrays)."""
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
 def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
     use_home: pytest.MonkeyPatch, filled_home: Path
 ) -> None:
@@ -324,9 +333,12 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
         },
     }
     metrics = StreamMetrics(
-        duplicates_dropped=1234, dead_lettered=Counter({"invalid_json": 3, "schema": 5})
+        raw_in=2000,
+        duplicates_dropped=1234,
+        dead_lettered=Counter({"invalid_json": 3, "schema": 5}),
     )
     metrics.on_consumer_stats(json.dumps(stats))
+    metrics.step_cpu_s["fold"] += 0.2  # 100 us per raw event
     collector = CollectorMetrics()
     collector.events_accepted.inc(500)
     collector.rejected(401, "invalid_write_key")
@@ -361,6 +373,11 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
         {"status": 429, "code": "rate_limited", "requests": 1},
     ]
     assert not any("not reachable" in c.value for c in at.caption)
+    [cpu_chart] = [c for c in at.get("plotly_chart") if "CPU" in c.proto.spec]
+    bars = json.loads(cpu_chart.proto.spec)["data"][0]
+    by_step = dict(zip(_array(bars["y"]), _array(bars["x"]), strict=True))
+    assert by_step["fold"] == pytest.approx(100) and by_step["parse"] == 0
+    assert by_step["framework"] > 0  # the rest of this test process's CPU
 
     st.cache_data.clear()
     at = _run("views/live.py")

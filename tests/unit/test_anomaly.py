@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import zlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.anomaly import (
     Alert,
@@ -172,6 +175,19 @@ def test_clock_skew_median_alerts_once_and_rearms() -> None:
     [alert] = feed(20_000, 20_000, 20_000)
     assert (alert.observed, alert.severity) == (20_000, "critical")
     assert skew.median_ms("s") == 20_000
+
+
+@given(
+    lags=st.lists(st.integers(-(10**7), 10**7), min_size=1, max_size=60),
+    window=st.integers(1, 9),
+)
+def test_the_skew_median_is_the_median_of_the_last_window_events(
+    lags: list[int], window: int
+) -> None:
+    skew = ClockSkewMonitor(ClockSkewParams(window=window, min_samples=1))
+    for i, lag in enumerate(lags):
+        skew.observe("s", 10**8 - lag, 10**8)
+        assert skew.median_ms("s") == statistics.median(abs(x) for x in lags[: i + 1][-window:])
 
 
 def test_detector_keeps_dead_letters_out_of_volume_and_bots() -> None:

@@ -28,6 +28,8 @@ def processor_text() -> str:
         replays_dropped=2,
         dead_lettered=Counter({"invalid_json": 4, "schema": 9}),
     )
+    m.step_cpu_s["parse"] += 0.06  # 50 us per event
+    m.stored_cpu(0.012)  # 10 us per event
     lag = {("events.raw", 1): 12, ("events.raw", 0): 30, ("events.attributed", 3): 1}
     return exposition(metrics_registry(m, lag=lambda: lag))
 
@@ -44,11 +46,19 @@ def test_processor_scrape_reads_counters_lag_and_dead_letters() -> None:
         {"topic": "events.raw", "partition": 1, "lag": 12},
     ]
     assert scrape.dead_letter_table()["reason"].tolist() == ["schema", "invalid_json"]
+    cpu = dict(scrape.cpu_table().itertuples(index=False))
+    assert cpu["parse"] == pytest.approx(50) and cpu["store"] == pytest.approx(10)
+    assert cpu["fold"] == 0
+    # the rest of this (test) process's CPU, per event; never below zero
+    assert scrape.process_cpu_s is not None and scrape.process_cpu_s > 0
+    assert cpu["framework"] == pytest.approx(max(0.0, scrape.process_cpu_s - 0.072) / 1200 * 1e6)
 
 
 def test_processor_scrape_of_a_fresh_processor_is_all_zero() -> None:
     scrape = wd.parse_processor_scrape(exposition(metrics_registry(StreamMetrics())))
-    assert scrape == wd.ProcessorScrape(0, 0, 0, {}, {})
+    assert (scrape.raw_in, scrape.dead_lettered, scrape.consumer_lag) == (0, {}, {})
+    assert set(scrape.step_cpu_s.values()) == {0.0}
+    assert scrape.cpu_table().empty  # no events: no per-event figure
     assert scrape.lag_table().empty and list(scrape.lag_table().columns) == [
         "topic",
         "partition",

@@ -47,6 +47,8 @@ def known_metrics() -> StreamMetrics:
     m.stored_events([0], 20_000)  # 20 s
     m.traced([{"ingested_ms": 1000, "parsed_ms": 1001, "scored_ms": 1002}], 1004)
     m.last_stored_s = 100.0
+    m.step_cpu_s["parse"] += 0.25
+    m.stored_cpu(0.5)
     return m
 
 
@@ -63,6 +65,10 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     assert got[("pipeline_events_stored_total", ())] == 6
     assert got[("pipeline_segment_changes_total", ())] == 9
     assert got[("pipeline_consumer_lag", (("partition", "2"), ("topic", "events.raw")))] == 42
+    assert got[("pipeline_step_cpu_seconds_total", (("step", "parse"),))] == 0.25
+    assert got[("pipeline_step_cpu_seconds_total", (("step", "store"),))] == 0.5
+    assert got[("pipeline_step_cpu_seconds_total", (("step", "fold"),))] == 0  # from zero
+    assert got[("process_cpu_seconds_total", ())] > 0  # this test process's own CPU
     assert {name for name, _ in got} == METRIC_NAMES
 
 

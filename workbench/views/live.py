@@ -52,6 +52,24 @@ def processor_panel() -> None:
         if scrape.dead_lettered:
             right.dataframe(scrape.dead_letter_table(), hide_index=True)
             right.caption("Dead-lettered by reason since the processor started.")
+        cpu = scrape.cpu_table()
+        if not cpu.empty:
+            st.plotly_chart(
+                px.bar(
+                    cpu,
+                    x="us_per_event",
+                    y="step",
+                    orientation="h",
+                    labels={"us_per_event": "CPU µs per raw event", "step": ""},
+                    height=260,
+                ),
+                key="live_processor_cpu",
+            )
+            st.caption(
+                "Where a processor core goes, since the processor started: its own steps, and "
+                "the stream framework, Kafka client and serialization (in `pipeline up` the "
+                "collector and API share the process)."
+            )
     collector_url = access.collector_metrics_url()
     collector = access.collector_scrape(collector_url) if collector_url else None
     if collector is None:

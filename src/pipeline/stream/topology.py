@@ -341,10 +341,14 @@ def build_application(
         metrics.erasures += 1
         return erase_key(raw_key, customer_id, state, requested_at=request.get("requested_at"))
 
+    cpu = metrics.step_cpu_s  # CPU per step, read off this thread's clock
+    thread_time = time.thread_time
+
     def ingest(
         value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
     ) -> list[dict[str, Any]]:
         """Stage 1, per device: parse + validate + enrich, then dedupe + stitch."""
+        started = thread_time()
         metrics.saw_raw()
         ctx = message_context()
         raw_key = key.decode("utf-8", errors="replace") if key is not None else None
@@ -361,10 +365,14 @@ def build_application(
             partition=ctx.partition,
             offset=ctx.offset,
         )
+        parsed_cpu = thread_time()
+        cpu["parse"] += parsed_cpu - started
         if isinstance(result, Failure):
             metrics.dead_lettered[result.reason] += 1
             failed = {**result.to_dict(), "kind": KIND_DEAD_LETTER}
-            return [failed, *detect(result, timestamp, ctx.partition)]
+            out = [failed, *detect(result, timestamp, ctx.partition)]
+            cpu["detect"] += thread_time() - parsed_cpu
+            return out
         device = result.identity_key
         if raw_key != device:
             # keyed by something else (a third-party producer, userId-first): its device's
@@ -377,13 +385,18 @@ def build_application(
             return []  # not observed either: no alert names them
         metrics.valid += 1
         alerts = detect(result, timestamp, ctx.partition)
+        detected_cpu = thread_time()
+        cpu["detect"] += detected_cpu - parsed_cpu
         event = enrich(result, catalog)
         parsed = _now_ms()
+        enriched_cpu = thread_time()
+        cpu["enrich"] += enriched_cpu - detected_cpu
         metrics.stitched_in += 1
         out = stitch(event, state, config, position=(ctx.partition, ctx.offset))
         if not out:
             metrics.duplicates_dropped += 1
         stitched = _now_ms()
+        cpu["stitch"] += thread_time() - enriched_cpu
         for record in out:
             kind = record["kind"]
             if kind == KIND_EVENT:
@@ -405,7 +418,9 @@ def build_application(
         kind = value["kind"]
         # an erasure: the list grew before it was sent, so re-read it for the events behind it
         forgotten = suppressed(fresh=kind == KIND_ERASE)
+        started = thread_time()
         out = fold(value, state, config, now_ms=_now_ms(), suppressed=forgotten)
+        cpu["fold"] += thread_time() - started
         if kind == KIND_ERASE:
             return out
         if not out:
@@ -421,6 +436,13 @@ def build_application(
     sink_delay_ms = settings.sink_max_delay_ms
 
     def write(records: list[dict[str, Any]]) -> None:
+        started = thread_time()
+        try:
+            _write(records)
+        finally:
+            metrics.stored_cpu(thread_time() - started)
+
+    def _write(records: list[dict[str, Any]]) -> None:
         batch = RecordBatch.of(records)
         # the local warehouse first: it is the serving store, and latency is measured on it;
         # all of its tables in one transaction (a commit per flush, not per table)

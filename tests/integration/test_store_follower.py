@@ -23,7 +23,7 @@ from pipeline.gdpr import forget
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, simulate
-from pipeline.stores.follow import StoreFollower
+from pipeline.stores.follow import StoreFollower, followed_topics
 from pipeline.stores.local import LocalWarehouse
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def _process(run: Run, config: SimulationConfig) -> dict[str, int]:
     sim = simulate(config, run.catalog)
     process_until_idle(
         run,
-        expected_raw=len(sim.messages),
+        expected_raw=run.metrics.raw_in + len(sim.messages),  # the run's metrics add up
         feed=lambda: produce_messages(run.settings, run.address, sim.messages),
     )
     return _counts(run.settings.warehouse_path)
@@ -206,3 +206,38 @@ def test_a_replica_whose_disk_fills_up_keeps_retrying_and_loses_nothing(
                     lambda: f"replica {_counts(path)} != {processed}",
                 )
                 assert follower.dropped == 0
+
+
+def test_a_replica_started_again_goes_on_from_where_it_was(
+    settings: Settings, tmp_path: Path
+) -> None:
+    def read(follower: StoreFollower) -> int:
+        return follower.applied + follower.dropped
+
+    with pipeline_run(settings) as run:
+        first = _process(run, SimulationConfig(events=250, seed=5, end=END_OF_DAY, days=2))
+        path = tmp_path / "replica.sqlite"
+        with LocalWarehouse(path) as wh, StoreFollower(settings, run.address, wh) as follower:
+            _wait_for(lambda: _counts(path) == first, lambda: f"{_counts(path)} != {first}")
+            _wait_for(follower.caught_up.is_set, lambda: "not caught up")
+        read_before = read(follower)
+        with LocalWarehouse(path, read_only=True) as wh:
+            saved = wh.replica_positions()
+        assert {topic for topic, _ in saved} == set(followed_topics(settings))
+
+        more = _process(run, SimulationConfig(events=250, seed=6, end=END_OF_DAY, days=2))
+        assert more != first
+        with LocalWarehouse(path) as wh, StoreFollower(settings, run.address, wh) as again:
+            _wait_for(lambda: _counts(path) == more, lambda: f"{_counts(path)} != {more}")
+            _wait_for(again.caught_up.is_set, lambda: "not caught up")
+
+        # positions beyond the topics' ends (the topics were recreated, as by a new embedded
+        # broker): those partitions are read from their start again
+        with LocalWarehouse(path) as wh:
+            wh.save_replica_positions({key: 10**9 for key in wh.replica_positions()})
+            with StoreFollower(settings, run.address, wh) as fresh:
+                _wait_for(fresh.caught_up.is_set, lambda: "not caught up")
+            assert _counts(path) == more
+            assert max(wh.replica_positions().values()) < 10**9
+        # the replica started again read only what came after its saved positions
+        assert 0 < read(again) == read(fresh) - read_before

@@ -5,7 +5,12 @@ processor writes. In the Kubernetes layout they run in pods of their own, so eac
 copy by reading the topics the processor sends the same records to (``events.clean``,
 ``profiles.updates``, ``segments.changes``, ``identities.links``, ``events.dlq``, ``alerts``)
 and writing them with the processor's own writes (:mod:`pipeline.stores.records`), which are
-idempotent: a replica that starts again reads from the topics' start and converges.
+idempotent. After each batch it saves where it got to, per partition, in the copy itself
+(``replica_positions``), so a replica that starts again goes on from there instead of reading
+the topics from their start; a crash between a batch and its positions only replays that batch.
+A saved position beyond a partition's end (its topic was recreated: a new embedded broker)
+restarts that partition from its start; a recreated topic that has already grown past the
+saved position cannot be told apart here, and keeps its first records out of the copy.
 
 What a replica cannot know: rows older than the topics' retention (a new replica holds what the
 topics still have), and the order between topics (a forgotten customer's events could arrive
@@ -100,6 +105,8 @@ class StoreFollower:
                 "group.id": "pipeline-store-followers",  # required; never joined
                 "enable.auto.commit": False,
                 "isolation.level": settings.consumer_isolation,  # as the processor reads
+                # a saved position that retention has passed: go on from the oldest record kept
+                "auto.offset.reset": "earliest",
             }
         )
         self._assigned: set[str] = set()
@@ -132,17 +139,41 @@ class StoreFollower:
         self.close()
 
     def _assign_new_topics(self) -> None:
-        """Assign, from their start, the partitions of followed topics that exist by now."""
+        """Assign the partitions of followed topics that exist by now, each from the position
+        the copy saved (from its start when none was saved, or it lies beyond the end)."""
         missing = [t for t in self._topics if t not in self._assigned]
         if not missing:
             return
         found = self._consumer.list_topics(timeout=5).topics
-        fresh = [
-            TopicPartition(t, p, OFFSET_BEGINNING)
-            for t in missing
-            if (meta := found.get(t)) is not None and meta.error is None and meta.partitions
-            for p in meta.partitions
-        ]
+        saved = self._warehouse.replica_positions()
+        fresh: list[TopicPartition] = []
+        recreated: list[tuple[str, int]] = []
+        for t in missing:
+            meta = found.get(t)
+            if meta is None or meta.error is not None or not meta.partitions:
+                continue
+            for p in meta.partitions:
+                position = saved.get((t, p))
+                if position is not None:
+                    _low, high = self._consumer.get_watermark_offsets(
+                        TopicPartition(t, p), timeout=5
+                    )
+                    if position > high:
+                        log.warning(
+                            "store follower: %s:%d ends at %d, before the copy's position %d; "
+                            "reading it from its start (the topic was recreated)",
+                            t,
+                            p,
+                            high,
+                            position,
+                        )
+                        recreated.append((t, p))
+                        position = None
+                fresh.append(
+                    TopicPartition(t, p, OFFSET_BEGINNING if position is None else position)
+                )
+        if recreated:
+            self._warehouse.forget_replica_positions(recreated)
         if fresh:
             self._consumer.incremental_assign(fresh)
             self._assigned.update(tp.topic for tp in fresh)
@@ -170,10 +201,11 @@ class StoreFollower:
                 self._closed.wait(self._poll_s)
 
     def _apply(self, messages: list[Any]) -> None:
-        """Write one read batch in one transaction; a record the store cannot take (not as the
-        processor writes it) is logged and dropped alone, the rest of its batch is written."""
+        """Write one read batch in one transaction, then save how far it was read; a record the
+        store cannot take (not as the processor writes it) is logged and dropped alone."""
         records: list[dict[str, Any]] = []
         positions: list[str] = []
+        read_to: dict[tuple[str, int], int] = {}  # next offset per partition, once applied
         ids = self._suppressed()
         for m in messages:
             error = m.error()
@@ -181,6 +213,7 @@ class StoreFollower:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("store follower: %s", error)
                 continue
+            read_to[(m.topic(), m.partition())] = m.offset() + 1
             try:
                 record = orjson.loads(m.value())
             except (orjson.JSONDecodeError, TypeError):
@@ -194,8 +227,12 @@ class StoreFollower:
                 continue
             records.append(record)
             positions.append(f"{m.topic()}:{m.partition()}:{m.offset()}")
-        if not records:
-            return
+        if records:
+            self._apply_records(records, positions)
+        if read_to:  # after the writes (and erasures): a crash in between replays the batch
+            self._warehouse.save_replica_positions(read_to)
+
+    def _apply_records(self, records: list[dict[str, Any]], positions: list[str]) -> None:
         applied = self.applied
         try:
             self._write(records)

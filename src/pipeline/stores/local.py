@@ -155,6 +155,12 @@ CREATE TABLE IF NOT EXISTS scheduled_emails (
     snapshot     TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replica_positions (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
 """
 
 _UPSERT_EVENT = """
@@ -434,6 +440,33 @@ class LocalWarehouse:
                 "email_triggers",
             )
         }
+
+    def replica_positions(self) -> dict[tuple[str, int], int]:
+        """Where a serving replica kept from the topics (:mod:`pipeline.stores.follow`) goes
+        on reading: the next offset per (topic, partition) whose records are applied."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT topic, partition, next_offset FROM replica_positions"
+            ).fetchall()
+        return {(str(t), int(p)): int(o) for t, p, o in rows}
+
+    def save_replica_positions(self, positions: Mapping[tuple[str, int], int]) -> None:
+        """Record that the records before these offsets are applied (never moves one back)."""
+        rows = [(t, p, o) for (t, p), o in positions.items()]
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT INTO replica_positions VALUES (?, ?, ?) "
+                "ON CONFLICT (topic, partition) DO UPDATE SET "
+                "next_offset = MAX(next_offset, excluded.next_offset)",
+                rows,
+            )
+
+    def forget_replica_positions(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Read these partitions from their start again (their topics were recreated)."""
+        with self._tx() as conn:
+            conn.executemany(
+                "DELETE FROM replica_positions WHERE topic = ? AND partition = ?", list(partitions)
+            )
 
     def write_sent_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
         """Insert sent e-mails once per email_id (the address only as its SHA-256)."""

@@ -45,41 +45,40 @@ def _event(customer: str, **fields: Any) -> bytes:
     return orjson.dumps({**record, "customer_id": customer, "kind": KIND_EVENT, **fields})
 
 
+Replica = tuple[LocalWarehouse, set[str], StoreFollower]
+
+
 @pytest.fixture
-def replica(tmp_path: Path) -> Iterator[tuple[LocalWarehouse, set[str]]]:
+def replica(tmp_path: Path) -> Iterator[Replica]:
+    """A copy's store, the forgotten customers' hashed ids, and a follower writing to it."""
     forgotten: set[str] = set()
     with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
-        yield wh, forgotten
-
-
-def _follower(tmp_path: Path, wh: LocalWarehouse, forgotten: set[str]) -> StoreFollower:
-    return StoreFollower(
-        Settings(home=tmp_path),
-        "127.0.0.1:9",  # never reached: these tests hand the records over themselves
-        wh,
-        suppressed=lambda fresh=False: frozenset(forgotten),
-    )
+        follower = StoreFollower(
+            Settings(home=tmp_path),
+            "127.0.0.1:9",  # never reached: these tests hand the records over themselves
+            wh,
+            suppressed=lambda fresh=False: frozenset(forgotten),
+        )
+        yield wh, forgotten, follower
+        follower.close()  # works on a follower never started
 
 
 def test_records_are_applied_and_undecodable_ones_counted(
-    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+    replica: Replica,
 ) -> None:
-    wh, forgotten = replica
-    follower = _follower(tmp_path, wh, forgotten)
+    wh, _, follower = replica
     event = _event("c1")
     follower._apply([Message(event, 0), Message(b"{not json", 1), Message(b"[1]", 2)])
     assert wh.counts()["events"] == 1
     assert (follower.applied, follower.dropped) == (1, 2)
     follower._apply([Message(event, 0)])  # read again after a restart: not stored twice
     assert wh.counts()["events"] == 1
-    follower.close()
 
 
 def test_a_forgotten_customers_records_are_dropped_but_their_erasure_applied(
-    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+    replica: Replica,
 ) -> None:
-    wh, forgotten = replica
-    follower = _follower(tmp_path, wh, forgotten)
+    wh, forgotten, follower = replica
     follower._apply([Message(_event("c1"), 0), Message(_event("c2"), 1)])
     assert wh.counts()["events"] == 2
     forgotten.add(sha256_hex("c1"))
@@ -89,14 +88,12 @@ def test_a_forgotten_customers_records_are_dropped_but_their_erasure_applied(
     assert wh.count_customer_rows(["c1"], [], "c1")["events"] == 0
     assert wh.counts()["events"] == 1  # c2's
     assert follower.dropped == 1
-    follower.close()
 
 
 def test_a_record_not_as_the_processor_writes_it_is_dropped_alone(
-    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+    replica: Replica,
 ) -> None:
-    wh, forgotten = replica
-    follower = _follower(tmp_path, wh, forgotten)
+    wh, _, follower = replica
     no_id = orjson.dumps({"kind": KIND_EVENT, "customer_id": "c3"})  # rows cannot be built
     unbindable = _event("c4", message_id={"not": "a string"})  # SQLite refuses the row
     follower._apply(
@@ -111,14 +108,12 @@ def test_a_record_not_as_the_processor_writes_it_is_dropped_alone(
     assert wh.count_customer_rows(["c2"], [], "c2")["events"] == 1
     assert wh.counts()["events"] == 2
     assert (follower.applied, follower.dropped) == (2, 2)
-    follower.close()
 
 
 def test_a_full_store_fails_the_batch_for_a_retry_and_drops_nothing(
-    tmp_path: Path, replica: tuple[LocalWarehouse, set[str]]
+    replica: Replica,
 ) -> None:
-    wh, forgotten = replica
-    follower = _follower(tmp_path, wh, forgotten)
+    wh, _, follower = replica
     batch = [Message(_event(f"c{i}"), i) for i in range(300)]  # needs new pages
     pages = int(wh.scalar("PRAGMA page_count"))
     wh._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
@@ -128,4 +123,3 @@ def test_a_full_store_fails_the_batch_for_a_retry_and_drops_nothing(
     wh._conn.execute("PRAGMA max_page_count = 1073741823")  # space again: the retry writes
     follower._apply(batch)
     assert (follower.applied, follower.dropped, wh.counts()["events"]) == (300, 0, 300)
-    follower.close()

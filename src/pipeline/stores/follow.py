@@ -111,7 +111,7 @@ class StoreFollower:
         )
         self._assigned: set[str] = set()
         self._closed = threading.Event()
-        self.applied = 0  # records written (again, when a failed store made a batch retry)
+        self.applied = 0  # records written
         self.dropped = 0  # undecodable, malformed, or about a forgotten customer
         self.retries = 0  # reads or writes tried again (the broker or the store failed)
         self.last_applied_ms: int | None = None
@@ -206,6 +206,7 @@ class StoreFollower:
         records: list[dict[str, Any]] = []
         positions: list[str] = []
         read_to: dict[tuple[str, int], int] = {}  # next offset per partition, once applied
+        skipped = 0  # undecodable, or about a forgotten customer
         ids = self._suppressed()
         for m in messages:
             error = m.error()
@@ -219,37 +220,44 @@ class StoreFollower:
             except (orjson.JSONDecodeError, TypeError):
                 record = None
             if not isinstance(record, dict) or "kind" not in record:  # every output has one
-                self.dropped += 1
+                skipped += 1
                 log.warning("store follower: not an output record at %s:%s", m.topic(), m.offset())
                 continue
             if ids and record["kind"] not in _ERASURES and _forgotten(record, ids):
-                self.dropped += 1
+                skipped += 1
                 continue
             records.append(record)
             positions.append(f"{m.topic()}:{m.partition()}:{m.offset()}")
-        if records:
-            self._apply_records(records, positions)
+        applied, refused = self._apply_records(records, positions) if records else (0, 0)
         if read_to:  # after the writes (and erasures): a crash in between replays the batch
             self._warehouse.save_replica_positions(read_to)
+        # counted once the batch is done: a batch that failed part-way is applied again whole
+        self.dropped += skipped + refused
+        if applied:
+            self.applied += applied
+            self.last_applied_ms = time.time_ns() // 1_000_000
 
-    def _apply_records(self, records: list[dict[str, Any]], positions: list[str]) -> None:
-        applied = self.applied
+    def _apply_records(
+        self, records: list[dict[str, Any]], positions: list[str]
+    ) -> tuple[int, int]:
+        """Write ``records``; returns how many were applied and how many refused."""
         try:
             self._write(records)
+            return len(records), 0
         except Exception as exc:
             if not _about_the_records(exc):
                 raise  # the store or the broker: _run tries the whole batch again
-            # rolled back: write them one by one, so only the record(s) at fault are lost
-            for record, position in zip(records, positions, strict=True):
-                try:
-                    self._write([record])
-                except Exception as exc:
-                    if not _about_the_records(exc):
-                        raise
-                    self.dropped += 1
-                    log.warning("store follower: record at %s not applied: %r", position, exc)
-        if self.applied > applied:
-            self.last_applied_ms = time.time_ns() // 1_000_000
+        # rolled back: write them one by one, so only the record(s) at fault are lost
+        refused = 0
+        for record, position in zip(records, positions, strict=True):
+            try:
+                self._write([record])
+            except Exception as exc:
+                if not _about_the_records(exc):
+                    raise
+                refused += 1
+                log.warning("store follower: record at %s not applied: %r", position, exc)
+        return len(records) - refused, refused
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         """Write ``records`` in one store transaction, then apply their erasures."""
@@ -258,7 +266,6 @@ class StoreFollower:
             write(self._warehouse, batch)
         if batch.erasures:
             erase(self._warehouse, batch)
-        self.applied += len(records)
 
 
 def _about_the_records(exc: Exception) -> bool:

@@ -163,13 +163,15 @@ def pipeline_run(settings: Settings) -> Iterator[Run]:
     catalog = load_catalog(settings.catalog_path)
     with broker_for(settings) as broker:
         settings.home.mkdir(parents=True, exist_ok=True)
-        pid = broker.embedded.process.pid if broker.embedded else None
-        (settings.home / BROKER_FILE).write_text(
-            json.dumps({"address": broker.address, "embedded_pid": pid})
-        )
+        # the store (with its tables) first: whoever finds the broker file finds a store too
         warehouse = LocalWarehouse(settings.warehouse_path)
-        extra = _bigquery(settings)
+        extra: tuple[BigQueryWarehouse, ...] = ()
         try:
+            pid = broker.embedded.process.pid if broker.embedded else None
+            (settings.home / BROKER_FILE).write_text(
+                json.dumps({"address": broker.address, "embedded_pid": pid})
+            )
+            extra = _bigquery(settings)
             yield Run(
                 settings=settings,
                 broker=broker,

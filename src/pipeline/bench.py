@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from pipeline import lineage
 from pipeline.broker import client_config, free_port
 from pipeline.errors import PipelineError
 from pipeline.loadgen import LoadGenerator, wire_messages
-from pipeline.metrics import StreamMetrics, cpu_seconds
+from pipeline.metrics import StreamMetrics, cpu_per_event, cpu_seconds
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage
 from pipeline.stream.topology import new_application, processor_topic_config
@@ -425,18 +425,6 @@ def topology_floor_throughput(
     return watch.run(app, "topology floor", timeout_s)
 
 
-def cpu_per_event(step_cpu_s: Mapping[str, float], cpu_s: float, events: float) -> dict[str, float]:
-    """Processor CPU microseconds per raw event: each of its own steps
-    (:data:`~pipeline.metrics.CPU_STEPS`), ``framework`` for the rest of the process's CPU
-    (quixstreams, the Kafka client, serialization, the sink threads' bookkeeping), ``total``."""
-    if not events or not cpu_s:
-        return {}
-    per = {step: round(seconds / events * 1e6, 1) for step, seconds in step_cpu_s.items()}
-    per["framework"] = round((cpu_s - sum(step_cpu_s.values())) / events * 1e6, 1)
-    per["total"] = round(cpu_s / events * 1e6, 1)
-    return per
-
-
 @dataclass(frozen=True)
 class Phase:
     """One paced latency phase: its offered load and the wall-clock window it was produced in."""
@@ -636,7 +624,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 else None
             ),
             "broker_cpu_s": round(measured.get("broker_cpu_s", 0.0), 3) if broker_pid else None,
-            "cpu_us_per_event": cpu_per_event(step_cpu, cpu_s, measured["raw"]),
+            "cpu_us_per_event": {
+                part: round(us, 1)
+                for part, us in cpu_per_event(step_cpu, int(measured["raw"]), cpu_s or None).items()
+            },
             "dead_lettered": run.metrics.dead_lettered_total,
             "duplicates_dropped": run.metrics.duplicates_dropped,
         }

@@ -90,6 +90,21 @@ def consumer_lag_from_stats(stats: Mapping[str, Any]) -> TopicPartitionLag:
     return lags
 
 
+def cpu_per_event(
+    step_cpu_s: Mapping[str, float], events: int, process_cpu_s: float | None = None
+) -> dict[str, float]:
+    """CPU microseconds per raw event of each step (:data:`CPU_STEPS`); given the whole
+    process's CPU over the same events, also ``framework`` (the rest) and ``total``."""
+    if not events:
+        return {}
+    per = {step: seconds / events * 1e6 for step, seconds in step_cpu_s.items()}
+    if process_cpu_s is not None:
+        rest = process_cpu_s - sum(step_cpu_s.values())
+        per["framework"] = max(0.0, rest) / events * 1e6
+        per["total"] = process_cpu_s / events * 1e6
+    return per
+
+
 @dataclass
 class StreamMetrics:
     """What the processor has done since it started."""

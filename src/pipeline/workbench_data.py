@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline import lineage
 from pipeline.events import CleanEvent
 from pipeline.identity import ANON_PREFIX
+from pipeline.metrics import cpu_per_event
 from pipeline.scoring import (
     DAY_MS,
     IntentStage,
@@ -312,12 +313,8 @@ class ProcessorScrape:
     def cpu_table(self) -> pd.DataFrame:
         """CPU microseconds per raw event since the processor started: each of its steps, and
         ``framework`` (stream framework, Kafka client, serialization) for the rest."""
-        rows: list[tuple[str, float]] = []
-        if self.raw_in:
-            rows = [(step, s / self.raw_in * 1e6) for step, s in self.step_cpu_s.items()]
-            if self.process_cpu_s is not None:
-                rest = self.process_cpu_s - sum(self.step_cpu_s.values())
-                rows.append(("framework", max(0.0, rest) / self.raw_in * 1e6))
+        per = cpu_per_event(self.step_cpu_s, self.raw_in, self.process_cpu_s)
+        rows = [(part, us) for part, us in per.items() if part != "total"]
         return pd.DataFrame(rows, columns=["step", "us_per_event"])
 
     def lag_table(self) -> pd.DataFrame:

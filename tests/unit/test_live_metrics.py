@@ -16,7 +16,7 @@ from pipeline.broker import free_port
 from pipeline.collector.app import create_app as create_collector
 from pipeline.collector.config import CollectorSettings
 from pipeline.collector.publish import MemoryPublisher
-from pipeline.metrics import StreamMetrics
+from pipeline.metrics import StreamMetrics, cpu_per_event
 from pipeline.observability import exposition, metrics_registry, start_metrics_server
 from pipeline.settings import Settings
 
@@ -133,3 +133,13 @@ def test_read_metrics_from_a_running_endpoint_and_from_none() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_cpu_per_event_splits_the_process_cpu_into_steps_and_the_rest() -> None:
+    steps = {"parse": 0.02, "fold": 0.05}
+    assert cpu_per_event(steps, 1000) == {"parse": pytest.approx(20), "fold": pytest.approx(50)}
+    with_process = cpu_per_event(steps, 1000, process_cpu_s=0.2)
+    assert with_process["framework"] == pytest.approx(130)  # 0.2 s - 0.07 s, per event
+    assert with_process["total"] == pytest.approx(200)
+    assert cpu_per_event(steps, 1000, process_cpu_s=0.01)["framework"] == 0  # never below zero
+    assert cpu_per_event(steps, 0) == {}

@@ -50,8 +50,26 @@ def topic_extra_config(settings: Settings) -> dict[str, str]:
 KEPT_FOREVER = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
 
 
-def _topic_config(settings: Settings, name: str) -> dict[str, str]:
-    return KEPT_FOREVER if name == settings.topics.suppressions else topic_extra_config(settings)
+def profile_topic_config(settings: Settings) -> dict[str, str]:
+    """``profiles.updates`` is a table, the newest profile per customer: compacted and never
+    expired, so a serving replica started from it holds every customer, not only those updated
+    within the retention. An erasure is a tombstone there; superseded profiles and tombstones
+    leave the log within the other topics' retention (``max.compaction.lag.ms``,
+    ``delete.retention.ms``). The embedded broker compacts nothing and keeps everything."""
+    config = dict(KEPT_FOREVER)
+    if settings.topic_retention_ms > 0:
+        lag = str(settings.topic_retention_ms)
+        config |= {"max.compaction.lag.ms": lag, "delete.retention.ms": lag}
+    return config
+
+
+def topic_config(settings: Settings, name: str) -> dict[str, str]:
+    """The configs the topic ``name`` is created with, wherever it is created."""
+    if name == settings.topics.suppressions:
+        return KEPT_FOREVER
+    if name == settings.topics.profiles:
+        return profile_topic_config(settings)
+    return topic_extra_config(settings)
 
 
 RAW_PARTITIONER = "murmur2_random"
@@ -210,7 +228,7 @@ def ensure_topics(settings: Settings, address: str, *, timeout_s: float = 30.0) 
                 t,
                 num_partitions=settings.partitions,
                 replication_factor=settings.replication_factor,
-                config=_topic_config(settings, t),
+                config=topic_config(settings, t),
             )
             for t in wanted
         ],

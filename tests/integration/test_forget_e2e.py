@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource
 from topic_reader import read_topic
 
 from pipeline.broker import client_config
 from pipeline.gdpr import CONTROL_HEADER, ERASE, forget, suppression_path, verify_forgotten
+from pipeline.identity import anonymous_customer_id
 from pipeline.runner import make_producer, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, SimulationConfig, simulate
@@ -163,7 +164,14 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
         assert any(b"profile" in k and bytes(customer, "utf-8") in k for k in erased_keys)
         assert any(b"linked" in k for k in erased_keys), erased_keys
 
-        # readers of profile updates are told the profile is gone
-        updates = _latest_by_key(settings, run.address, settings.topics.profiles)
-        last = updates[customer.encode()]
-        assert last is not None and orjson.loads(last)["kind"] == "erased"
+        # the profile topic, compacted, ends in a tombstone for each of their profiles (readers
+        # learn the profile is gone, and compaction can drop the key), after their profiles
+        updates = read_topic(settings, run.address, settings.topics.profiles)
+        for key in (customer, *(anonymous_customer_id(d) for d in devices)):
+            theirs_updates = [value for k, value in updates if k == key.encode()]
+            assert theirs_updates and theirs_updates[-1] is None, key
+        first = next(value for k, value in updates if k == customer.encode())
+        assert first is not None and orjson.loads(first)["kind"] == "profile"
+        described = ConfigResource(ConfigResource.Type.TOPIC, settings.topics.profiles)
+        created = admin.describe_configs([described])[described].result(10)
+        assert created["cleanup.policy"].value == "compact"

@@ -241,3 +241,38 @@ def test_a_replica_started_again_goes_on_from_where_it_was(
             assert max(wh.replica_positions().values()) < 10**9
         # the replica started again read only what came after its saved positions
         assert 0 < read(again) == read(fresh) - read_before
+
+
+def test_a_replica_reads_a_recreated_topic_from_its_start_however_far_it_grew(
+    settings: Settings, tmp_path: Path
+) -> None:
+    def read(follower: StoreFollower) -> int:
+        return follower.applied + follower.dropped
+
+    path = tmp_path / "replica.sqlite"
+    with pipeline_run(settings) as run:
+        _process(run, SimulationConfig(events=150, seed=5, end=END_OF_DAY, days=2))
+        with LocalWarehouse(path) as wh, StoreFollower(settings, run.address, wh) as first:
+            _wait_for(first.caught_up.is_set, lambda: "not caught up")
+    with LocalWarehouse(path, read_only=True) as wh:
+        saved, first_ids = wh.replica_positions(), wh.replica_topic_ids()
+    assert set(first_ids) == set(followed_topics(settings))
+
+    # a new embedded broker: the same topic names with new ids, and more records than before
+    second = settings.model_copy(update={"home": settings.home.parent / "second"})
+    with pipeline_run(second) as run:
+        _process(run, SimulationConfig(events=600, seed=6, end=END_OF_DAY, days=2))
+        with (
+            LocalWarehouse(tmp_path / "new.sqlite") as wh,
+            StoreFollower(second, run.address, wh) as new,
+        ):
+            _wait_for(new.caught_up.is_set, lambda: "not caught up")
+            ends = wh.replica_positions()
+        # the case a position check alone misses: partitions longer now than where it was
+        assert any(ends[key] > position for key, position in saved.items())
+        with LocalWarehouse(path) as wh, StoreFollower(second, run.address, wh) as old:
+            _wait_for(old.caught_up.is_set, lambda: "not caught up")
+            assert wh.replica_positions() == ends
+            ids = wh.replica_topic_ids()
+    assert all(ids[t] != first_ids[t] for t in first_ids), (ids, first_ids)
+    assert read(old) == read(new)  # every record of the new topics, none left out

@@ -12,26 +12,39 @@ import pytest
 
 from pipeline.errors import StoreError
 from pipeline.identity import sha256_hex
+from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
 from pipeline.stores.follow import StoreFollower
 from pipeline.stores.local import LocalWarehouse
-from pipeline.stream.stages import KIND_ERASED, KIND_EVENT
+from pipeline.stream.stages import KIND_ERASED, KIND_EVENT, KIND_PROFILE
 from pipeline.testing import make_event
 
 
 class Message:
-    def __init__(self, value: bytes, offset: int) -> None:
+    def __init__(
+        self,
+        value: bytes | None,
+        offset: int,
+        *,
+        topic: str = "events.clean",
+        key: bytes | None = None,
+    ) -> None:
         self._value = value
         self._offset = offset
+        self._topic = topic
+        self._key = key
 
     def error(self) -> None:
         return None
 
-    def value(self) -> bytes:
+    def value(self) -> bytes | None:
         return self._value
 
+    def key(self) -> bytes | None:
+        return self._key
+
     def topic(self) -> str:
-        return "events.clean"
+        return self._topic
 
     def partition(self) -> int:
         return 0
@@ -90,6 +103,28 @@ def test_a_forgotten_customers_records_are_dropped_but_their_erasure_applied(
     assert follower.dropped == 1
 
 
+def test_a_tombstone_on_the_profile_topic_erases_that_customer(replica: Replica) -> None:
+    wh, _, follower = replica
+    profile = {**profile_to_dict(new_profile("c1", is_anonymous=False)), "kind": KIND_PROFILE}
+    updates = "profiles.updates"
+    follower._apply(
+        [
+            Message(_event("c1"), 0),
+            Message(_event("c2"), 1),
+            Message(orjson.dumps(profile), 0, topic=updates, key=b"c1"),
+        ]
+    )
+    assert wh.count_customer_rows(["c1"], [], "c1")["profiles"] == 1
+    # what the processor writes there for an erasure (the topic is compacted)
+    follower._apply([Message(None, 1, topic=updates, key=b"c1")])
+    assert not any(wh.count_customer_rows(["c1"], [], "c1").values())
+    assert wh.counts()["events"] == 1  # c2's
+    # no value on a topic that is not a table: nothing it could mean, so dropped
+    follower._apply([Message(None, 2, key=b"c2")])
+    assert wh.counts()["events"] == 1
+    assert (follower.applied, follower.dropped) == (4, 1)
+
+
 def test_a_record_not_as_the_processor_writes_it_is_dropped_alone(
     replica: Replica,
 ) -> None:
@@ -123,3 +158,16 @@ def test_a_full_store_fails_the_batch_for_a_retry_and_drops_nothing(
     wh._conn.execute("PRAGMA max_page_count = 1073741823")  # space again: the retry writes
     follower._apply(batch)
     assert (follower.applied, follower.dropped, wh.counts()["events"]) == (300, 0, 300)
+
+
+def test_a_topic_whose_id_changes_loses_only_its_own_saved_positions(tmp_path: Path) -> None:
+    with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
+        positions = {("a", 0): 5, ("a", 1): 7, ("b", 0): 3}
+        wh.save_replica_positions(positions)
+        wh.adopt_replica_topics({"a": "id-a", "b": "id-b"})  # first ids: positions kept
+        assert wh.replica_positions() == positions
+        wh.adopt_replica_topics({"a": "id-a", "b": "id-b"})  # the same topics: kept
+        assert wh.replica_positions() == positions
+        wh.adopt_replica_topics({"a": "id-a2"})  # "a" was recreated: read it from its start
+        assert wh.replica_positions() == {("b", 0): 3}
+        assert wh.replica_topic_ids() == {"a": "id-a2", "b": "id-b"}

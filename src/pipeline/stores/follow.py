@@ -8,9 +8,10 @@ and writing them with the processor's own writes (:mod:`pipeline.stores.records`
 idempotent. After each batch it saves where it got to, per partition, in the copy itself
 (``replica_positions``), so a replica that starts again goes on from there instead of reading
 the topics from their start; a crash between a batch and its positions only replays that batch.
-A saved position beyond a partition's end (its topic was recreated: a new embedded broker)
-restarts that partition from its start; a recreated topic that has already grown past the
-saved position cannot be told apart here, and keeps its first records out of the copy.
+The copy also keeps the broker's id of each topic (Kafka's topic ids, KIP-516): a topic
+recreated under the same name (a new embedded broker, a topic deleted and made again) has a
+new id, and is read from its start however far it has grown. Where the broker gives no ids, a
+saved position beyond a partition's end is the only sign, and restarts that partition.
 
 What a replica cannot know: rows older than the topics' retention (a new replica holds what the
 topics still have), and the order between topics (a forgotten customer's events could arrive
@@ -29,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+    Uuid,
+)
+from confluent_kafka.admin import AdminClient
 
 from pipeline.broker import broker_address, client_config
 from pipeline.errors import StoreError
@@ -57,6 +67,7 @@ _REFUSED_ROW = (
     sqlite3.InterfaceError,
     sqlite3.DataError,
 )
+_NO_TOPIC_ID = str(Uuid(0, 0))  # what a broker without topic ids answers
 
 
 def followed_topics(settings: Settings) -> tuple[str, ...]:
@@ -97,8 +108,10 @@ class StoreFollower:
         self._on_close = on_close
         self._suppressed = suppressed
         self._topics = followed_topics(settings)
+        self._profiles = settings.topics.profiles
         self._batch = batch
         self._poll_s = poll_s
+        self._admin = AdminClient(client_config(settings, address))
         self._consumer = Consumer(
             {
                 **client_config(settings, address),
@@ -140,19 +153,35 @@ class StoreFollower:
 
     def _assign_new_topics(self) -> None:
         """Assign the partitions of followed topics that exist by now, each from the position
-        the copy saved (from its start when none was saved, or it lies beyond the end)."""
+        the copy saved (from its start when none was saved, the topic's id changed, or the
+        position lies beyond the partition's end)."""
         missing = [t for t in self._topics if t not in self._assigned]
         if not missing:
             return
         found = self._consumer.list_topics(timeout=5).topics
+        present = {
+            t: meta.partitions
+            for t in missing
+            if (meta := found.get(t)) is not None and meta.error is None and meta.partitions
+        }
+        ids = self._topic_ids(list(present))
+        if ids:
+            known = self._warehouse.replica_topic_ids()
+            for t, topic_id in ids.items():
+                if known.get(t, topic_id) != topic_id:
+                    log.warning(
+                        "store follower: %s was recreated (topic id %s, was %s); reading it "
+                        "from its start",
+                        t,
+                        topic_id,
+                        known[t],
+                    )
+            self._warehouse.adopt_replica_topics(ids)  # drops the positions of recreated ones
         saved = self._warehouse.replica_positions()
         fresh: list[TopicPartition] = []
         recreated: list[tuple[str, int]] = []
-        for t in missing:
-            meta = found.get(t)
-            if meta is None or meta.error is not None or not meta.partitions:
-                continue
-            for p in meta.partitions:
+        for t, partitions in present.items():
+            for p in partitions:
                 position = saved.get((t, p))
                 if position is not None:
                     _low, high = self._consumer.get_watermark_offsets(
@@ -177,6 +206,21 @@ class StoreFollower:
         if fresh:
             self._consumer.incremental_assign(fresh)
             self._assigned.update(tp.topic for tp in fresh)
+
+    def _topic_ids(self, topics: list[str]) -> dict[str, str]:
+        """The broker's id of each topic, by name; empty where the broker has none to give."""
+        if not topics:
+            return {}
+        ids: dict[str, str] = {}
+        try:
+            described = self._admin.describe_topics(TopicCollection(topics), request_timeout=5)
+            for t, future in described.items():
+                topic_id = future.result().topic_id
+                if topic_id is not None and str(topic_id) != _NO_TOPIC_ID:
+                    ids[t] = str(topic_id)
+        except KafkaException as exc:  # an older broker: positions are checked by their end
+            log.warning("store follower: no topic ids from the broker: %s", exc)
+        return ids
 
     def _run(self) -> None:
         next_look = 0.0
@@ -215,10 +259,7 @@ class StoreFollower:
                     log.warning("store follower: %s", error)
                 continue
             read_to[(m.topic(), m.partition())] = m.offset() + 1
-            try:
-                record = orjson.loads(m.value())
-            except (orjson.JSONDecodeError, TypeError):
-                record = None
+            record = self._record(m)
             if not isinstance(record, dict) or "kind" not in record:  # every output has one
                 skipped += 1
                 log.warning("store follower: not an output record at %s:%s", m.topic(), m.offset())
@@ -236,6 +277,17 @@ class StoreFollower:
         if applied:
             self.applied += applied
             self.last_applied_ms = time.time_ns() // 1_000_000
+
+    def _record(self, message: Any) -> Any:
+        """The output record a message carries (None where it carries none): its JSON value, or
+        for a tombstone on the compacted profile topic, that customer's erasure notice."""
+        value, key = message.value(), message.key()
+        if value is None and key and message.topic() == self._profiles:
+            return {"kind": KIND_ERASED, "customer_id": key.decode("utf-8", errors="replace")}
+        try:
+            return orjson.loads(value)
+        except (orjson.JSONDecodeError, TypeError):
+            return None
 
     def _apply_records(
         self, records: list[dict[str, Any]], positions: list[str]

@@ -161,6 +161,7 @@ CREATE TABLE IF NOT EXISTS replica_positions (
     next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 );
+CREATE TABLE IF NOT EXISTS replica_topics (topic TEXT PRIMARY KEY, topic_id TEXT NOT NULL);
 """
 
 _UPSERT_EVENT = """
@@ -467,6 +468,29 @@ class LocalWarehouse:
             conn.executemany(
                 "DELETE FROM replica_positions WHERE topic = ? AND partition = ?", list(partitions)
             )
+
+    def replica_topic_ids(self) -> dict[str, str]:
+        """The broker's id of each topic the saved positions are in (Kafka's topic ids tell a
+        topic recreated under the same name from the one the positions were read in)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT topic, topic_id FROM replica_topics").fetchall()
+        return {str(t): str(i) for t, i in rows}
+
+    def adopt_replica_topics(self, ids: Mapping[str, str]) -> None:
+        """Make ``ids`` the topics' ids; a topic whose id changes loses its saved positions
+        (it is read from its start), in the same transaction."""
+        with self._tx() as conn:
+            for topic, topic_id in ids.items():
+                conn.execute(
+                    "DELETE FROM replica_positions WHERE topic = ? AND EXISTS (SELECT 1 FROM "
+                    "replica_topics r WHERE r.topic = ? AND r.topic_id != ?)",
+                    (topic, topic, topic_id),
+                )
+                conn.execute(
+                    "INSERT INTO replica_topics VALUES (?, ?) "
+                    "ON CONFLICT (topic) DO UPDATE SET topic_id = excluded.topic_id",
+                    (topic, topic_id),
+                )
 
     def write_sent_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
         """Insert sent e-mails once per email_id (the address only as its SHA-256)."""

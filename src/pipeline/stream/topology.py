@@ -32,11 +32,12 @@ import orjson
 from quixstreams import Application, message_context
 from quixstreams.kafka.configuration import ConnectionConfig
 from quixstreams.models import SerializationContext, Serializer, TopicConfig
+from quixstreams.models.serializers.json import JSONSerializer
 from quixstreams.sinks import BaseSink
 from quixstreams.state.rocksdb import RocksDBOptions
 
 from pipeline.anomaly import PartitionedDetector, alert_record, observation_of
-from pipeline.broker import client_config, topic_extra_config
+from pipeline.broker import client_config, topic_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import CleanEvent, Failure
 from pipeline.gdpr import CONTROL_HEADER, ERASE, SuppressedIds, is_suppressed, nobody_suppressed
@@ -183,6 +184,19 @@ class WarehouseSink(BaseSink):
             raise error
 
 
+class _ProfileUpdates(Serializer):
+    """Profile records as JSON, and an erasure notice as a tombstone (no value): the topic is
+    compacted (pipeline.broker), and only a tombstone lets compaction drop the customer's key."""
+
+    def __init__(self) -> None:
+        self._json = JSONSerializer()
+
+    def __call__(self, value: dict[str, Any], ctx: SerializationContext) -> Any:
+        if value["kind"] == KIND_ERASED:
+            return None
+        return self._json(value, ctx)
+
+
 class _RekeyedRaw(Serializer):
     """Writes a re-keyed raw message back unchanged: the record carries its original bytes."""
 
@@ -207,12 +221,13 @@ def parse_limits(settings: Settings) -> ParseLimits:
     )
 
 
-def processor_topic_config(settings: Settings) -> TopicConfig:
-    """How the processor declares its topics (explicit retention: see pipeline.broker)."""
+def processor_topic_config(settings: Settings, name: str | None = None) -> TopicConfig:
+    """How the processor declares its topics, the topic ``name`` or any (explicit retention,
+    compaction for profiles: see pipeline.broker)."""
     return TopicConfig(
         num_partitions=settings.partitions,
         replication_factor=settings.replication_factor,
-        extra_config=topic_extra_config(settings),
+        extra_config=topic_extra_config(settings) if name is None else topic_config(settings, name),
     )
 
 
@@ -280,16 +295,16 @@ def build_application(
 ) -> Application:
     """Build the processor application for the broker at ``address``."""
     app = new_application(settings, address, metrics)
-    topic_config = processor_topic_config(settings)
+    default_config = processor_topic_config(settings)
     names = settings.topics
 
-    def out_topic(name: str) -> Any:
+    def out_topic(name: str, value_serializer: Any = "json") -> Any:
         return app.topic(
             name,
             key_serializer="str",
             key_deserializer="str",
-            value_serializer="json",
-            config=topic_config,
+            value_serializer=value_serializer,
+            config=processor_topic_config(settings, name),
         )
 
     # Read as bytes; written back (re-keyed, unchanged) only when a producer keyed a message
@@ -300,7 +315,7 @@ def build_application(
         key_deserializer="bytes",
         value_serializer=_RekeyedRaw(),
         key_serializer="str",
-        config=topic_config,
+        config=default_config,
     )
     limits = parse_limits(settings)
     config = stage_config(settings)
@@ -466,7 +481,7 @@ def build_application(
     attributed = out_topic(names.attributed)
     identities = out_topic(names.identities)
     clean = out_topic(names.clean)
-    profiles = out_topic(names.profiles)
+    profiles = out_topic(names.profiles, _ProfileUpdates())
     segment_changes = out_topic(names.segment_changes)
     alerts_topic = out_topic(names.alerts)
     by_kind_out = {
@@ -517,7 +532,10 @@ def build_application(
     )
     # CRM records join the customer's stream: fold merges them into the profile's traits
     crm = app.topic(
-        names.crm_customers, key_deserializer="str", value_deserializer="json", config=topic_config
+        names.crm_customers,
+        key_deserializer="str",
+        value_deserializer="json",
+        config=default_config,
     )
     (
         app.dataframe(crm)

@@ -135,6 +135,39 @@ def search(path: str, text: str) -> pd.DataFrame:
     return wd.search_customers(_wh(path), text)
 
 
+def pick_customer(path: str, linked: str, *, key: str, show_match: bool = False) -> str:
+    """A search box and a pick list of the customers it finds; the chosen id (the page stops
+    when nothing matches). ``linked`` is the id a deep link opened, offered even when a search
+    cannot list it (a merged ``anon:...`` profile); ``key`` keeps each page's widgets apart."""
+    text = st.text_input(
+        "Search by customer id, e-mail or anonymous id",
+        value=linked,
+        key=f"{key}_search",
+        placeholder="cus_000001, anna@example.com, 3f2a…",
+    )
+    results = search(path, text)
+    labels = {
+        row["customer_id"]: f"{row['customer_id']} · {row['email'] or 'no e-mail'} · "
+        f"{row['intent_stage']} · score {row['cis']:.0f}"
+        + (f" · {row['matched_by']}" if show_match else "")
+        for row in results.to_dict("records")
+    }
+    options = list(labels)
+    if linked and text == linked and linked not in labels:
+        options.insert(0, linked)
+    if not options:
+        st.warning(f"No customer matches {text!r}.")
+        st.stop()
+    chosen: str = st.selectbox(
+        "Customer",
+        options,
+        format_func=lambda c: labels.get(c, c),
+        key=f"{key}_pick",
+        index=options.index(linked) if linked in options else 0,
+    )
+    return chosen
+
+
 @st.cache_data(ttl=5, show_spinner=False)
 def customer(path: str, customer_id: str, at_ms: int) -> wd.Customer360:
     return wd.customer_360(_wh(path), customer_id, scoring(), at_ms=at_ms)

@@ -16,31 +16,7 @@ if path is None:
     st.stop()
 
 linked = st.query_params.get("customer", "")
-text = st.text_input(
-    "Search by customer id, e-mail or anonymous id",
-    value=linked,
-    key="cust_search",
-    placeholder="cus_000001, anna@example.com, 3f2a…",
-)
-results = access.search(path, text)
-labels = {
-    row["customer_id"]: f"{row['customer_id']} · {row['email'] or 'no e-mail'} · "
-    f"{row['intent_stage']} · score {row['cis']:.0f} · {row['matched_by']}"
-    for row in results.to_dict("records")
-}
-options = list(labels)
-if linked and text == linked and linked not in labels:
-    options.insert(0, linked)  # a deep link to an id search cannot list, e.g. a merged anon:...
-if not options:
-    st.warning(f"No customer matches {text!r}.")
-    st.stop()
-chosen = st.selectbox(
-    "Customer",
-    options,
-    format_func=lambda c: labels.get(c, c),
-    key="cust_pick",
-    index=options.index(linked) if linked in options else 0,
-)
+chosen = access.pick_customer(path, linked, key="cust", show_match=True)
 if chosen != linked:
     st.query_params["customer"] = chosen
 

@@ -116,31 +116,7 @@ mode = st.radio(
 
 if mode == "Customer":
     linked = params.get("customer", "")
-    text = st.text_input(
-        "Search by customer id, e-mail or anonymous id",
-        value=linked,
-        key="email_search",
-        placeholder="cus_000001, anna@example.com, 3f2a…",
-    )
-    results = access.search(path, text)
-    labels = {
-        row["customer_id"]: f"{row['customer_id']} · {row['email'] or 'no e-mail'} · "
-        f"{row['intent_stage']} · score {row['cis']:.0f}"
-        for row in results.to_dict("records")
-    }
-    options = list(labels)
-    if linked and text == linked and linked not in labels:
-        options.insert(0, linked)  # a deep link to an id search cannot list
-    if not options:
-        st.warning(f"No customer matches {text!r}.")
-        st.stop()
-    chosen = st.selectbox(
-        "Customer",
-        options,
-        format_func=lambda c: labels.get(c, c),
-        index=options.index(linked) if linked in options else 0,
-        key="email_pick",
-    )
+    chosen = access.pick_customer(path, linked, key="email")
     params.pop("segment", None)
     params.update(customer=chosen, campaign=campaign)
     show_preview(path, chosen, campaign)

@@ -157,8 +157,12 @@ def up(
     def start_metrics(run: Run) -> Any:
         from pipeline.observability import start_metrics_server
 
+        embedded = run.broker.embedded
         running = start_metrics_server(
-            run.metrics, run.settings.metrics_host, run.settings.metrics_port
+            run.metrics,
+            run.settings.metrics_host,
+            run.settings.metrics_port,
+            broker_pid=embedded.process.pid if embedded is not None else None,
         )
         console.print(f"metrics: {running.url}")
         return running

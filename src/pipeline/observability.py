@@ -84,6 +84,18 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("profiles_erased", "pipeline_profiles_erased", "Profiles erased from state and warehouse."),
 )
 
+EMBEDDED_BROKER = "pipeline_embedded_broker"
+"""Prefix of the embedded broker's process series: it keeps every message in memory (no
+retention), so its resident memory grows with traffic until it is restarted."""
+_PROCESS_SERIES = (
+    "process_cpu_seconds_total",
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
+)
+
 METRIC_NAMES: frozenset[str] = frozenset(
     {
         *(f"{name}_total" for _, name, _ in _COUNTERS),
@@ -96,15 +108,11 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pipeline_step_latency_seconds_sum",
         "pipeline_step_latency_seconds_count",
         "pipeline_step_cpu_seconds_total",
-        # prometheus_client's ProcessCollector (Linux)
-        "process_cpu_seconds_total",
-        "process_virtual_memory_bytes",
-        "process_resident_memory_bytes",
-        "process_start_time_seconds",
-        "process_open_fds",
-        "process_max_fds",
+        *_PROCESS_SERIES,  # prometheus_client's ProcessCollector (Linux)
         "pipeline_consumer_lag",
         "pipeline_seconds_since_last_store",
+        # the embedded broker's process, beside a processor that started one (`pipeline up`)
+        *(f"{EMBEDDED_BROKER}_{name}" for name in _PROCESS_SERIES),
     }
 )
 """Every series name a scrape can contain (histogram series included)."""
@@ -235,13 +243,16 @@ def _le(bound: float) -> str:
 
 
 def metrics_registry(
-    metrics: StreamMetrics, *, lag: LagProvider | None = None
+    metrics: StreamMetrics, *, lag: LagProvider | None = None, broker_pid: int | None = None
 ) -> CollectorRegistry:
     """A registry with the pipeline's collector and the process's own figures (CPU, memory:
-    ``process_*``, read from /proc at each scrape; absent where there is no /proc)."""
+    ``process_*``, read from /proc at each scrape; absent where there is no /proc), and with
+    ``broker_pid`` those of the embedded broker's process (``pipeline_embedded_broker_*``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StreamMetricsCollector(metrics, lag=lag))
     ProcessCollector(registry=registry)
+    if broker_pid is not None:
+        ProcessCollector(namespace=EMBEDDED_BROKER, pid=lambda: broker_pid, registry=registry)
     return registry
 
 
@@ -271,9 +282,12 @@ def start_metrics_server(
     port: int = 0,
     *,
     lag: LagProvider | None = None,
+    broker_pid: int | None = None,
 ) -> RunningMetricsServer:
-    """Serve ``metrics`` on ``http://host:port/metrics`` in a daemon thread (port 0 = any)."""
-    server, thread = start_http_server(port, addr=host, registry=metrics_registry(metrics, lag=lag))
+    """Serve ``metrics`` on ``http://host:port/metrics`` in a daemon thread (port 0 = any);
+    ``broker_pid``: the embedded broker's process, whose CPU and memory are served too."""
+    registry = metrics_registry(metrics, lag=lag, broker_pid=broker_pid)
+    server, thread = start_http_server(port, addr=host, registry=registry)
     return RunningMetricsServer(server, thread, host)
 
 

@@ -25,6 +25,7 @@ from pipeline import lineage
 from pipeline.events import CleanEvent
 from pipeline.identity import ANON_PREFIX
 from pipeline.metrics import cpu_per_event
+from pipeline.observability import EMBEDDED_BROKER
 from pipeline.scoring import (
     DAY_MS,
     IntentStage,
@@ -305,6 +306,8 @@ class ProcessorScrape:
     consumer_lag: dict[tuple[str, int], int]
     step_cpu_s: dict[str, float] = field(default_factory=dict)
     process_cpu_s: float | None = None  # the whole process's CPU (None: not exported)
+    # the embedded broker's resident memory (None: a real cluster, or not exported)
+    broker_memory_bytes: int | None = None
 
     @property
     def consumer_lag_total(self) -> int:
@@ -331,6 +334,9 @@ class ProcessorScrape:
         return pd.DataFrame(rows, columns=["reason", "dead_lettered"])
 
 
+EMBEDDED_BROKER_MEMORY = f"{EMBEDDED_BROKER}_process_resident_memory_bytes"
+
+
 def parse_processor_scrape(text: str) -> ProcessorScrape:
     """Parse a processor's Prometheus exposition (series of :mod:`pipeline.observability`).
 
@@ -341,11 +347,14 @@ def parse_processor_scrape(text: str) -> ProcessorScrape:
     lag: dict[tuple[str, int], int] = {}
     cpu: dict[str, float] = {}
     process_cpu: float | None = None
+    broker_memory: int | None = None
     for name, labels, value in _samples(text):
         if name == "pipeline_step_cpu_seconds_total":
             cpu[labels.get("step", "")] = value
         elif name == "process_cpu_seconds_total":
             process_cpu = value
+        elif name == EMBEDDED_BROKER_MEMORY:
+            broker_memory = int(value)
         elif name == "pipeline_dead_lettered_total":
             dead[labels.get("reason", "")] = int(value)
         elif name == "pipeline_consumer_lag":
@@ -357,6 +366,7 @@ def parse_processor_scrape(text: str) -> ProcessorScrape:
         consumer_lag=lag,
         step_cpu_s=cpu,
         process_cpu_s=process_cpu,
+        broker_memory_bytes=broker_memory,
         **counters,
     )
 

@@ -311,6 +311,7 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
 
     from prometheus_client import start_http_server
 
+    from pipeline.broker import EmbeddedBroker
     from pipeline.metrics import StreamMetrics
     from pipeline.observability import CollectorMetrics, start_metrics_server
 
@@ -345,18 +346,25 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
     collector.rejected(401, "invalid_write_key")
     collector.rejected(429, "rate_limited")
 
-    processor = start_metrics_server(metrics, "127.0.0.1", 0)
+    broker = EmbeddedBroker.start()  # a real one: the page shows its memory
+    processor = start_metrics_server(metrics, "127.0.0.1", 0, broker_pid=broker.process.pid)
     server, thread = start_http_server(0, addr="127.0.0.1", registry=collector.registry)
     try:
         use_home.setenv("PIPELINE_HOME", str(filled_home))
         use_home.setenv("PIPELINE_METRICS_PORT", str(processor.port))
         use_home.setenv("PIPELINE_COLLECTOR__PORT", str(server.server_port))
         at = _run("views/live.py")
+        with open(f"/proc/{broker.process.pid}/status") as status:
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
     finally:
         processor()
+        broker.stop()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+    [memory] = [c.value for c in at.caption if c.value.startswith("Embedded broker memory")]
+    shown = float(memory.split(": ")[1].split(" MiB")[0].replace(",", ""))
+    assert shown == pytest.approx(rss / 1024, abs=8), (memory, rss)  # MiB; this test: >100
     assert _metric(at, "Duplicates dropped") == "1,234"
     assert _metric(at, "Consumer lag") == "17"
     assert _metric(at, "Dead-lettered (processor)") == "8"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +54,27 @@ def test_processor_scrape_reads_counters_lag_and_dead_letters() -> None:
     # the rest of this (test) process's CPU, per event; never below zero
     assert scrape.process_cpu_s is not None and scrape.process_cpu_s > 0
     assert cpu["framework"] == pytest.approx(max(0.0, scrape.process_cpu_s - 0.072) / 1200 * 1e6)
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_processor_scrape_reads_the_embedded_brokers_memory_from_its_own_process() -> None:
+    child = subprocess.Popen(["sleep", "30"])  # stands for the broker: another process
+    try:
+        text = exposition(metrics_registry(StreamMetrics(), broker_pid=child.pid))
+        scrape = wd.parse_processor_scrape(text)
+        # that process's memory (a few MB), not this test's (well over 50 MB)
+        assert scrape.broker_memory_bytes is not None
+        assert 0 < scrape.broker_memory_bytes < 50 * 2**20 < _rss_bytes(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    # a processor on a real cluster exports none
+    assert wd.parse_processor_scrape(processor_text()).broker_memory_bytes is None
 
 
 def test_processor_scrape_of_a_fresh_processor_is_all_zero() -> None:

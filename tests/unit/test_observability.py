@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
 from collections import Counter
@@ -54,7 +55,9 @@ def known_metrics() -> StreamMetrics:
 
 def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     m = known_metrics()
-    got = samples(exposition(metrics_registry(m, lag=lambda: {("events.raw", 2): 42})))
+    lag = {("events.raw", 2): 42}
+    # any live process stands for the embedded broker's: its series are the broker's process'
+    got = samples(exposition(metrics_registry(m, lag=lambda: lag, broker_pid=os.getppid())))
     assert got[("pipeline_raw_in_total", ())] == 120
     assert got[("pipeline_valid_total", ())] == 110
     assert got[("pipeline_dead_lettered_total", (("reason", "invalid_json"),))] == 7
@@ -69,6 +72,7 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     assert got[("pipeline_step_cpu_seconds_total", (("step", "store"),))] == 0.5
     assert got[("pipeline_step_cpu_seconds_total", (("step", "fold"),))] == 0  # from zero
     assert got[("process_cpu_seconds_total", ())] > 0  # this test process's own CPU
+    assert got[("pipeline_embedded_broker_process_resident_memory_bytes", ())] > 0
     assert {name for name, _ in got} == METRIC_NAMES
 
 

@@ -52,6 +52,12 @@ def processor_panel() -> None:
         if scrape.dead_lettered:
             right.dataframe(scrape.dead_letter_table(), hide_index=True)
             right.caption("Dead-lettered by reason since the processor started.")
+        if scrape.broker_memory_bytes is not None:
+            st.caption(
+                f"Embedded broker memory: {scrape.broker_memory_bytes / 2**20:,.0f} MiB. It keeps "
+                "every message in memory (about 2 kB per event, all topics together) until "
+                "`pipeline up` is started again, which starts from empty topics and stores."
+            )
         cpu = scrape.cpu_table()
         if not cpu.empty:
             st.plotly_chart(

@@ -53,14 +53,20 @@ KEPT_FOREVER = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.by
 def profile_topic_config(settings: Settings) -> dict[str, str]:
     """``profiles.updates`` is a table, the newest profile per customer: compacted and never
     expired, so a serving replica started from it holds every customer, not only those updated
-    within the retention. An erasure is a tombstone there; superseded profiles and tombstones
-    leave the log within the other topics' retention (``max.compaction.lag.ms``,
-    ``delete.retention.ms``). The embedded broker compacts nothing and keeps everything."""
-    config = dict(KEPT_FOREVER)
-    if settings.topic_retention_ms > 0:
-        lag = str(settings.topic_retention_ms)
-        config |= {"max.compaction.lag.ms": lag, "delete.retention.ms": lag}
-    return config
+    within the retention. An erasure is a tombstone there. A superseded profile leaves the log
+    at the latest ``max.compaction.lag.ms`` after it was superseded, and a tombstone
+    ``delete.retention.ms`` after its segment was compacted: both are the other topics'
+    retention, so an erased customer's profile is gone within about twice that. With topics
+    kept forever (retention -1) it is kept like the others, uncompacted. The embedded broker
+    compacts nothing and keeps everything."""
+    retention = settings.topic_retention_ms
+    if retention <= 0:
+        return topic_extra_config(settings)
+    return {
+        **KEPT_FOREVER,
+        "max.compaction.lag.ms": str(retention),
+        "delete.retention.ms": str(retention),
+    }
 
 
 def topic_config(settings: Settings, name: str) -> dict[str, str]:

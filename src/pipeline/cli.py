@@ -467,13 +467,24 @@ def api(
 
 
 @app.command()
-def follow(home: HomeOption = None) -> None:
+def follow(
+    seed: Annotated[
+        Path | None,
+        typer.Option(
+            help="A snapshot (`pipeline snapshot`) to start from when there is no copy yet "
+            "(PIPELINE_REPLICA_SEED): the copy then holds more than the topics retain.",
+        ),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
     """Keep PIPELINE_HOME's serving store (the warehouse the API and workbench read) from the
     processor's output topics until Ctrl-C or SIGTERM: for a machine or pod that does not
     share the processor's home, e.g. beside the workbench in Kubernetes."""
     from pipeline.stores.follow import follow_topics
 
     settings = _settings(home)
+    if seed is not None:
+        settings = settings.model_copy(update={"replica_seed": seed})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -491,6 +502,23 @@ def follow(home: HomeOption = None) -> None:
         f"stopped: {follower.applied} records applied, {follower.dropped} dropped, "
         f"{follower.retries} retries"
     )
+
+
+@app.command()
+def snapshot(
+    out: Annotated[Path, typer.Argument(help="Where to write it (replaced once it is whole).")],
+    home: HomeOption = None,
+) -> None:
+    """Write a consistent copy of PIPELINE_HOME's store (a serving replica's, with its saved
+    positions, or the processor's own) for new replicas to start from (`follow --seed`)."""
+    from pipeline.stores.local import LocalWarehouse
+
+    settings = _settings(home)
+    with LocalWarehouse(settings.warehouse_path, read_only=True) as wh:
+        wh.snapshot(out)
+        positions = len(wh.replica_positions())
+    size_mb = out.stat().st_size / 2**20
+    console.print(f"snapshot: {out} ({size_mb:,.1f} MB, {positions} saved topic positions)")
 
 
 @app.command()

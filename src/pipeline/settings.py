@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1)
     topic_retention_ms: int = Field(7 * 86_400_000, ge=-1)
+    replica_seed: Path | None = Field(
+        None,
+        description="A snapshot (`pipeline snapshot`) a serving replica starts its copy from "
+        "when it has none yet, so that it holds more than the topics retain; it then reads "
+        "the topics from the snapshot's saved positions (from their start without any).",
+    )
     consumer_group: str = "pipeline-processor"
     instance_id: str = Field(
         "0", description="Stable id of this processor replica; makes its transactional.id stable."

@@ -14,7 +14,7 @@ from pipeline.errors import StoreError
 from pipeline.identity import sha256_hex
 from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
-from pipeline.stores.follow import StoreFollower
+from pipeline.stores.follow import StoreFollower, purge_forgotten, seed_copy
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stream.stages import KIND_ERASED, KIND_EVENT, KIND_PROFILE
 from pipeline.testing import make_event
@@ -160,14 +160,80 @@ def test_a_full_store_fails_the_batch_for_a_retry_and_drops_nothing(
     assert (follower.applied, follower.dropped, wh.counts()["events"]) == (300, 0, 300)
 
 
-def test_a_topic_whose_id_changes_loses_only_its_own_saved_positions(tmp_path: Path) -> None:
-    with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
-        positions = {("a", 0): 5, ("a", 1): 7, ("b", 0): 3}
-        wh.save_replica_positions(positions)
-        wh.adopt_replica_topics({"a": "id-a", "b": "id-b"})  # first ids: positions kept
-        assert wh.replica_positions() == positions
-        wh.adopt_replica_topics({"a": "id-a", "b": "id-b"})  # the same topics: kept
-        assert wh.replica_positions() == positions
-        wh.adopt_replica_topics({"a": "id-a2"})  # "a" was recreated: read it from its start
-        assert wh.replica_positions() == {("b", 0): 3}
-        assert wh.replica_topic_ids() == {"a": "id-a2", "b": "id-b"}
+def test_a_topic_whose_id_changes_loses_its_positions_and_its_tables_rows(
+    replica: Replica,
+) -> None:
+    wh, _, follower = replica
+    follower._apply([Message(_event("c1"), 0), Message(_event("c2"), 1)])  # events.clean
+    positions = {("events.clean", 0): 2, ("events.clean", 1): 7, ("alerts", 0): 3}
+    wh.save_replica_positions(positions)
+    tables = {"events.clean": "events", "alerts": "alerts"}
+    ids = {"events.clean": "id-e", "alerts": "id-a"}
+    assert wh.adopt_replica_topics(ids, tables=tables) == []  # first ids: all kept
+    assert wh.adopt_replica_topics(ids, tables=tables) == []  # the same topics: kept
+    assert wh.replica_positions() == positions
+    assert wh.counts()["events"] == 2
+    # events.clean was recreated: read from its start into an empty table
+    assert wh.adopt_replica_topics({"events.clean": "id-e2"}, tables=tables) == ["events.clean"]
+    assert wh.replica_positions() == {("alerts", 0): 3}
+    assert wh.replica_topic_ids() == {"events.clean": "id-e2", "alerts": "id-a"}
+    assert wh.counts()["events"] == 0
+    # told by a partition's end instead (no ids): the same
+    follower._apply([Message(_event("c3"), 0)])
+    wh.restart_replica_topics(["events.clean"], tables=tables)
+    assert (wh.counts()["events"], wh.replica_positions()) == (0, {("alerts", 0): 3})
+
+
+def test_a_tombstone_whose_key_is_not_a_customer_id_is_dropped(replica: Replica) -> None:
+    _, _, follower = replica
+    follower._apply([Message(None, 0, topic="profiles.updates", key=b"\xff\xfe")])
+    assert (follower.applied, follower.dropped) == (0, 1)
+
+
+def test_a_copy_starts_from_a_snapshot_only_when_it_has_none(
+    replica: Replica, tmp_path: Path
+) -> None:
+    wh, _, follower = replica
+    follower._apply([Message(_event("c1"), 0), Message(_event("c2"), 1)])
+    wh.adopt_replica_topics({"events.clean": "id-1"})
+    snapshot = wh.snapshot(tmp_path / "snapshots" / "replica.sqlite")
+    copy = tmp_path / "pod" / "warehouse.sqlite"
+    assert seed_copy(snapshot, copy)
+    with LocalWarehouse(copy) as seeded:
+        assert seeded.counts()["events"] == 2
+        assert seeded.replica_positions() == {("events.clean", 0): 2}
+        assert seeded.replica_topic_ids() == {"events.clean": "id-1"}
+        seeded.delete_customer(["c2"], [], "c2")  # the copy goes on from there
+    assert not seed_copy(snapshot, copy)  # a restarted pod keeps its own, newer copy
+    with LocalWarehouse(copy, read_only=True) as kept:
+        assert kept.counts()["events"] == 1
+    not_a_store = tmp_path / "garbage.sqlite"
+    not_a_store.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match=r"garbage\.sqlite"):
+        seed_copy(not_a_store, tmp_path / "other" / "warehouse.sqlite")
+    assert not (tmp_path / "other" / "warehouse.sqlite").exists()
+
+
+def test_customers_forgotten_since_a_snapshot_are_deleted_from_a_copy_started_from_it(
+    replica: Replica,
+) -> None:
+    wh, _, follower = replica
+    profiles = [
+        {**profile_to_dict(new_profile(c, is_anonymous=False)), "kind": KIND_PROFILE}
+        for c in ("c1", "c2")
+    ]
+    follower._apply(
+        [
+            Message(_event("c1"), 0),
+            Message(_event("c2"), 1),
+            *(
+                Message(orjson.dumps(p), i, topic="profiles.updates")
+                for i, p in enumerate(profiles)
+            ),
+        ]
+    )
+    assert purge_forgotten(wh, frozenset()) == []
+    assert purge_forgotten(wh, {sha256_hex("c1"), sha256_hex("someone-else")}) == ["c1"]
+    assert not any(wh.count_customer_rows(["c1"], [], "c1").values())
+    assert wh.count_customer_rows(["c2"], [], "c2")["profiles"] == 1
+    assert wh.counts()["events"] == 1

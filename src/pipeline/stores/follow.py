@@ -50,6 +50,7 @@ from pipeline.gdpr import (
     nobody_suppressed,
     suppression_source,
 )
+from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stores.records import RecordBatch, erase, write
@@ -70,10 +71,23 @@ _REFUSED_ROW = (
 _NO_TOPIC_ID = str(Uuid(0, 0))  # what a broker without topic ids answers
 
 
+def followed_tables(settings: Settings) -> dict[str, str]:
+    """The processor's output topics whose records a replica applies, and the table each
+    topic's records go to."""
+    t = settings.topics
+    return {
+        t.clean: "events",
+        t.profiles: "profiles",
+        t.segment_changes: "segment_changes",
+        t.identities: "identity_links",
+        t.dlq: "dead_letters",
+        t.alerts: "alerts",
+    }
+
+
 def followed_topics(settings: Settings) -> tuple[str, ...]:
     """The processor's output topics whose records a replica applies."""
-    t = settings.topics
-    return (t.clean, t.profiles, t.segment_changes, t.identities, t.dlq, t.alerts)
+    return tuple(followed_tables(settings))
 
 
 def _forgotten(record: dict[str, Any], ids: AbstractSet[str]) -> bool:
@@ -107,7 +121,8 @@ class StoreFollower:
         self._warehouse = warehouse
         self._on_close = on_close
         self._suppressed = suppressed
-        self._topics = followed_topics(settings)
+        self._tables = followed_tables(settings)
+        self._topics = tuple(self._tables)
         self._profiles = settings.topics.profiles
         self._batch = batch
         self._poll_s = poll_s
@@ -153,8 +168,11 @@ class StoreFollower:
 
     def _assign_new_topics(self) -> None:
         """Assign the partitions of followed topics that exist by now, each from the position
-        the copy saved (from its start when none was saved, the topic's id changed, or the
-        position lies beyond the partition's end)."""
+        the copy saved, or from its start: when none was saved, or the topic was recreated (its
+        id changed, or without ids, a position lies beyond a partition's end). A recreated
+        topic's table is emptied first: its rows came from a topic that no longer exists (a
+        new embedded broker starts profile versions again at 1, which the old, higher versions
+        would otherwise refuse)."""
         missing = [t for t in self._topics if t not in self._assigned]
         if not missing:
             return
@@ -165,61 +183,56 @@ class StoreFollower:
             if (meta := found.get(t)) is not None and meta.error is None and meta.partitions
         }
         ids = self._topic_ids(list(present))
-        if ids:
-            known = self._warehouse.replica_topic_ids()
-            for t, topic_id in ids.items():
-                if known.get(t, topic_id) != topic_id:
-                    log.warning(
-                        "store follower: %s was recreated (topic id %s, was %s); reading it "
-                        "from its start",
-                        t,
-                        topic_id,
-                        known[t],
-                    )
-            self._warehouse.adopt_replica_topics(ids)  # drops the positions of recreated ones
+        recreated = set(self._warehouse.adopt_replica_topics(ids, tables=self._tables))
         saved = self._warehouse.replica_positions()
-        fresh: list[TopicPartition] = []
-        recreated: list[tuple[str, int]] = []
+        shorter: set[str] = set()  # without ids (or with a broker that lost records)
         for t, partitions in present.items():
             for p in partitions:
                 position = saved.get((t, p))
-                if position is not None:
-                    _low, high = self._consumer.get_watermark_offsets(
-                        TopicPartition(t, p), timeout=5
+                if position is None or t in recreated:
+                    continue
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=5)
+                if position > high:
+                    log.warning(
+                        "store follower: %s:%d ends at %d, before the copy's position %d",
+                        t,
+                        p,
+                        high,
+                        position,
                     )
-                    if position > high:
-                        log.warning(
-                            "store follower: %s:%d ends at %d, before the copy's position %d; "
-                            "reading it from its start (the topic was recreated)",
-                            t,
-                            p,
-                            high,
-                            position,
-                        )
-                        recreated.append((t, p))
-                        position = None
-                fresh.append(
-                    TopicPartition(t, p, OFFSET_BEGINNING if position is None else position)
-                )
-        if recreated:
-            self._warehouse.forget_replica_positions(recreated)
+                    shorter.add(t)
+        if shorter:
+            self._warehouse.restart_replica_topics(shorter, tables=self._tables)
+        for t in sorted(recreated | shorter):
+            log.warning("store follower: %s was recreated; its table is read again", t)
+        saved = self._warehouse.replica_positions()
+        fresh = [
+            TopicPartition(t, p, saved.get((t, p), OFFSET_BEGINNING))
+            for t, partitions in present.items()
+            for p in partitions
+        ]
         if fresh:
             self._consumer.incremental_assign(fresh)
             self._assigned.update(tp.topic for tp in fresh)
 
     def _topic_ids(self, topics: list[str]) -> dict[str, str]:
-        """The broker's id of each topic, by name; empty where the broker has none to give."""
+        """The broker's id of each topic, by name; those it has none for are left out."""
         if not topics:
             return {}
         ids: dict[str, str] = {}
         try:
             described = self._admin.describe_topics(TopicCollection(topics), request_timeout=5)
-            for t, future in described.items():
-                topic_id = future.result().topic_id
-                if topic_id is not None and str(topic_id) != _NO_TOPIC_ID:
-                    ids[t] = str(topic_id)
         except KafkaException as exc:  # an older broker: positions are checked by their end
             log.warning("store follower: no topic ids from the broker: %s", exc)
+            return ids
+        for t, future in described.items():
+            try:
+                topic_id = future.result().topic_id
+            except KafkaException as exc:  # this one only (deleted meanwhile, say)
+                log.warning("store follower: no topic id for %s: %s", t, exc)
+                continue
+            if topic_id is not None and str(topic_id) != _NO_TOPIC_ID:
+                ids[t] = str(topic_id)
         return ids
 
     def _run(self) -> None:
@@ -283,7 +296,10 @@ class StoreFollower:
         for a tombstone on the compacted profile topic, that customer's erasure notice."""
         value, key = message.value(), message.key()
         if value is None and key and message.topic() == self._profiles:
-            return {"kind": KIND_ERASED, "customer_id": key.decode("utf-8", errors="replace")}
+            try:  # the processor's keys are customer ids; another producer's may be anything
+                return {"kind": KIND_ERASED, "customer_id": key.decode("utf-8")}
+            except UnicodeDecodeError:
+                return None
         try:
             return orjson.loads(value)
         except (orjson.JSONDecodeError, TypeError):
@@ -327,12 +343,48 @@ def _about_the_records(exc: Exception) -> bool:
     return isinstance(exc, _MALFORMED_RECORD)
 
 
+def seed_copy(seed: Path, path: Path) -> bool:
+    """Start the copy at ``path`` from the snapshot ``seed`` (`pipeline snapshot`) when there is
+    no copy there yet; returns whether it did. A copy already there (a restarted replica) is
+    newer than any seed and is kept. The seed is checked by opening it as a store first."""
+    if path.exists():
+        log.info("store follower: %s exists; the seed %s is not used", path, seed)
+        return False
+    try:
+        with LocalWarehouse(Path(seed), read_only=True) as snapshot:
+            snapshot.snapshot(path)
+    except StoreError as exc:
+        raise StoreError(f"cannot start the copy from the snapshot {seed}: {exc}") from exc
+    log.info("store follower: started %s from the snapshot %s", path, seed)
+    return True
+
+
+def purge_forgotten(warehouse: LocalWarehouse, ids: AbstractSet[str]) -> list[str]:
+    """Delete every row about the customers among ``ids`` (hashed, the suppression list) that
+    ``warehouse`` has a profile for; returns their ids. For a copy started from a snapshot:
+    a customer forgotten after it was taken may have left no erasure in the topics by now
+    (compaction drops a tombstone after ``delete.retention.ms``)."""
+    if not ids:
+        return []
+    profiles = warehouse.query("SELECT customer_id FROM profiles")["customer_id"]
+    forgotten = [str(c) for c in profiles if sha256_hex(str(c)) in ids]
+    for customer in forgotten:
+        warehouse.delete_customer([customer], warehouse.linked_devices(customer), customer)
+    return forgotten
+
+
 def follow_topics(settings: Settings, path: Path) -> StoreFollower:
     """Start keeping the warehouse at ``path`` from the output topics of the broker the
-    settings name (or a running `pipeline up`'s), forgotten customers left out."""
+    settings name (or a running `pipeline up`'s), forgotten customers left out; from the
+    snapshot ``settings.replica_seed`` when there is no copy yet."""
     address = broker_address(settings)
+    seeded = settings.replica_seed is not None and seed_copy(settings.replica_seed, path)
     warehouse = LocalWarehouse(path)
     suppressed = suppression_source(settings, address)  # forgotten on any machine
+    if seeded:
+        purged = purge_forgotten(warehouse, suppressed(fresh=True))
+        if purged:
+            log.info("store follower: %d forgotten customers deleted from the seed", len(purged))
     follower = StoreFollower(
         settings,
         address,

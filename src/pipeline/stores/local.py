@@ -462,12 +462,40 @@ class LocalWarehouse:
                 rows,
             )
 
-    def forget_replica_positions(self, partitions: Iterable[tuple[str, int]]) -> None:
-        """Read these partitions from their start again (their topics were recreated)."""
+    def restart_replica_topics(
+        self, topics: Iterable[str], *, tables: Mapping[str, str] | None = None
+    ) -> None:
+        """Read these topics from their start again (they were recreated): their saved
+        positions go, and so do the rows of their tables in ``tables`` (topic -> table), which
+        came from topics that no longer exist; in one transaction."""
         with self._tx() as conn:
-            conn.executemany(
-                "DELETE FROM replica_positions WHERE topic = ? AND partition = ?", list(partitions)
-            )
+            self._restart(conn, topics, tables or {})
+
+    @staticmethod
+    def _restart(
+        conn: sqlite3.Connection, topics: Iterable[str], tables: Mapping[str, str]
+    ) -> None:
+        for topic in topics:
+            conn.execute("DELETE FROM replica_positions WHERE topic = ?", (topic,))
+            if topic in tables:
+                conn.execute(f"DELETE FROM {tables[topic]}")
+
+    def snapshot(self, dest: Path) -> Path:
+        """Write a consistent copy of this store to ``dest`` (SQLite's ``VACUUM INTO``: one read
+        transaction, so a replica's rows and its saved positions agree), replacing ``dest``
+        only once the copy is whole; returns ``dest``."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        partial.unlink(missing_ok=True)
+        with self._lock:
+            try:
+                self._conn.execute("VACUUM INTO ?", (str(partial),))
+            except sqlite3.Error as exc:
+                partial.unlink(missing_ok=True)
+                raise StoreError(f"snapshot of {self.path} to {dest} failed: {exc}") from exc
+        partial.replace(dest)
+        return dest
 
     def replica_topic_ids(self) -> dict[str, str]:
         """The broker's id of each topic the saved positions are in (Kafka's topic ids tell a
@@ -476,21 +504,22 @@ class LocalWarehouse:
             rows = self._conn.execute("SELECT topic, topic_id FROM replica_topics").fetchall()
         return {str(t): str(i) for t, i in rows}
 
-    def adopt_replica_topics(self, ids: Mapping[str, str]) -> None:
-        """Make ``ids`` the topics' ids; a topic whose id changes loses its saved positions
-        (it is read from its start), in the same transaction."""
+    def adopt_replica_topics(
+        self, ids: Mapping[str, str], *, tables: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Make ``ids`` the topics' ids; returns the topics whose id changed (recreated under
+        the same name), which are restarted as by :meth:`restart_replica_topics` in the same
+        transaction."""
         with self._tx() as conn:
-            for topic, topic_id in ids.items():
-                conn.execute(
-                    "DELETE FROM replica_positions WHERE topic = ? AND EXISTS (SELECT 1 FROM "
-                    "replica_topics r WHERE r.topic = ? AND r.topic_id != ?)",
-                    (topic, topic, topic_id),
-                )
-                conn.execute(
-                    "INSERT INTO replica_topics VALUES (?, ?) "
-                    "ON CONFLICT (topic) DO UPDATE SET topic_id = excluded.topic_id",
-                    (topic, topic_id),
-                )
+            known = dict(conn.execute("SELECT topic, topic_id FROM replica_topics").fetchall())
+            recreated = [t for t, topic_id in ids.items() if known.get(t, topic_id) != topic_id]
+            self._restart(conn, recreated, tables or {})
+            conn.executemany(
+                "INSERT INTO replica_topics VALUES (?, ?) "
+                "ON CONFLICT (topic) DO UPDATE SET topic_id = excluded.topic_id",
+                list(ids.items()),
+            )
+        return recreated
 
     def write_sent_emails(self, emails: Sequence[Mapping[str, Any]]) -> int:
         """Insert sent e-mails once per email_id (the address only as its SHA-256)."""

@@ -184,7 +184,7 @@ class WarehouseSink(BaseSink):
             raise error
 
 
-class _ProfileUpdates(Serializer):
+class ProfileUpdateSerializer(Serializer):
     """Profile records as JSON, and an erasure notice as a tombstone (no value): the topic is
     compacted (pipeline.broker), and only a tombstone lets compaction drop the customer's key."""
 
@@ -481,7 +481,7 @@ def build_application(
     attributed = out_topic(names.attributed)
     identities = out_topic(names.identities)
     clean = out_topic(names.clean)
-    profiles = out_topic(names.profiles, _ProfileUpdates())
+    profiles = out_topic(names.profiles, ProfileUpdateSerializer())
     segment_changes = out_topic(names.segment_changes)
     alerts_topic = out_topic(names.alerts)
     by_kind_out = {

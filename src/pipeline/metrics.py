@@ -203,9 +203,15 @@ class StreamMetrics:
         with self._store_cpu_lock:
             self.step_cpu_s["store"] += seconds
 
-    def stored_events(self, ingested_ms: list[int], stored_ms: int) -> None:
-        """Record that events became readable; latency = stored time - broker ingest time."""
-        self.events_stored += len(ingested_ms)
+    def stored_events(
+        self, ingested_ms: list[int], stored_ms: int, *, reattributed: int = 0
+    ) -> None:
+        """Record that events became readable; latency = stored time - broker ingest time.
+
+        ``reattributed`` events were stored again (a device's history, sent on to its
+        customer at a login): counted, but not as latency, which each event has once.
+        """
+        self.events_stored += len(ingested_ms) + reattributed
         self.latencies_ms.extend(stored_ms - i for i in ingested_ms)
         self.last_stored_s = time.monotonic()
         self.last_stored_cpu_s = time.process_time()

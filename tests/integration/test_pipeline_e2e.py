@@ -59,6 +59,14 @@ def test_every_raw_message_was_consumed(outcome: Outcome) -> None:
     assert outcome.run.metrics.raw_in == len(outcome.sim.messages)
 
 
+def test_each_event_counts_once_in_the_latency_figures(outcome: Outcome) -> None:
+    m = outcome.run.metrics
+    assert m.events_merged > 0  # devices' histories were sent on to their customers
+    # stored again, but their latency (since their first arrival) is not counted again
+    assert m.events_stored == m.clean_out
+    assert len(m.latencies_ms) == m.events_stored - m.events_merged
+
+
 def test_every_duplicate_dropped_and_no_unique_event_dropped(outcome: Outcome) -> None:
     wh, sim = outcome.run.warehouse, outcome.sim
     stored = set(wh.query("SELECT message_id FROM events")["message_id"])

@@ -58,6 +58,11 @@ def _process(run: Run, config: SimulationConfig) -> dict[str, int]:
     return _counts(run.settings.warehouse_path)
 
 
+def _read(follower: StoreFollower) -> int:
+    """Records a follower read (applied or dropped)."""
+    return follower.applied + follower.dropped
+
+
 def _api_settings(settings: Settings, home_name: str, **api: Any) -> Settings:
     return settings.model_copy(
         update={
@@ -236,16 +241,13 @@ def test_a_replica_whose_disk_fills_up_keeps_retrying_and_loses_nothing(
 def test_a_replica_started_again_goes_on_from_where_it_was(
     settings: Settings, tmp_path: Path
 ) -> None:
-    def read(follower: StoreFollower) -> int:
-        return follower.applied + follower.dropped
-
     with pipeline_run(settings) as run:
         first = _process(run, SimulationConfig(events=250, seed=5, end=END_OF_DAY, days=2))
         path = tmp_path / "replica.sqlite"
         with LocalWarehouse(path) as wh, StoreFollower(settings, run.address, wh) as follower:
             _wait_for(lambda: _counts(path) == first, lambda: f"{_counts(path)} != {first}")
             _wait_for(follower.caught_up.is_set, lambda: "not caught up")
-        read_before = read(follower)
+        read_before = _read(follower)
         with LocalWarehouse(path, read_only=True) as wh:
             saved = wh.replica_positions()
         assert {topic for topic, _ in saved} == set(followed_topics(settings))
@@ -265,15 +267,12 @@ def test_a_replica_started_again_goes_on_from_where_it_was(
             assert _counts(path) == more
             assert max(wh.replica_positions().values()) < 10**9
         # the replica started again read only what came after its saved positions
-        assert 0 < read(again) == read(fresh) - read_before
+        assert 0 < _read(again) == _read(fresh) - read_before
 
 
 def test_a_replica_reads_a_recreated_topic_from_its_start_however_far_it_grew(
     settings: Settings, tmp_path: Path
 ) -> None:
-    def read(follower: StoreFollower) -> int:
-        return follower.applied + follower.dropped
-
     path = tmp_path / "replica.sqlite"
     with pipeline_run(settings) as run:
         _process(run, SimulationConfig(events=150, seed=5, end=END_OF_DAY, days=2))
@@ -300,7 +299,7 @@ def test_a_replica_reads_a_recreated_topic_from_its_start_however_far_it_grew(
             assert wh.replica_positions() == ends
             ids = wh.replica_topic_ids()
     assert all(ids[t] != first_ids[t] for t in first_ids), (ids, first_ids)
-    assert read(old) == read(new)  # every record of the new topics, none left out
+    assert _read(old) == _read(new)  # every record of the new topics, none left out
     # and nothing of the old broker's: the old copy now holds what the new one does (profile
     # versions started again at 1, which the old copy's higher versions would have refused)
     _assert_same_rows(path, tmp_path / "new.sqlite")
@@ -309,9 +308,6 @@ def test_a_replica_reads_a_recreated_topic_from_its_start_however_far_it_grew(
 def test_a_new_replica_started_from_a_snapshot_reads_only_what_came_after_it(
     settings: Settings, tmp_path: Path
 ) -> None:
-    def read(follower: StoreFollower) -> int:
-        return follower.applied + follower.dropped
-
     with pipeline_run(settings) as run:
         first = _process(run, SimulationConfig(events=200, seed=5, end=END_OF_DAY, days=2))
         pod = settings.model_copy(update={"home": tmp_path / "api-pod", "broker": run.address})
@@ -343,4 +339,4 @@ def test_a_new_replica_started_from_a_snapshot_reads_only_what_came_after_it(
         assert _counts(new_pod.warehouse_path) == more
         _assert_same_rows(pod.warehouse_path, new_pod.warehouse_path)
         # it read what came after the snapshot, as the old pod did, not the topics again
-        assert 0 < read(new) == read(again) < read(old) + read(again)
+        assert 0 < _read(new) == _read(again) < _read(old) + _read(again)

@@ -46,6 +46,7 @@ def known_metrics() -> StreamMetrics:
     m.stored_events([1000, 1000, 1000], 1004)  # 4 ms each
     m.stored_events([1000, 1000], 1300)  # 300 ms each
     m.stored_events([0], 20_000)  # 20 s
+    m.stored_events([], 90_000_000, reattributed=2)  # stored again: counted, no latency
     m.traced([{"ingested_ms": 1000, "parsed_ms": 1001, "scored_ms": 1002}], 1004)
     m.last_stored_s = 100.0
     m.step_cpu_s["parse"] += 0.25
@@ -65,7 +66,7 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     assert got[("pipeline_duplicates_dropped_total", ())] == 4
     assert got[("pipeline_replays_dropped_total", ())] == 1
     assert got[("pipeline_profile_updates_total", ())] == 100
-    assert got[("pipeline_events_stored_total", ())] == 6
+    assert got[("pipeline_events_stored_total", ())] == 8  # 2 stored again
     assert got[("pipeline_segment_changes_total", ())] == 9
     assert got[("pipeline_consumer_lag", (("partition", "2"), ("topic", "events.raw")))] == 42
     assert got[("pipeline_step_cpu_seconds_total", (("step", "parse"),))] == 0.25

@@ -415,7 +415,7 @@ def build_application(
         for record in out:
             kind = record["kind"]
             if kind == KIND_EVENT:
-                if record["parsed_ms"] is None:  # this event (merged history has its own)
+                if record["parsed_ms"] is None:  # (merged history was kept without it)
                     record["parsed_ms"] = parsed
                 record["stitched_ms"] = stitched
             if kind != KIND_LINK:
@@ -464,8 +464,13 @@ def build_application(
         with warehouse.batch():
             stored = write_records(warehouse, batch)
         if stored is not None:
-            metrics.stored_events([e["ingested_ms"] for e in batch.events], stored)
-            metrics.traced(batch.events, stored)
+            # an event's latency and lineage once: a re-attributed copy (its device's history,
+            # sent on at a login, maybe days later) is not a new arrival
+            arrived = [e for e in batch.events if e.get("merged_from") is None]
+            reattributed = len(batch.events) - len(arrived)
+            ingested = [e["ingested_ms"] for e in arrived]
+            metrics.stored_events(ingested, stored, reattributed=reattributed)
+            metrics.traced(arrived, stored)
         metrics.profiles_stored += len(batch.profiles)
         metrics.dead_letters_stored += len(batch.failures)
         metrics.segment_changes += len(batch.changes)

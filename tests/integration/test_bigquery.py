@@ -153,6 +153,25 @@ def test_anonymous_attribution_upgraded_on_merge(warehouse: BigQueryWarehouse) -
     assert list(df["customer_id"]) == ["c-up"]
 
 
+def test_two_copies_in_one_batch_keep_the_customer_and_the_first_arrivals_lineage(
+    warehouse: BigQueryWarehouse,
+) -> None:
+    lineage = {"parsed_ms": T0_MS + 10, "stitched_ms": T0_MS + 12, "scored_ms": T0_MS + 15}
+    anon = _event("two-1", "anon:dev-8", anonymous_id="dev-8", user_id=None, **lineage)
+    again = {
+        **anon,
+        "customer_id": "c-two",
+        "merged_from": "anon:dev-8",
+        **{k: v + 60_000 for k, v in lineage.items()},
+    }
+    warehouse.write_events([again, anon])  # the re-attributed copy first
+    df = warehouse.query(
+        "SELECT customer_id, parsed_ms, stitched_ms, scored_ms FROM events "
+        "WHERE message_id = 'two-1'"
+    )
+    assert df.to_dict("records") == [{"customer_id": "c-two", **lineage}]
+
+
 def test_profiles_merged_and_older_version_loses(warehouse: BigQueryWarehouse) -> None:
     warehouse.write_profiles([_profile("c-p1", 2, 10.0), _profile("c-p2", 1, 5.0)])
     warehouse.write_profiles([_profile("c-p1", 1, 99.0), _profile("c-p2", 3, 7.0)])

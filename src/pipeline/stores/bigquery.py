@@ -58,6 +58,7 @@ from pipeline.stores.bq_schema import (
 from pipeline.stores.rows import (
     alert_row,
     dead_letter_row,
+    earliest_lineage,
     event_row,
     profile_row,
     sent_email_row,
@@ -393,10 +394,13 @@ class BigQueryWarehouse:
         for e in events:
             row = event_row(e, stored_ms)
             cur = rows.get(row["message_id"])
-            if cur is None or (
-                is_anonymous(cur["customer_id"]) and not is_anonymous(row["customer_id"])
-            ):
+            if cur is None:
                 rows[row["message_id"]] = row
+                continue
+            lineage = earliest_lineage(cur, row)
+            if is_anonymous(cur["customer_id"]) and not is_anonymous(row["customer_id"]):
+                rows[row["message_id"]] = cur = row
+            cur.update(lineage)
         incoming = list(rows.values())
         already = {
             r["message_id"] for r in self._insert_once(EVENTS, incoming, date_column="event_date")

@@ -22,6 +22,7 @@ import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
 from pipeline.stores.rows import (
+    LINEAGE_COLUMNS,
     alert_row,
     dead_letter_row,
     event_row,
@@ -164,16 +165,38 @@ CREATE TABLE IF NOT EXISTS replica_positions (
 CREATE TABLE IF NOT EXISTS replica_topics (topic TEXT PRIMARY KEY, topic_id TEXT NOT NULL);
 """
 
-_UPSERT_EVENT = """
+# An event stored twice (anonymous, then re-attributed to its customer at a login: the two
+# records travel on different partitions, so a copy may apply either first) ends the same in
+# every copy: the known customer's attribution, and the earliest time of each lineage step
+# (its first arrival's path, not the re-attribution's).
+_PROMOTE = "(events.customer_id LIKE 'anon:%' AND excluded.customer_id NOT LIKE 'anon:%')"
+
+
+def _earliest(column: str) -> str:
+    return (
+        f"{column} = min(coalesce(events.{column}, excluded.{column}), "
+        f"coalesce(excluded.{column}, events.{column}))"
+    )
+
+
+def _earlier(column: str) -> str:
+    return (
+        f"excluded.{column} < events.{column} "
+        f"OR (events.{column} IS NULL AND excluded.{column} IS NOT NULL)"
+    )
+
+
+_UPSERT_EVENT = f"""
 INSERT INTO events VALUES (:message_id, :customer_id, :event_type, :event_name, :event_ts_ms,
     :event_date, :anonymous_id, :user_id, :session_id, :device_type, :product_id, :category,
     :brand, :price, :revenue, :merged_from, :ingested_ms, :stored_ms, :payload, :collected_ms,
     :parsed_ms, :stitched_ms, :scored_ms)
 ON CONFLICT (message_id) DO UPDATE SET
-    customer_id = excluded.customer_id,
-    merged_from = excluded.merged_from,
-    payload = excluded.payload
-WHERE events.customer_id LIKE 'anon:%' AND excluded.customer_id NOT LIKE 'anon:%'
+    customer_id = CASE WHEN {_PROMOTE} THEN excluded.customer_id ELSE events.customer_id END,
+    merged_from = CASE WHEN {_PROMOTE} THEN excluded.merged_from ELSE events.merged_from END,
+    payload = CASE WHEN {_PROMOTE} THEN excluded.payload ELSE events.payload END,
+    {", ".join(_earliest(c) for c in LINEAGE_COLUMNS)}
+WHERE {_PROMOTE} OR {" OR ".join(_earlier(c) for c in LINEAGE_COLUMNS)}
 """
 
 _UPSERT_PROFILE = """

@@ -16,6 +16,19 @@ def day(ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
 
 
+# when each processing step finished with an event (pipeline.lineage)
+LINEAGE_COLUMNS = ("parsed_ms", "stitched_ms", "scored_ms")
+
+
+def earliest_lineage(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Each lineage step's earliest time in two stored copies of one event: its first
+    arrival's path, whichever copy (anonymous or re-attributed) a store met first."""
+    return {
+        c: min(times) if (times := [t for t in (a.get(c), b.get(c)) if t is not None]) else None
+        for c in LINEAGE_COLUMNS
+    }
+
+
 def event_row(e: Mapping[str, Any], stored: int) -> dict[str, Any]:
     """The ``events`` row of a clean event record (same columns as the local warehouse)."""
     return {

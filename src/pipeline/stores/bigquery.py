@@ -388,7 +388,11 @@ class BigQueryWarehouse:
         return stored
 
     def write_events(self, events: Sequence[Mapping[str, Any]]) -> int:
-        """Insert clean events once per message_id; a known customer replaces an anonymous one."""
+        """Insert clean events once per message_id; a known customer replaces an anonymous one.
+
+        Two copies of an event in one batch keep each lineage step's earliest time, as locally;
+        across batches the copy stored first keeps its own (one more DML per batch to compare
+        them is not worth BigQuery's DML quota)."""
         stored_ms = _now_ms()
         rows: dict[str, dict[str, Any]] = {}
         for e in events:

@@ -50,14 +50,15 @@ def topic_extra_config(settings: Settings) -> dict[str, str]:
 KEPT_FOREVER = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
 
 
-def profile_topic_config(settings: Settings) -> dict[str, str]:
-    """``profiles.updates`` is a table, the newest profile per customer: compacted and never
-    expired, so a serving replica started from it holds every customer, not only those updated
-    within the retention. An erasure is a tombstone there. A superseded profile leaves the log
+def table_topic_config(settings: Settings) -> dict[str, str]:
+    """A topic that is a table, the newest value per key (``profiles.updates``: the newest
+    profile per customer; ``identities.links``: each device's newest link): compacted and never
+    expired, so a serving replica started from it holds every key, not only those written
+    within the retention. An erasure is a tombstone there. A superseded value leaves the log
     at the latest ``max.compaction.lag.ms`` after it was superseded, and a tombstone
     ``delete.retention.ms`` after its segment was compacted: both are the other topics'
-    retention, so an erased customer's profile is gone within about twice that. With topics
-    kept forever (retention -1) it is kept like the others, uncompacted. The embedded broker
+    retention, so an erased customer's values are gone within about twice that. With topics
+    kept forever (retention -1) they are kept like the others, uncompacted. The embedded broker
     compacts nothing and keeps everything."""
     retention = settings.topic_retention_ms
     if retention <= 0:
@@ -73,8 +74,8 @@ def topic_config(settings: Settings, name: str) -> dict[str, str]:
     """The configs the topic ``name`` is created with, wherever it is created."""
     if name == settings.topics.suppressions:
         return KEPT_FOREVER
-    if name == settings.topics.profiles:
-        return profile_topic_config(settings)
+    if name in (settings.topics.profiles, settings.topics.identities):
+        return table_topic_config(settings)
     return topic_extra_config(settings)
 
 

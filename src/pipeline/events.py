@@ -24,6 +24,8 @@ FailureReason = Literal[
     "timestamp_out_of_range",
     "suppressed",
     "bad_control",  # a control message (e.g. an erasure request) that cannot be carried out
+    "bad_crm_record",  # a crm.customers record without a customer_id or readable updated_at
+    "processing_failed",  # a message the processor failed on (a bug): kept to replay
 ]
 
 EVENT_TYPES = ("track", "identify", "page", "alias")

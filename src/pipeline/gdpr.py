@@ -11,8 +11,9 @@ stores (:func:`erase_processor_state`), and appends an audit record to
 
 The state erasure travels the stream: an erasure request per stage-1 key on the raw topic,
 behind whatever of theirs is already there. Stage 1 deletes the key's link and anonymous
-history, stage 2 their profiles; both write tombstones to their changelog topics, and stage 2
-tells ``profiles.updates`` readers and clears warehouse rows that in-flight events re-created.
+history and writes a tombstone per device to the compacted ``identities.links``, stage 2 drops
+their profiles and writes tombstones to ``profiles.updates``; both write tombstones to their
+changelog topics and clear warehouse rows that in-flight events re-created.
 Stage 2 also drops events of suppressed customers, so an event that passed stage 1 just before
 its list was re-read cannot bring a profile back. What stays: dedupe entries (message ids,
 expired by the dedupe window) and the customer's records in the other topics until their

@@ -88,12 +88,26 @@ def resolve(event: CleanEvent, linked_customer: str | None) -> Resolution:
 def is_suppressed(
     suppressed: Set[str],
     *,
-    customer_id: str | None = None,
-    user_id: str | None = None,
-    anonymous_id: str | None = None,
+    customer_id: object = None,
+    user_id: object = None,
+    anonymous_id: object = None,
+    previous_id: object = None,
 ) -> bool:
-    """True when any identity of an event belongs to a forgotten customer."""
+    """True when a record belongs to a forgotten customer (hashed ids in ``suppressed``).
+
+    A record of a known customer (its ``userId``, or a customer id that is not anonymous) is
+    theirs alone: another customer's events on a device that a forgotten customer used (a
+    shared computer) are kept. Only a record without one is judged by its devices
+    (``anonymousId``, or the device an alias's ``previousId`` names). Ids that are not strings
+    (unvalidated input at the collector) match no one; the schema refuses them later.
+    """
     if not suppressed:
         return False
-    keys = [customer_id, user_id, anonymous_customer_id(anonymous_id) if anonymous_id else None]
-    return any(k is not None and sha256_hex(k) in suppressed for k in keys)
+    known = [k for k in (user_id, customer_id) if type(k) is str and k and not is_anonymous(k)]
+    if known:
+        return any(sha256_hex(k) in suppressed for k in known)
+    devices = [
+        anonymous_customer_id(d) for d in (anonymous_id, previous_id) if type(d) is str and d
+    ]
+    keys = [customer_id, *devices]
+    return any(type(k) is str and sha256_hex(k) in suppressed for k in keys)

@@ -177,7 +177,7 @@ class StreamMetrics:
         now = time.monotonic() if now_s is None else now_s
         merged: TopicPartitionLag = {}
         for at_s, lag in self.consumer_lag_reports.values():
-            if now - at_s <= CONSUMER_LAG_STALE_S:
+            if now <= at_s + CONSUMER_LAG_STALE_S:  # (not now - at_s: rounding at the bound)
                 merged.update(lag)
         return merged
 

@@ -160,12 +160,13 @@ def new_profile(customer_id: str, *, is_anonymous: bool) -> Profile:
 
 @lru_cache(maxsize=1024)
 def _zone(tz: str) -> tzinfo:
-    """The zone named ``tz``; an unknown or malformed name falls back to UTC."""
+    """The zone named ``tz``; an unknown or malformed name falls back to UTC (so does a name
+    that is a folder of the time-zone database, "Europe", which raises IsADirectoryError)."""
     if tz == "UTC":
         return UTC
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return UTC
 
 

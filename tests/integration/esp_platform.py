@@ -1,7 +1,8 @@
 """A real local HTTP server playing the email platform, for delivery tests.
 
 It issues OAuth2 client-credentials tokens, checks them on every send, injects 429 (with
-Retry-After), 500, 400 and timeouts (before or after it has sent the email) on scripted
+Retry-After), 500, 400, timeouts (before or after it has sent the email) and answers that
+cannot be read (a body that is not the gzip it says, JSON nested 100,000 deep) on scripted
 attempts, and keeps idempotency keys: a repeated key replays the first answer, never a second
 email.
 """
@@ -118,10 +119,26 @@ def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
             if fault == "400":
                 self._reply(400, b'{"error":"invalid recipient"}')
                 return
+            if fault == "429-odd-retry-after":  # a digit that is not ASCII
+                self._reply(429, b'{"error":"slow_down"}', {"Retry-After": "\u00b2"})
+                return
+            if fault == "bad-gzip":  # sent, but an answer that cannot be decoded
+                self._deliver(raw, key)
+                self._reply(202, b"not gzip at all", {"Content-Encoding": "gzip"})
+                return
             if fault == "timeout-before":
                 time.sleep(CLIENT_TIMEOUT_S * 3)  # lost before the platform did anything
                 self._reply(503, b'{"error":"late"}')
                 return
+            status, body = self._deliver(raw, key)
+            if fault == "deep-json":  # sent; an id nested past any parser's depth
+                body = b"[" * 100_000 + b"]" * 100_000
+            if fault == "timeout-after":
+                time.sleep(CLIENT_TIMEOUT_S * 3)  # sent, but the answer never arrives in time
+            self._reply(status, body)
+
+        def _deliver(self, raw: bytes, key: str) -> tuple[int, bytes]:
+            """Send the email once per idempotency key; the first answer for the key."""
             payload = json.loads(raw)
             assert payload["idempotency_key"] == key
             with platform.lock:
@@ -130,10 +147,7 @@ def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
                     platform.delivered[key] = payload
                     body = json.dumps({"id": f"msg-{next(platform.ids)}"}).encode()
                     platform.responses[key] = (202, body)
-                status, body = platform.responses[key]
-            if fault == "timeout-after":
-                time.sleep(CLIENT_TIMEOUT_S * 3)  # sent, but the answer never arrives in time
-            self._reply(status, body)
+                return platform.responses[key]
 
     return Handler
 

@@ -120,6 +120,26 @@ def test_every_email_delivered_exactly_once_despite_faults(
     assert state.token_requests == 1  # one token shared by all threads
 
 
+def test_answers_that_cannot_be_read_are_retried_not_raised(
+    platform: tuple[Platform, str],
+) -> None:
+    """A platform's odd answer is a retry or a delivery, never an exception that would take
+    the due emails with it (and stop the delivery thread)."""
+    state, url = platform
+    payloads = [_payload(i, campaign="odd") for i in range(3)]
+    keys = [p.idempotency_key for p in payloads]
+    state.script = {keys[0]: ["bad-gzip"], keys[1]: ["deep-json"], keys[2]: ["429-odd-retry-after"]}
+    scheduler = DeliveryScheduler(RenderJob(0, p) for p in payloads)
+    with DeliveryClient(_config(url), sleep=SleepRecorder()) as client:
+        outcomes, failures = deliver_due(scheduler, client, now_ms=1)
+    assert failures == [] and all(isinstance(o, Delivered) for o in outcomes)
+    by_key = {o.idempotency_key: o for o in outcomes}
+    assert by_key[keys[0]].attempts == 2  # undecodable: sent again, a no-op by its key
+    assert by_key[keys[1]].attempts == 1 and by_key[keys[1]].message_id is None
+    assert by_key[keys[2]].attempts == 2  # "²" is no delay: backed off instead
+    assert all(state.deliveries[k] == 1 for k in keys)  # each email sent once
+
+
 def test_token_refreshed_before_expiry_and_on_401(platform: tuple[Platform, str]) -> None:
     state, url = platform
     state.token_ttl_s = 1.0

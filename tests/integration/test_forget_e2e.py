@@ -175,3 +175,12 @@ def test_forget_erases_state_changelogs_and_later_events(settings: Settings) -> 
         described = ConfigResource(ConfigResource.Type.TOPIC, settings.topics.profiles)
         created = admin.describe_configs([described])[described].result(10)
         assert created["cleanup.policy"].value == "compact"
+        # so does the links topic, for each device linked to them (and every device erased)
+        links = read_topic(settings, run.address, settings.topics.identities)
+        linked = {d for d in devices if any(k == d.encode() and v is not None for k, v in links)}
+        assert linked, devices  # not vacuous: their devices were linked to them
+        for device in devices:
+            assert [value for k, value in links if k == device.encode()][-1] is None, device
+        described = ConfigResource(ConfigResource.Type.TOPIC, settings.topics.identities)
+        created = admin.describe_configs([described])[described].result(10)
+        assert created["cleanup.policy"].value == "compact"

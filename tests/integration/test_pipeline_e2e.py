@@ -432,3 +432,70 @@ def test_messages_keyed_by_another_identity_are_rekeyed_and_lose_nothing(
             truth.identity_links
         )
         assert run.metrics.duplicates_dropped == sum(m.kind == "duplicate" for m in messages)
+
+
+def test_bad_crm_and_internal_records_are_dead_lettered_and_processing_goes_on(
+    settings: Settings,
+) -> None:
+    """A CRM record without a customer_id or a readable updated_at (or not JSON at all), and a
+    record on stage 2's input that no stage 1 wrote, each stopped the processor before."""
+    import json
+
+    from pipeline.runner import make_producer
+    from pipeline.simulate import RawMessage
+    from pipeline.sync import KafkaRecordProducer
+
+    now = datetime.now(UTC)
+    body = {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": "cus_ok",
+        "timestamp": now.isoformat(),
+        # a folder of the tz database, not a zone
+        "context": {"sessionId": "s1", "device": {"type": "mobile"}, "timezone": "Europe"},
+        "properties": {"product_id": "P00001"},
+    }
+    messages = [
+        RawMessage(
+            key=b"cus_ok",
+            value=json.dumps({**body, "messageId": f"ok-{i}"}).encode(),
+            kind="valid",
+            message_id=f"ok-{i}",
+            true_customer_id="cus_ok",
+            malformed_reason=None,
+            timestamp_ms=0,
+            delivered_ms=0,
+        )
+        for i in range(3)
+    ]
+    bad_crm = [
+        (b"cus_ok", b"null"),
+        (b"cus_ok", b"{not json"),
+        (b"cus_ok", orjson.dumps({"email": "a@b.c", "updated_at": now.isoformat()})),
+        (b"cus_ok", orjson.dumps({"customer_id": "cus_ok", "updated_at": "yesterday"})),
+    ]
+    foreign = orjson.dumps({"kind": "event", "customer_id": "cus_ok", "seq": [9, 9, 0]})
+    crm = {"customer_id": "cus_ok", "first_name": "Ada", "updated_at": now.isoformat()}
+    with pipeline_run(settings) as run:
+
+        def feed() -> None:
+            produce_messages(settings, run.address, messages)
+            producer = make_producer(settings, run.address)
+            for key, value in bad_crm:
+                producer.produce(settings.topics.crm_customers, key=key, value=value)
+            producer.produce(settings.topics.attributed, key=b"cus_ok", value=foreign)
+            assert producer.flush(10) == 0
+            good = KafkaRecordProducer(settings, run.address)
+            good.send("cus_ok", crm)
+            good.flush()
+
+        process_until_idle(run, expected_raw=len(messages), feed=feed, idle_s=2.0, timeout_s=120)
+        letters = run.warehouse.query("SELECT reason, detail, message_key FROM dead_letters")
+        assert sorted(letters["reason"]) == ["bad_crm_record"] * 4 + ["processing_failed"]
+        failed = letters[letters["reason"] == "processing_failed"].iloc[0]
+        assert "stage 2 failed" in failed["detail"] and failed["message_key"] == "cus_ok"
+        profile = run.warehouse.get_profile("cus_ok")
+        assert profile["event_count"] == 3  # the events in an unknown zone: counted, as UTC
+        assert profile["traits"]["firstName"] == "Ada"  # the good CRM record after the bad ones
+        dlq = read_topic(settings, run.address, "events.dlq")
+        assert sorted(orjson.loads(v)["reason"] for _, v in dlq) == sorted(letters["reason"])

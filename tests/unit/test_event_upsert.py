@@ -61,7 +61,7 @@ def test_either_order_gives_the_same_row(tmp_path: Path, one_batch: bool) -> Non
 
 
 def test_a_replay_or_another_customer_keeps_the_attribution(tmp_path: Path) -> None:
-    first, again = _copies()
+    _, again = _copies()
     later = {**again, "customer_id": "c2", "parsed_ms": T0_MS + 1}  # not an upgrade
     row = _row(tmp_path / "w.db", [again], [again], [later])
     assert row["customer_id"] == "c1"

@@ -16,7 +16,7 @@ from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
 from pipeline.stores.follow import StoreFollower, purge_forgotten, seed_copy
 from pipeline.stores.local import LocalWarehouse
-from pipeline.stream.stages import KIND_ERASED, KIND_EVENT, KIND_PROFILE
+from pipeline.stream.stages import KIND_ERASED, KIND_EVENT, KIND_LINK, KIND_PROFILE
 from pipeline.testing import make_event
 
 
@@ -182,6 +182,34 @@ def test_a_topic_whose_id_changes_loses_its_positions_and_its_tables_rows(
     follower._apply([Message(_event("c3"), 0)])
     wh.restart_replica_topics(["events.clean"], tables=tables)
     assert (wh.counts()["events"], wh.replica_positions()) == (0, {("alerts", 0): 3})
+
+
+def test_a_tombstone_on_the_links_topic_erases_that_device(replica: Replica) -> None:
+    wh, _, follower = replica
+    link = {
+        "kind": KIND_LINK,
+        "anonymous_id": "dev-1",
+        "customer_id": "c1",
+        "previous_customer_id": None,
+        "linked_ms": 1,
+        "via_message_id": "m1",
+        "merged_events": 0,
+    }
+    other = {**link, "anonymous_id": "dev-2"}
+    links = "identities.links"
+    follower._apply(
+        [
+            Message(orjson.dumps(link), 0, topic=links, key=b"dev-1"),
+            Message(orjson.dumps(other), 1, topic=links, key=b"dev-2"),
+            Message(_event("anon:dev-1", anonymous_id="dev-1", user_id=None), 0),
+        ]
+    )
+    assert wh.count_customer_rows(["anon:dev-1"], ["dev-1"], "dev-1")["identity_links"] == 1
+    # what the processor's stage 1 writes there when it erases the device
+    follower._apply([Message(None, 2, topic=links, key=b"dev-1")])
+    assert not any(wh.count_customer_rows(["anon:dev-1"], ["dev-1"], "dev-1").values())
+    assert wh.count_customer_rows(["anon:dev-2"], ["dev-2"], "dev-2")["identity_links"] == 1
+    assert (follower.applied, follower.dropped) == (4, 0)
 
 
 def test_a_tombstone_whose_key_is_not_a_customer_id_is_dropped(replica: Replica) -> None:

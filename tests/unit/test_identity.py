@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from pipeline.events import CleanEvent
-from pipeline.identity import Resolution, anonymous_customer_id, device_of, is_anonymous, resolve
+from pipeline.identity import (
+    Resolution,
+    anonymous_customer_id,
+    device_of,
+    is_anonymous,
+    is_suppressed,
+    resolve,
+)
+from pipeline.pii import sha256_hex
 
 
 def ev(**kw: object) -> CleanEvent:
@@ -54,3 +62,19 @@ def test_alias_links_previous_id() -> None:
 def test_anonymous_ids_are_recognizable() -> None:
     assert is_anonymous(anonymous_customer_id("x"))
     assert not is_anonymous("cus_1")
+
+
+def test_suppression_judges_a_known_customer_by_them_and_a_device_only_without_one() -> None:
+    forgotten = frozenset({sha256_hex("C"), sha256_hex("anon:shared")})
+    assert is_suppressed(forgotten, user_id="C", anonymous_id="elsewhere")
+    assert is_suppressed(forgotten, customer_id="C")
+    # anonymous events of the forgotten customer's device, and an alias naming it
+    assert is_suppressed(forgotten, customer_id="anon:shared", anonymous_id="shared")
+    assert is_suppressed(forgotten, user_id=None, anonymous_id="shared")
+    assert is_suppressed(forgotten, anonymous_id="new-device", previous_id="shared")
+    # another customer signed in on that device keeps their events
+    assert not is_suppressed(forgotten, user_id="B", anonymous_id="shared")
+    assert not is_suppressed(forgotten, customer_id="B", anonymous_id="shared")
+    # ids that are not strings (unvalidated, at the collector) match no one and do not raise
+    assert not is_suppressed(forgotten, user_id=12345, anonymous_id={"x": 1})
+    assert not is_suppressed(frozenset(), user_id="C")

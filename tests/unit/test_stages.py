@@ -18,9 +18,11 @@ from pipeline.stream.stages import (
     KIND_PROFILE,
     KIND_RETIRE,
     KIND_SUPPRESSED,
+    KIND_UNLINKED,
     StageConfig,
     erase_key,
     fold,
+    forgotten_sign_in,
     stitch,
 )
 from pipeline.testing import T0_MS, MemoryState, make_event
@@ -201,7 +203,9 @@ def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
             "customer_id": "anon:dev1",
             "key": "dev1",
             "requested_at": "2026-11-27",
-        }
+        },
+        # its link record on the compacted links topic becomes a tombstone
+        {"kind": KIND_UNLINKED, "anonymous_id": "dev1", "requested_at": "2026-11-27"},
     ]
     # nothing but dedupe ids (message ids, expired by the window) is left under the device
     assert {key for prefix, key in store if prefix == "dev1"} <= {
@@ -256,7 +260,9 @@ def test_fold_drops_a_forgotten_customers_events_and_crm_records_without_touchin
         ]
     assert store == {}  # no profile came back, not even an empty one
     # an anonymous device of theirs is matched by its hashed anonymous profile id too
-    device = make_event("Product Viewed", T0_MS, customer_id="anon:dev9", anonymous_id="dev9")
+    device = make_event(
+        "Product Viewed", T0_MS, customer_id="anon:dev9", anonymous_id="dev9", user_id=None
+    )
     by_device = frozenset({sha256_hex("anon:dev9")})
     device_record = {**device.to_dict(), "kind": KIND_EVENT, "seq": [1, 3, 0]}
     out = fold(
@@ -274,3 +280,39 @@ def test_fold_drops_a_forgotten_customers_events_and_crm_records_without_touchin
         suppressed=forgotten,
     )
     assert [r["kind"] for r in kept] == [KIND_EVENT, KIND_PROFILE]
+    # and another customer's events on a device the forgotten one used (a shared computer)
+    shared = make_event("Product Viewed", T0_MS, customer_id="cus_2", anonymous_id="dev9")
+    on_shared = fold(
+        {**shared.to_dict(), "kind": KIND_EVENT, "seq": [1, 4, 0]},
+        other,
+        CONFIG,
+        now_ms=T0_MS,
+        suppressed=by_device,
+    )
+    assert [r["kind"] for r in on_shared] == [KIND_EVENT, KIND_PROFILE]
+    # a retirement of a forgotten device's anonymous profile (a replay) does not recreate it
+    retire = {"kind": KIND_RETIRE, "customer_id": "anon:dev9", "merged_into": "cus_1"}
+    anon_state = MemoryState(store, "anon:dev9")
+    assert fold(retire, anon_state, CONFIG, now_ms=T0_MS, suppressed=forgotten) == [
+        {"kind": KIND_SUPPRESSED, "customer_id": "anon:dev9"}
+    ]
+    assert anon_state.get("profile") is None
+
+
+def test_a_forgotten_customer_signing_in_on_an_unerased_device_erases_that_device() -> None:
+    store: dict[Any, Any] = {}
+    for i in range(2):  # browsed anonymously: not linked to them when they were forgotten
+        stitch(anon(ts=T0_MS + i), device_state(store, T0_MS), CONFIG)
+    forgotten = frozenset({sha256_hex("cus_1")})
+    sign_in = make_event("Identify", T0_MS + 5, user_id="cus_1", anonymous_id="dev1")
+    out = forgotten_sign_in(sign_in, device_state(store, T0_MS), forgotten)
+    assert [(r["kind"], r.get("customer_id")) for r in out] == [
+        (KIND_ERASE, "anon:dev1"),
+        (KIND_UNLINKED, None),
+    ]
+    assert [key for prefix, key in store if prefix == "dev1" and "history" in key] == []
+    # nothing to do for someone else, or for a device erased with them already
+    other = make_event("Identify", T0_MS + 6, user_id="cus_2", anonymous_id="dev1")
+    assert forgotten_sign_in(other, device_state(store, T0_MS), forgotten) == []
+    erased_too = forgotten | {sha256_hex("anon:dev1")}
+    assert forgotten_sign_in(sign_in, device_state(store, T0_MS), erased_too) == []

@@ -121,7 +121,10 @@ def create_app(
                     m
                     for m, e in zip(messages, events, strict=True)
                     if not is_suppressed(
-                        forgotten, user_id=e.get("userId"), anonymous_id=e.get("anonymousId")
+                        forgotten,
+                        user_id=e.get("userId"),
+                        anonymous_id=e.get("anonymousId"),
+                        previous_id=e.get("previousId") if e.get("type") == "alias" else None,
                     )
                 ]
             if messages:

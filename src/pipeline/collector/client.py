@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
+from pipeline.delivery.backoff import parse_retry_after
 from pipeline.errors import PipelineError
 from pipeline.simulate import RawMessage
 
@@ -106,7 +107,8 @@ def _post(
         if response.status_code not in (429, 503) or attempt == max_retries:
             return response
         report.retries += 1
-        time.sleep(min(float(response.headers.get("Retry-After", "1")), 10.0))
+        wait = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        time.sleep(min(1.0 if wait is None else wait, 10.0))
     raise AssertionError("unreachable")
 
 

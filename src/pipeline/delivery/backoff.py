@@ -30,7 +30,7 @@ def parse_retry_after(value: str | None, now_s: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # ("²".isdigit() is true too)
         return float(value)
     try:
         when = parsedate_to_datetime(value)

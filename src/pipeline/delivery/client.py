@@ -151,14 +151,14 @@ class DeliveryClient:
             return self._http.post(self._send_url, json=payload.to_json(), headers=headers)
         except httpx.TimeoutException:
             raise _Retryable("send timed out", None, None) from None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # the connection, or a response it cannot read
             raise _Retryable(f"send failed: {type(exc).__name__}", None, None) from None
 
     def _delivered(self, payload: EmailPayload, response: httpx.Response, tries: int) -> Delivered:
         message_id: str | None = None
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
             body = None
         if isinstance(body, dict):
             found = body.get("id", body.get("message_id"))

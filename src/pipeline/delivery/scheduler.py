@@ -70,7 +70,17 @@ def deliver_due(
     keep: Callable[[Sequence[RenderJob]], Sequence[RenderJob]] | None = None,
 ) -> tuple[list[DeliveryOutcome], list[DeliveryFailure]]:
     """Send every job due at ``now_ms`` (those ``keep`` keeps, if given; the others are
-    dropped); ``(all outcomes, the failures for the dead letters)``."""
+    dropped); ``(all outcomes, the failures for the dead letters)``. If the platform raises,
+    the jobs are queued again and the exception propagates."""
     due = scheduler.due(now_ms)
-    outcomes = [platform.send(job.payload) for job in (keep(due) if keep else due)]
+    jobs = keep(due) if keep else due
+    try:
+        outcomes = [platform.send(job.payload) for job in jobs]
+    except BaseException:
+        # a platform client that raised (it should answer with a failure) loses nothing: every
+        # job goes back on the queue, sent ones too, since their outcome is not recorded
+        # (sending one again is a no-op at the platform, by its idempotency key)
+        for job in jobs:
+            scheduler.add(job)
+        raise
     return outcomes, [o for o in outcomes if isinstance(o, DeliveryFailure)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -96,7 +97,7 @@ class TokenProvider:
             )
         except httpx.TimeoutException:
             raise TokenUnavailable("token request timed out") from None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # the connection, or a response it cannot read
             raise TokenUnavailable(f"token request failed: {type(exc).__name__}") from None
         self.fetches += 1
         status = response.status_code
@@ -109,10 +110,16 @@ class TokenProvider:
             body = response.json()
             value = body["access_token"]
             expires_in = float(body.get("expires_in", DEFAULT_EXPIRES_IN_S))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             raise TokenUnavailable("token endpoint sent no access_token", status) from None
+        except OverflowError:
+            raise TokenUnavailable(
+                "token endpoint sent an expires_in out of range", status
+            ) from None
         if not isinstance(value, str) or not value:
             raise TokenUnavailable("token endpoint sent an empty access_token", status)
+        if not math.isfinite(expires_in) or expires_in <= 0:
+            raise TokenUnavailable(f"token endpoint sent expires_in {expires_in}", status)
         # Never keep a token past half its life when the margin exceeds it (short-lived tokens).
         margin = min(config.token_refresh_margin_s, expires_in / 2)
         return _Token(value, started + expires_in - margin)

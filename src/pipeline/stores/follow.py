@@ -50,6 +50,7 @@ from pipeline.gdpr import (
     nobody_suppressed,
     suppression_source,
 )
+from pipeline.identity import anonymous_customer_id
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
@@ -124,6 +125,7 @@ class StoreFollower:
         self._tables = followed_tables(settings)
         self._topics = tuple(self._tables)
         self._profiles = settings.topics.profiles
+        self._identities = settings.topics.identities
         self._batch = batch
         self._poll_s = poll_s
         self._admin = AdminClient(client_config(settings, address))
@@ -293,13 +295,23 @@ class StoreFollower:
 
     def _record(self, message: Any) -> Any:
         """The output record a message carries (None where it carries none): its JSON value, or
-        for a tombstone on the compacted profile topic, that customer's erasure notice."""
+        for a tombstone on a compacted table topic, the erasure it stands for: a customer's
+        profile, or a device's link (and what else the processor erased with it)."""
         value, key = message.value(), message.key()
-        if value is None and key and message.topic() == self._profiles:
-            try:  # the processor's keys are customer ids; another producer's may be anything
-                return {"kind": KIND_ERASED, "customer_id": key.decode("utf-8")}
+        if value is None and key:
+            try:  # the processor's keys are ids; another producer's may be anything
+                erased = key.decode("utf-8")
             except UnicodeDecodeError:
                 return None
+            topic = message.topic()
+            if topic == self._profiles:
+                return {"kind": KIND_ERASED, "customer_id": erased}
+            if topic == self._identities:  # what stage 1 erased with it, as on the processor
+                return {
+                    "kind": KIND_ERASE,
+                    "customer_id": anonymous_customer_id(erased),
+                    "key": erased,
+                }
         try:
             return orjson.loads(value)
         except (orjson.JSONDecodeError, TypeError):

@@ -426,7 +426,7 @@ class LocalWarehouse:
     def get_profile(self, customer_id: str) -> dict[str, Any]:
         """The stored profile of one customer, following a merged anonymous profile to its owner."""
         for _ in range(3):
-            row = self._conn.execute(
+            row = self._read(
                 "SELECT profile, merged_into FROM profiles WHERE customer_id = ?", (customer_id,)
             ).fetchone()
             if row is None:
@@ -439,17 +439,22 @@ class LocalWarehouse:
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
         """Run a read query and return a DataFrame."""
-        try:
-            cur = self._conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            raise StoreError(f"query failed on {self.path}: {exc}") from exc
+        cur = self._read(sql, params)
         cols = [d[0] for d in cur.description or ()]
         return pd.DataFrame.from_records(cur.fetchall(), columns=cols)
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run a query returning one value."""
-        row = self._conn.execute(sql, params).fetchone()
+        row = self._read(sql, params).fetchone()
         return None if row is None else row[0]
+
+    def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Cursor:
+        """Execute a read; SQLite's errors (a store still being created, locked, corrupt)
+        become a StoreError naming the store, which servers answer as unavailable."""
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"query failed on {self.path}: {exc}") from exc
 
     def counts(self) -> dict[str, int]:
         """Row counts of every table (for summaries and health checks)."""

@@ -55,6 +55,7 @@ KIND_REKEY = "rekey"
 KIND_ALERT = "alert"
 KIND_ERASE = "erase"  # stage 1 -> stage 2: delete a customer's profile (GDPR erasure)
 KIND_ERASED = "erased"  # stage 2 -> profiles topic and sinks: that profile is gone
+KIND_UNLINKED = "unlinked"  # stage 1 -> identities topic: that device's link is gone
 
 _SEEN = "seen:"
 _APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
@@ -183,8 +184,9 @@ def erase_key(
     key: str, customer_id: str, state: KeyValueState, *, requested_at: str | None = None
 ) -> list[dict[str, Any]]:
     """Stage 1, for an erasure request under stage-1 ``key`` (a device, or the user id that keys
-    server-side events): drop the key's link and anonymous history, and ask stage 2 to drop the
-    profiles the key can have (its anonymous one; the customer's when the key is their id).
+    server-side events): drop the key's link and anonymous history, ask stage 2 to drop the
+    profiles the key can have (its anonymous one; the customer's when the key is their id), and
+    for a device, say that its link is gone (a tombstone on the compacted links topic).
 
     Dedupe entries stay until the dedupe window expires them: they hold message ids only.
     """
@@ -196,10 +198,30 @@ def erase_key(
     profiles = [identity.anonymous_customer_id(key)]
     if key == customer_id:
         profiles.append(customer_id)
-    return [
+    out: list[dict[str, Any]] = [
         {"kind": KIND_ERASE, "customer_id": c, "key": key, "requested_at": requested_at}
         for c in profiles
     ]
+    if key != customer_id:  # a device: its link record becomes a tombstone
+        out.append({"kind": KIND_UNLINKED, "anonymous_id": key, "requested_at": requested_at})
+    return out
+
+
+def forgotten_sign_in(
+    event: CleanEvent, state: KeyValueState, suppressed: Set[str]
+) -> list[dict[str, Any]]:
+    """Stage 1, a dropped event of a forgotten customer (under its device's key): when it signs
+    them in on a device that was not erased with them (not linked to them yet when they were
+    forgotten, so ``pipeline forget`` could not name it), that device's history, link and
+    anonymous profile are erased now (:func:`erase_key`); otherwise nothing."""
+    device = identity.device_of(event)
+    if (
+        device is None
+        or not identity.is_suppressed(suppressed, user_id=event.user_id)
+        or identity.is_suppressed(suppressed, customer_id=identity.anonymous_customer_id(device))
+    ):
+        return []
+    return erase_key(device, str(event.user_id), state)
 
 
 def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:
@@ -248,13 +270,16 @@ def fold(
     ``suppressed`` marker and no state change: stage 1 checks too, but its list can be seconds
     older than an erasure that overtook the event, and the profile must not come back.
     """
+    kind = record["kind"]
     if (
         suppressed
-        and record["kind"] in (KIND_EVENT, KIND_CRM)  # a CRM re-import must not revive them
+        # a CRM re-import must not revive them, nor a retirement (a replayed one) recreate
+        # the anonymous profile of a device that was theirs
+        and kind in (KIND_EVENT, KIND_CRM, KIND_RETIRE)
         and identity.is_suppressed(
             suppressed,
             customer_id=record["customer_id"],
-            user_id=record.get("user_id"),
+            user_id=record.get("merged_into") if kind == KIND_RETIRE else record.get("user_id"),
             anonymous_id=record.get("anonymous_id"),
         )
     ):

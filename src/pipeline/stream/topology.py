@@ -21,6 +21,7 @@ message keyed otherwise goes round once more under its device key.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from quixstreams.state.rocksdb import RocksDBOptions
 from pipeline.anomaly import PartitionedDetector, alert_record, observation_of
 from pipeline.broker import client_config, topic_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
-from pipeline.events import CleanEvent, Failure
+from pipeline.events import CleanEvent, Failure, FailureReason
 from pipeline.gdpr import CONTROL_HEADER, ERASE, SuppressedIds, is_suppressed, nobody_suppressed
 from pipeline.metrics import StreamMetrics, consumer_stats_config
 from pipeline.parsing import ParseLimits, parse_event
@@ -63,13 +64,17 @@ from pipeline.stream.stages import (
     KIND_RETIRE,
     KIND_SEGMENT_CHANGE,
     KIND_SUPPRESSED,
+    KIND_UNLINKED,
     StageConfig,
     erase_key,
     fold,
+    forgotten_sign_in,
     stitch,
 )
+from pipeline.sync import CrmRecord, SyncError
 
 MB = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def _now_ms() -> int:
@@ -184,15 +189,17 @@ class WarehouseSink(BaseSink):
             raise error
 
 
-class ProfileUpdateSerializer(Serializer):
-    """Profile records as JSON, and an erasure notice as a tombstone (no value): the topic is
-    compacted (pipeline.broker), and only a tombstone lets compaction drop the customer's key."""
+class TombstoneSerializer(Serializer):
+    """Records as JSON, and those of the given kinds (an erasure) as tombstones (no value):
+    the topic is a compacted table (pipeline.broker), and only a tombstone lets compaction drop
+    the key."""
 
-    def __init__(self) -> None:
+    def __init__(self, *kinds: str) -> None:
         self._json = JSONSerializer()
+        self._kinds = frozenset(kinds)
 
     def __call__(self, value: dict[str, Any], ctx: SerializationContext) -> Any:
-        if value["kind"] == KIND_ERASED:
+        if value["kind"] in self._kinds:
             return None
         return self._json(value, ctx)
 
@@ -328,6 +335,25 @@ def build_application(
             metrics.alerts[(a.kind, a.severity)] += 1
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
 
+    def dead_letter(
+        reason: FailureReason, detail: str, raw: bytes, key: str | None, timestamp: int
+    ) -> dict[str, Any]:
+        """The typed dead-letter record of the message being processed."""
+        ctx = message_context()
+        failure = Failure.of(
+            reason,
+            detail,
+            raw,
+            key=key,
+            topic=ctx.topic,
+            partition=ctx.partition,
+            offset=ctx.offset,
+            ingested_ms=timestamp,
+            failed_ms=_now_ms(),
+        )
+        metrics.dead_lettered[failure.reason] += 1
+        return {**failure.to_dict(), "kind": KIND_DEAD_LETTER}
+
     def erase(
         value: bytes, raw_key: str | None, timestamp: int, state: Any
     ) -> list[dict[str, Any]]:
@@ -339,20 +365,8 @@ def build_application(
             if raw_key is None or type(customer_id) is not str:
                 raise ValueError("an erasure request needs a key and a customer_id string")
         except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-            ctx = message_context()
-            failure = Failure.of(
-                "bad_control",
-                f"erasure request not carried out: {exc!r}",
-                value or b"",
-                key=raw_key,
-                topic=ctx.topic,
-                partition=ctx.partition,
-                offset=ctx.offset,
-                ingested_ms=timestamp,
-                failed_ms=_now_ms(),
-            )
-            metrics.dead_lettered[failure.reason] += 1
-            return [{**failure.to_dict(), "kind": KIND_DEAD_LETTER}]
+            detail = f"erasure request not carried out: {exc!r}"
+            return [dead_letter("bad_control", detail, value or b"", raw_key, timestamp)]
         metrics.erasures += 1
         return erase_key(raw_key, customer_id, state, requested_at=request.get("requested_at"))
 
@@ -362,7 +376,20 @@ def build_application(
     def ingest(
         value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
     ) -> list[dict[str, Any]]:
-        """Stage 1, per device: parse + validate + enrich, then dedupe + stitch."""
+        """Stage 1, per device: parse + validate + enrich, then dedupe + stitch; a message it
+        fails on (a bug, not bad input: that is refused with its reason) is dead-lettered,
+        so that one message cannot stop the stream."""
+        try:
+            return _ingest(value, key, timestamp, headers, state)
+        except Exception as exc:
+            log.exception("stage 1 failed on a message; dead-lettered")
+            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
+            detail = f"stage 1 failed: {exc!r}"
+            return [dead_letter("processing_failed", detail, value or b"", raw_key, timestamp)]
+
+    def _ingest(
+        value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
+    ) -> list[dict[str, Any]]:
         started = thread_time()
         metrics.saw_raw()
         ctx = message_context()
@@ -394,10 +421,17 @@ def build_application(
             # state lives under another key, so send it round again under the device key
             metrics.rekeyed += 1
             return [{"kind": KIND_REKEY, "key": device, "raw": value}]
-        if is_suppressed(suppressed(), user_id=result.user_id, anonymous_id=result.anonymous_id):
-            # a forgotten customer: dropped, not dead-lettered (that would keep their data)
+        forgotten = suppressed()
+        if is_suppressed(
+            forgotten,
+            user_id=result.user_id,
+            anonymous_id=result.anonymous_id,
+            previous_id=result.previous_id,
+        ):
+            # a forgotten customer: dropped, not dead-lettered (that would keep their data),
+            # not observed either (no alert names them); a device they sign in on is erased
             metrics.suppressed += 1
-            return []  # not observed either: no alert names them
+            return forgotten_sign_in(result, state, forgotten)
         metrics.valid += 1
         alerts = detect(result, timestamp, ctx.partition)
         detected_cpu = thread_time()
@@ -428,7 +462,21 @@ def build_application(
         out.extend(alerts)
         return out
 
-    def run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
+    def run_fold(
+        value: dict[str, Any], key: Any, timestamp: int, headers: Any, state: Any
+    ) -> list[dict[str, Any]]:
+        """Stage 2, per customer: scoring and segments; a record it fails on is dead-lettered
+        (as stage 1 does), with the record as it arrived."""
+        try:
+            return _run_fold(value, state)
+        except Exception as exc:
+            log.exception("stage 2 failed on a record; dead-lettered")
+            raw = orjson.dumps(value, default=str)
+            key_text = key if isinstance(key, str) else None
+            detail = f"stage 2 failed: {exc!r}"
+            return [dead_letter("processing_failed", detail, raw, key_text, timestamp)]
+
+    def _run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.attributed_in += 1
         kind = value["kind"]
         # an erasure: the list grew before it was sent, so re-read it for the events behind it
@@ -484,9 +532,9 @@ def build_application(
     # every record once per branch, so routing by kind instead of branching is cheaper.
     dlq = out_topic(names.dlq)
     attributed = out_topic(names.attributed)
-    identities = out_topic(names.identities)
+    identities = out_topic(names.identities, TombstoneSerializer(KIND_UNLINKED))
     clean = out_topic(names.clean)
-    profiles = out_topic(names.profiles, ProfileUpdateSerializer())
+    profiles = out_topic(names.profiles, TombstoneSerializer(KIND_ERASED))
     segment_changes = out_topic(names.segment_changes)
     alerts_topic = out_topic(names.alerts)
     by_kind_out = {
@@ -494,11 +542,13 @@ def build_application(
         KIND_PROFILE: profiles,
         KIND_ERASED: profiles,  # consumers of profile updates learn that a profile is gone
         KIND_SEGMENT_CHANGE: segment_changes,
+        KIND_DEAD_LETTER: dlq,  # a record stage 2 failed on
     }
     ingest_out = {
         KIND_DEAD_LETTER: dlq,
         KIND_ALERT: alerts_topic,
         KIND_LINK: identities,
+        KIND_UNLINKED: identities,
         KIND_REKEY: raw,
         KIND_EVENT: attributed,
         KIND_RETIRE: attributed,
@@ -509,7 +559,7 @@ def build_application(
         kind = value["kind"]
         if kind in (KIND_EVENT, KIND_RETIRE, KIND_ERASE):
             return value["customer_id"]
-        if kind == KIND_LINK:
+        if kind in (KIND_LINK, KIND_UNLINKED):
             return value["anonymous_id"]
         if kind == KIND_DEAD_LETTER:
             return value["key"]  # the raw message's key, decoded leniently
@@ -531,20 +581,42 @@ def build_application(
     )
     (
         app.dataframe(attributed)
-        .apply(run_fold, stateful=True, expand=True)
+        .apply(run_fold, stateful=True, expand=True, metadata=True)
         .to_topic(lambda v, *_: by_kind_out[v["kind"]])
         .sink(WarehouseSink(write, frozenset(by_kind_out), max_delay_ms=sink_delay_ms))
     )
     # CRM records join the customer's stream: fold merges them into the profile's traits
     crm = app.topic(
         names.crm_customers,
-        key_deserializer="str",
-        value_deserializer="json",
+        key_deserializer="bytes",
+        value_deserializer="bytes",
         config=default_config,
     )
+
+    def check_crm(value: bytes, key: bytes | None, timestamp: int, headers: Any) -> Any:
+        """A CRM record for stage 2, as ``pipeline sync`` writes it, or its dead letter: a
+        record without a customer_id or a readable updated_at would stop stage 2."""
+        try:
+            row = orjson.loads(value)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            source = row.get("source")
+            record = CrmRecord.parse(row, names.crm_customers).to_message(
+                source if isinstance(source, str) else names.crm_customers
+            )
+        except (orjson.JSONDecodeError, TypeError, ValueError, SyncError) as exc:
+            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
+            detail = f"CRM record not applied: {exc}"
+            return dead_letter("bad_crm_record", detail, value or b"", raw_key, timestamp)
+        return {**record, "kind": KIND_CRM}
+
     (
         app.dataframe(crm)
-        .apply(lambda v: {**v, "kind": KIND_CRM})
-        .to_topic(attributed, key=lambda v: v["customer_id"])
+        .apply(check_crm, metadata=True)
+        .to_topic(
+            lambda v, *_: dlq if v["kind"] == KIND_DEAD_LETTER else attributed,
+            key=lambda v: v["key"] if v["kind"] == KIND_DEAD_LETTER else v["customer_id"],
+        )
+        .sink(WarehouseSink(write, frozenset({KIND_DEAD_LETTER}), max_delay_ms=sink_delay_ms))
     )
     return app

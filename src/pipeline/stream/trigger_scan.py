@@ -6,6 +6,7 @@ between re-emits the same id on the next scan, never loses one (see :mod:`pipeli
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -16,6 +17,8 @@ from pipeline.errors import BrokerError
 from pipeline.scoring import profile_from_dict
 from pipeline.stores.local import LocalWarehouse
 from pipeline.triggers import Trigger, TriggerParams, due_triggers
+
+log = logging.getLogger(__name__)
 
 _CANDIDATES = """
 SELECT profile FROM profiles
@@ -71,7 +74,10 @@ def scan_periodically(
 
     def loop() -> None:
         while not stop.wait(interval_s):
-            scan()
+            try:
+                scan()
+            except Exception:  # a bug or an unforeseen answer must not end the schedule
+                log.exception("trigger scan failed; retried at the next interval")
 
     thread = threading.Thread(target=loop, name="trigger-scan", daemon=True)
     thread.start()

@@ -94,3 +94,54 @@ def test_forgotten_customers_events_are_acknowledged_but_never_published(tmp_pat
         response = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
     assert response.status_code == 200
     assert [key for _, key, _ in publisher.sent] == [b"u_kept"]
+
+
+def test_non_string_ids_with_a_suppression_list_are_forwarded_not_a_500(tmp_path: Any) -> None:
+    """The processor dead-letters them with their schema reason; hashing them raised before."""
+    from pipeline.gdpr import suppression_path
+    from pipeline.pii import sha256_hex
+
+    settings = Settings(
+        home=tmp_path, collector=CollectorSettings(write_keys={"web": SecretStr(KEY)})
+    )
+    suppression_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    suppression_path(settings).write_text(orjson.dumps({"ids": [sha256_hex("x")]}).decode() + "\n")
+    publisher = MemoryPublisher()
+    batch = [_event(userId=12345), _event(messageId="m2", anonymousId="a1", userId={"x": 1})]
+    with TestClient(create_app(settings, lambda: publisher)) as http:
+        response = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
+    assert (response.status_code, response.json()) == (200, {"success": True})
+    assert len(publisher.sent) == 2
+
+
+def test_browsers_may_send_only_from_the_allowlist_or_the_collectors_own_origin() -> None:
+    publisher = MemoryPublisher()
+    app = create_app(_settings(cors_origins=("https://shop.example",)), lambda: publisher)
+    body = orjson.dumps({**_event(), "writeKey": KEY})
+    plain = {"Content-Type": "text/plain"}  # a "simple" request: browsers send no preflight
+    with TestClient(app, base_url="http://collector.test") as http:
+        foreign = http.post("/v1/t", content=body, headers={**plain, "Origin": "http://evil.test"})
+        listed = http.post(
+            "/v1/t", content=body, headers={**plain, "Origin": "https://shop.example"}
+        )
+        own = http.post("/v1/t", content=body, headers={**plain, "Origin": "http://collector.test"})
+        server = http.post("/v1/t", content=body, headers=plain)  # no Origin: not a browser
+    assert foreign.status_code == 403
+    assert foreign.json()["error"]["code"] == "origin_not_allowed"
+    assert [r.status_code for r in (listed, own, server)] == [200, 200, 200]
+    assert len(publisher.sent) == 3
+
+
+def test_unknown_routes_methods_and_bugs_answer_in_the_collectors_json_shape() -> None:
+    publisher = MemoryPublisher()
+    app = create_app(_settings(), lambda: publisher)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        missing = http.post("/v1/nothing", json={}, auth=(KEY, ""))
+        method = http.get("/v1/batch")
+        publisher.send = None  # type: ignore[assignment,method-assign]  # a bug: not callable
+        broken = http.post("/v1/track", json=_event(), auth=(KEY, ""))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    assert (method.status_code, method.json()["error"]["code"]) == (405, "method_not_allowed")
+    assert "POST" in method.headers["Allow"]
+    assert (broken.status_code, broken.json()["error"]["code"]) == (500, "internal_error")
+    assert all(r.json()["success"] is False for r in (missing, method, broken))

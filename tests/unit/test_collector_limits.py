@@ -140,6 +140,19 @@ def test_gzip_bodies_are_decompressed_and_zip_bombs_refused() -> None:
     assert (unknown.value.status, unknown.value.code) == (415, "unsupported_encoding")
 
 
+def test_every_gzip_member_is_read_and_trailing_bytes_refused() -> None:
+    body = b'{"batch": [{"a": 1}, {"b": 2}]}'
+    members = gzip.compress(body[:12]) + gzip.compress(body[12:])
+    assert gzip.decompress(members) == body  # what RFC 1952 and Python read
+    assert _read(members, encoding="gzip") == body
+    with pytest.raises(RequestRejected) as garbage:
+        gunzip(gzip.compress(body) + b"TRAILING GARBAGE", 1000)
+    assert (garbage.value.status, garbage.value.code) == (400, "bad_gzip")
+    with pytest.raises(RequestRejected) as over:  # the limit holds over all members together
+        gunzip(gzip.compress(b"a" * 600) + gzip.compress(b"b" * 600), 1000)
+    assert (over.value.status, over.value.code) == (413, "body_too_large")
+
+
 def test_skew_correction_keeps_the_time_between_event_and_send() -> None:
     assert corrected_timestamp_ms(1_000, 1_500, 10_000) == 9_500
 
@@ -233,6 +246,9 @@ def test_enrich_context_adds_parsed_fields_but_keeps_the_clients() -> None:
         (b'{"batch": [', "invalid_json"),
         (b'{"name": "\xc3\x28"}', "not_utf8"),
         (b"[1, 2]", "not_an_object"),
+        # orjson would read these as floats, losing digits
+        (b'{"properties": {"n": 123456789012345678901234567890}}', "number_out_of_range"),
+        (b'{"properties": {"n": -9223372036854775809}}', "number_out_of_range"),
     ],
 )
 def test_parse_body_names_the_problem(body: bytes, code: str) -> None:
@@ -308,3 +324,14 @@ def test_events_of_requires_a_batch_array() -> None:
     with pytest.raises(RequestRejected) as info:
         events_of({"batch": {}}, None)
     assert info.value.code == "invalid_batch"
+
+
+def test_integers_in_64_bits_and_long_digit_strings_are_kept_exactly() -> None:
+    body = (
+        b'{"n": 18446744073709551615, "m": -9223372036854775808, "id": "12345678901234567890123"}'
+    )
+    assert parse_body(body) == {
+        "n": 18446744073709551615,
+        "m": -9223372036854775808,
+        "id": "12345678901234567890123",
+    }

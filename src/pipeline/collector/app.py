@@ -12,9 +12,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from pipeline.collector.auth import WriteKeys, write_key_from_authorization
@@ -31,6 +34,7 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 SINGLE_EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _SUCCESS = orjson.dumps({"success": True})
 
 
@@ -87,10 +91,26 @@ def create_app(
         max_age=600,
     )
 
+    allowed_origins = frozenset(cfg.cors_origins)
+
+    def check_origin(request: Request) -> None:
+        """A browser names the page's origin on every POST: only the collector's own and the
+        allowlist may send (CORS alone would only stop the page reading the answer, and a
+        text/plain POST needs no preflight). Server-side clients send no Origin."""
+        origin = request.headers.get("origin")
+        if origin is None or origin in allowed_origins:
+            return
+        if urlsplit(origin).netloc == request.headers.get("host"):
+            return  # same origin (the storefront the collector serves)
+        raise RequestRejected(
+            403, "origin_not_allowed", f"browsers on {origin[:100]!r} may not send events here"
+        )
+
     async def ingest(request: Request, endpoint_type: str | None) -> Response:
         received_ms = clock_ms()
         source: str | None = None
         try:
+            check_origin(request)
             header_key = write_key_from_authorization(request.headers.get("authorization"))
             if header_key is not None:
                 source = keys.source_for(header_key)
@@ -145,6 +165,30 @@ def create_app(
             return _json(503, {"success": False, "error": error}, headers)
         metrics.events_accepted.inc(len(events))
         return Response(_SUCCESS, 200, media_type="application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """404, 405 and the like in the collector's error shape."""
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        body = {"success": False, "error": {"code": code, "message": str(exc.detail)}}
+        return _json(exc.status_code, body, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        """A bad query parameter (the storefront's) in the collector's error shape."""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        body = {"success": False, "error": {"code": "invalid_request", "message": problems}}
+        return _json(422, body)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        """A bug: a JSON 500 (the traceback goes to the log), never a text page."""
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        error = {"code": "internal_error", "message": "the collector failed; retry later"}
+        return _json(500, {"success": False, "error": error})
 
     @app.post("/v1/batch")
     async def batch(request: Request) -> Response:

@@ -8,6 +8,9 @@ naming its index, so that a client never has to guess what was kept.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -37,7 +40,31 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if type(payload) is not dict:
         raise RequestRejected(400, "not_an_object", "the body must be a JSON object")
+    if _LONG_NUMBER.search(body):
+        _refuse_integers_out_of_range(body)
     return payload
+
+
+# orjson reads an integer outside 64 bits as a float, silently losing digits: a body with a
+# run of 19+ digits (maybe inside a string) is read once more, exactly, to find such integers
+_LONG_NUMBER = re.compile(rb"\d{19,}")
+_INT64 = range(-(2**63), 2**64)
+
+
+def _refuse_integers_out_of_range(body: bytes) -> None:
+    def parse_int(text: str) -> int:
+        value = int(text)
+        if value not in _INT64:
+            raise RequestRejected(
+                400,
+                "number_out_of_range",
+                f"the integer {text[:40]} is outside the 64-bit range: send it as a string",
+            )
+        return value
+
+    # nested deeper than this parser goes (orjson read it): let it be
+    with contextlib.suppress(RecursionError):
+        json.loads(body, parse_int=parse_int)
 
 
 def events_of(body: dict[str, Any], endpoint_type: str | None) -> tuple[list[Any], Any]:

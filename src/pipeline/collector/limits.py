@@ -105,17 +105,24 @@ async def read_body(
 
 
 def gunzip(data: bytes, limit: int) -> bytes:
-    """Decompress a gzip body, refusing (413) output over ``limit`` bytes and (400) bad data."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    """Decompress a gzip body, every member of it (RFC 1952 allows several, as
+    ``gzip.decompress`` reads them), refusing (413) output over ``limit`` bytes and (400) bad
+    data, including bytes after the last member that are not another one."""
+    out = bytearray()
+    rest = data
     try:
-        out = inflater.decompress(data, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise _too_large(limit, "the decompressed body")
-        out += inflater.flush()
+        while True:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            out += inflater.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise _too_large(limit, "the decompressed body")
+            out += inflater.flush()
+            if len(out) > limit:
+                raise _too_large(limit, "the decompressed body")
+            if not inflater.eof:
+                raise RequestRejected(400, "bad_gzip", "the gzip body is truncated")
+            rest = inflater.unused_data
+            if not rest:
+                return bytes(out)
     except zlib.error as exc:
         raise RequestRejected(400, "bad_gzip", f"the gzip body is corrupt: {exc}") from None
-    if len(out) > limit:
-        raise _too_large(limit, "the decompressed body")
-    if not inflater.eof:
-        raise RequestRejected(400, "bad_gzip", "the gzip body is truncated")
-    return out

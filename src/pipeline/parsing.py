@@ -186,6 +186,11 @@ def _received_ms(value: Any) -> int | None:
         return None
 
 
+def _text(value: Any) -> str | None:
+    """A non-empty string, else None."""
+    return value if type(value) is str and value else None
+
+
 def _clean(payload: dict[str, Any], kind: str, timestamp_ms: int, ingested_ms: int) -> CleanEvent:
     """Build the clean event from a payload the schema has vouched for."""
     context: dict[str, Any] = payload["context"]
@@ -202,7 +207,14 @@ def _clean(payload: dict[str, Any], kind: str, timestamp_ms: int, ingested_ms: i
     items: tuple[LineItem, ...] = ()
     if name in _EVENTS_WITH_ITEMS and "products" in properties:
         items = tuple(
-            LineItem(p["product_id"], int(p.get("quantity", 1)), float(p.get("price", 0.0)))
+            LineItem(
+                p["product_id"],
+                int(p.get("quantity", 1)),
+                float(p.get("price", 0.0)),
+                # what the sender says; the catalog, where it knows the product, wins (enrich)
+                _text(p.get("category")),
+                _text(p.get("brand")),
+            )
             for p in properties["products"]
         )
     return CleanEvent(

@@ -170,6 +170,15 @@ def _zone(tz: str) -> tzinfo:
         return UTC
 
 
+def _quantity(value: object) -> int:
+    """A line's quantity: a positive whole number (JSON Schema's integers include 3.0), else 1."""
+    if type(value) is int and value >= 1:
+        return value
+    if type(value) is float and value >= 1 and value.is_integer():
+        return int(value)
+    return 1
+
+
 def hour_of_week_bin(ts_ms: int, tz: str) -> int:
     """Local hour of the week in ``tz`` (0..167, Monday 00:00-00:59 is 0); unknown tz is UTC."""
     local = datetime.fromtimestamp(ts_ms / 1000, _zone(tz))
@@ -279,19 +288,14 @@ def apply_event(
     elif name == "Product Added":
         pid = event.product_id
         if pid is not None:
-            qty = event.properties.get("quantity", 1)
-            if type(qty) is not int or qty < 1:
-                qty = 1
+            qty = _quantity(event.properties.get("quantity", 1))
             profile.cart[pid] = profile.cart.get(pid, 0) + qty
         if profile.last_cart_ms is None or t > profile.last_cart_ms:
             profile.last_cart_ms = t
     elif name == "Product Removed":
         pid = event.product_id
         if pid is not None and pid in profile.cart:
-            qty = event.properties.get("quantity", 1)
-            if type(qty) is not int or qty < 1:
-                qty = 1
-            left = profile.cart[pid] - qty
+            left = profile.cart[pid] - _quantity(event.properties.get("quantity", 1))
             if left > 0:
                 profile.cart[pid] = left
             else:

@@ -110,6 +110,25 @@ def test_order_completed_items_and_revenue() -> None:
     assert all(i.category is None and i.brand is None for i in event.items)
 
 
+def test_line_items_keep_the_category_and_brand_sent_with_them() -> None:
+    products = [
+        {
+            "product_id": "new1",
+            "quantity": 1,
+            "price": 50.0,
+            "category": "dresses",
+            "brand": "Lune",
+        },
+        {"product_id": "new2", "quantity": 1, "price": 5.0, "brand": ""},  # empty: none
+    ]
+    event = parse(mutated("Order Completed", properties__products=products))
+    assert isinstance(event, CleanEvent)
+    assert event.items == (
+        LineItem("new1", 1, 50.0, "dresses", "Lune"),
+        LineItem("new2", 1, 5.0, None, None),
+    )
+
+
 def test_cart_items_default_quantity_and_missing_price() -> None:
     raw = mutated("Cart Viewed", properties={"products": [{"product_id": "P9"}]})
     event = parse(raw)

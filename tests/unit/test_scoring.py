@@ -187,6 +187,15 @@ def test_cart_bookkeeping() -> None:
     apply_event(p, make_event("Order Completed", items=[item("p2")]), P, processed_ms=0)
     assert p.cart == {}
     assert p.purchased == ["p2"]
+    # JSON Schema's integers include 3.0 (the schema accepts it): three, not one
+    for name, qty in (("Product Added", 3.0), ("Product Removed", 2.0)):
+        event = make_event(name, product_id="p3", properties={"quantity": qty})
+        apply_event(p, event, P, processed_ms=0)
+    assert p.cart == {"p3": 1}
+    for odd in (2.5, True, 0, -1.0):  # not a positive whole number: one
+        event = make_event("Product Added", product_id="p4", properties={"quantity": odd})
+        apply_event(p, event, P, processed_ms=0)
+    assert p.cart == {"p3": 1, "p4": 4}
 
 
 def test_purchased_most_recent_first_unique_capped() -> None:

@@ -189,7 +189,10 @@ class Settings(BaseSettings):
     )
     dedupe_window_hours: float = Field(24.0, gt=0)
     anonymous_history_limit: int = Field(
-        1000, ge=0, description="Events kept per unidentified device for merging on login."
+        1000,
+        ge=0,
+        description="The newest events kept per unidentified device, re-attributed at its "
+        "login (older ones stay with the retired anonymous profile).",
     )
     max_event_bytes: int = Field(32_768, ge=256, le=900_000)
     max_future_skew_s: int = Field(86_400, ge=0)

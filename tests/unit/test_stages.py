@@ -316,3 +316,23 @@ def test_a_forgotten_customer_signing_in_on_an_unerased_device_erases_that_devic
     assert forgotten_sign_in(other, device_state(store, T0_MS), forgotten) == []
     erased_too = forgotten | {sha256_hex("anon:dev1")}
     assert forgotten_sign_in(sign_in, device_state(store, T0_MS), erased_too) == []
+
+
+def test_past_the_history_limit_a_login_takes_the_newest_anonymous_events_in_order() -> None:
+    store: dict[Any, Any] = {}
+    names = ["Page Viewed", "Product Viewed", "Product Viewed", "Product Added", "Cart Viewed"]
+    for i, name in enumerate(names):  # five events, three kept (CONFIG.history_limit)
+        stitch(anon(name=name, ts=T0_MS + i), device_state(store, T0_MS), CONFIG)
+    login = make_event("Identify", T0_MS + 10, anonymous_id="dev1", user_id="cus_1")
+    out = stitch(login, device_state(store, T0_MS), CONFIG)
+    merged = [r for r in out if r["kind"] == KIND_EVENT and r.get("merged_from")]
+    # the cart just before the login is what matters most: the newest three, oldest first
+    assert [(r["name"], r["timestamp_ms"]) for r in merged] == [
+        ("Product Viewed", T0_MS + 2),
+        ("Product Added", T0_MS + 3),
+        ("Cart Viewed", T0_MS + 4),
+    ]
+    assert {r["customer_id"] for r in merged} == {"cus_1"}
+    link = next(r for r in out if r["kind"] == KIND_LINK)
+    assert link["merged_events"] == 3
+    assert [k for p, k in store if p == "dev1" and str(k).startswith("history")] == []

@@ -61,6 +61,7 @@ _SEEN = "seen:"
 _APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
 _LINKED = "linked"
 _HISTORY_LEN = "history_len"
+_HISTORY_HEAD = "history_head"  # the oldest slot, once the buffer is full and wraps round
 _HISTORY = "history:"
 _PROFILE = "profile"
 
@@ -137,9 +138,11 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
         if res.first_link:
             anon_id = identity.anonymous_customer_id(device)
             n = int(state.get(_HISTORY_LEN, 0))
-            for i in range(n):
-                past = state.get(f"{_HISTORY}{i}")
-                state.delete(f"{_HISTORY}{i}")
+            head = int(state.get(_HISTORY_HEAD, 0))
+            for i in range(n):  # oldest first
+                slot = f"{_HISTORY}{(head + i) % n}"
+                past = state.get(slot)
+                state.delete(slot)
                 if past is not None:
                     past["customer_id"] = res.link
                     past["merged_from"] = anon_id
@@ -147,6 +150,7 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
                     out.append(past)
                     merged += 1
             state.delete(_HISTORY_LEN)
+            state.delete(_HISTORY_HEAD)
             if n:
                 out.append(
                     {
@@ -170,11 +174,17 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
         )
     wire = event.to_dict()  # a dict of its own: setting the customer here copies nothing
     wire["customer_id"] = res.customer_id
-    if identity.is_anonymous(res.customer_id):
+    if identity.is_anonymous(res.customer_id) and config.history_limit > 0:
+        # the newest ``history_limit`` events (the cart just before a login matters most): a
+        # ring buffer whose oldest slot is overwritten once it is full
         n = int(state.get(_HISTORY_LEN, 0))
         if n < config.history_limit:
             state.set(f"{_HISTORY}{n}", wire)
             state.set(_HISTORY_LEN, n + 1)
+        else:
+            head = int(state.get(_HISTORY_HEAD, 0))
+            state.set(f"{_HISTORY}{head}", wire)
+            state.set(_HISTORY_HEAD, (head + 1) % n)
     wire["kind"] = KIND_EVENT
     out.append(wire)
     return out
@@ -194,6 +204,7 @@ def erase_key(
     for i in range(n):
         state.delete(f"{_HISTORY}{i}")
     state.delete(_HISTORY_LEN)
+    state.delete(_HISTORY_HEAD)
     state.delete(_LINKED)
     profiles = [identity.anonymous_customer_id(key)]
     if key == customer_id:

@@ -75,6 +75,7 @@ ORDER_DEPENDENT: dict[str, str] = {
     "timezone": "the last record's context timezone wins",
     "hour_of_week": "a record without a timezone is binned in the profile's current one",
     "segments": "rules may read the cart, intent and affinities",
+    "segments_ms": "the trigger scan's clock, which ticks on a wall-clock schedule",
 }
 DIFFERENCES_SHOWN = 20
 

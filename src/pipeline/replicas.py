@@ -400,8 +400,8 @@ def serve_replicas(
     Raises :class:`ReplicaError` when a replica exits on its own and :class:`BrokerError`
     when the embedded broker dies; the other replicas are stopped first in both cases.
     """
-    from pipeline.runner import make_producer, pipeline_run, trigger_delivery
-    from pipeline.stream.trigger_scan import emit_due, scan_periodically
+    from pipeline.runner import make_producer, pipeline_run, scan_step, trigger_delivery
+    from pipeline.stream.trigger_scan import scan_periodically
 
     stop = threading.Event()
     failure: PipelineError | None = None
@@ -415,16 +415,7 @@ def serve_replicas(
         producer = make_producer(settings, run.address)
         delivery = trigger_delivery(run, producer) if settings.delivery.enabled else None
 
-        def scan() -> None:
-            try:
-                fresh = emit_due(
-                    run.warehouse, producer, settings.topics.triggers, settings.triggers
-                )
-                if delivery is not None:
-                    delivery.schedule(fresh)
-                    delivery.deliver()
-            except PipelineError:
-                log.warning("trigger scan failed; retried at the next interval", exc_info=True)
+        scan = scan_step(run, producer, delivery)
 
         scan_done = threading.Event()
         stops: list[Callable[[], None]] = []

@@ -31,13 +31,13 @@ from pipeline.schemas import default_registry
 from pipeline.settings import Settings
 from pipeline.simulate import Simulation, SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
-from pipeline.stream.topology import build_application
+from pipeline.stream.topology import build_application, stage_config
 
 if TYPE_CHECKING:
     from pipeline.delivery.client import EmailPlatform
     from pipeline.stores.bigquery import BigQueryWarehouse
     from pipeline.stream.trigger_delivery import TriggeredDelivery
-from pipeline.stream.trigger_scan import emit_due, scan_periodically
+from pipeline.stream.trigger_scan import SegmentClock, emit_due, scan_periodically
 from pipeline.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,35 @@ def emit_triggers(run: Run) -> list[Trigger]:
     return emit_due(run.warehouse, producer, run.settings.topics.triggers, run.settings.triggers)
 
 
+def segment_clock(run: Run, producer: Producer) -> SegmentClock:
+    """The clock of time-dependent segments, ticked by the trigger scan (see SegmentClock)."""
+    every_ms = int(run.settings.triggers.segment_tick_minutes * 60_000)
+    topic = run.settings.topics.attributed
+    return SegmentClock(run.warehouse, producer, topic, stage_config(run.settings), every_ms)
+
+
+def scan_step(
+    run: Run, producer: Producer, delivery: TriggeredDelivery | None
+) -> Callable[[], None]:
+    """One trigger scan, as run every ``triggers.scan_interval_s``: tick the segment clock,
+    emit the triggers due and send their emails when delivery is on; a failure is logged and
+    retried at the next interval."""
+    clock = segment_clock(run, producer)
+    settings = run.settings
+
+    def scan() -> None:
+        try:
+            clock.tick()
+            fresh = emit_due(run.warehouse, producer, settings.topics.triggers, settings.triggers)
+            if delivery is not None:
+                delivery.schedule(fresh)
+                delivery.deliver()
+        except PipelineError:
+            log.warning("trigger scan failed; retried at the next interval", exc_info=True)
+
+    return scan
+
+
 def trigger_delivery(
     run: Run, producer: Producer, platform: EmailPlatform | None = None
 ) -> TriggeredDelivery:
@@ -362,14 +391,7 @@ def _process_while_broker_lives(
         if recovered:
             log.info("%d scheduled emails queued again from the warehouse", recovered)
 
-    def scan() -> None:
-        try:
-            fresh = emit_due(run.warehouse, producer, run.settings.topics.triggers, params)
-            if delivery is not None:
-                delivery.schedule(fresh)
-                delivery.deliver()
-        except PipelineError:
-            log.warning("trigger scan failed; retried at the next interval", exc_info=True)
+    scan = scan_step(run, producer, delivery)
 
     app = build_application(
         run.settings,

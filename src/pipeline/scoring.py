@@ -133,6 +133,9 @@ class Profile:
     # Event time of the newest Identify merged into traits, so a late one cannot overwrite it.
     traits_ms: int | None = None
     segments: list[str] = field(default_factory=list)
+    # The stream's clock (event time) when segments were last evaluated without a new event
+    # (pipeline.stream.stages: ticks), so that a late event does not turn the clock back.
+    segments_ms: int | None = None
 
 
 ITEM_EVENTS = frozenset({"Order Completed", "Cart Viewed", "Checkout Started"})
@@ -502,6 +505,7 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
         "updated_ms": p.updated_ms,
         "traits_ms": p.traits_ms,
         "segments": list(p.segments),
+        "segments_ms": p.segments_ms,
     }
 
 
@@ -542,4 +546,5 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         updated_ms=g("updated_ms", 0),
         traits_ms=g("traits_ms"),
         segments=list(g("segments") or ()),
+        segments_ms=g("segments_ms"),
     )

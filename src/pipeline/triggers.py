@@ -30,6 +30,12 @@ class TriggerParams(BaseModel):
     browse_abandonment_minutes: float = Field(240.0, gt=0)
     grace_minutes: float = Field(5.0, ge=0)
     scan_interval_s: float = Field(5.0, gt=0)
+    segment_tick_minutes: float = Field(
+        5.0,
+        gt=0,
+        description="How far the stream's clock (the event-time watermark) moves between two "
+        "re-evaluations of every customer's time-dependent segments by the scan.",
+    )
     browse_views_kept: int = Field(5, ge=1)
 
 

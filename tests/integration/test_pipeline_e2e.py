@@ -499,3 +499,63 @@ def test_bad_crm_and_internal_records_are_dead_lettered_and_processing_goes_on(
         assert profile["traits"]["firstName"] == "Ada"  # the good CRM record after the bad ones
         dlq = read_topic(settings, run.address, "events.dlq")
         assert sorted(orjson.loads(v)["reason"] for _, v in dlq) == sorted(letters["reason"])
+
+
+def test_the_scans_clock_puts_a_customer_not_seen_for_a_month_into_lapsed(
+    settings: Settings,
+) -> None:
+    """Time-dependent segments change without events: the trigger scan ticks stage 2 at the
+    stream's watermark, and the change lands in segment_changes like any other."""
+    import json
+    from datetime import timedelta
+
+    from pipeline.runner import make_producer, segment_clock
+    from pipeline.simulate import RawMessage
+
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def event(user: str, at: datetime) -> RawMessage:
+        body = {
+            "type": "track",
+            "event": "Product Viewed",
+            "messageId": f"clock-{user}",
+            "userId": user,
+            "timestamp": at.isoformat(),
+            "context": {"sessionId": "s1", "device": {"type": "desktop"}},
+            "properties": {"product_id": "P00001"},
+        }
+        return RawMessage(
+            key=user.encode(),
+            value=json.dumps(body).encode(),
+            kind="valid",
+            message_id=body["messageId"],
+            true_customer_id=user,
+            malformed_reason=None,
+            timestamp_ms=0,
+            delivered_ms=0,
+        )
+
+    messages = [event("cus_gone_quiet", now - timedelta(days=40)), event("cus_active", now)]
+    ticked: list[int] = []
+    with pipeline_run(settings) as run:
+
+        def feed() -> None:
+            produce_messages(settings, run.address, messages)
+            deadline = time.monotonic() + 60
+            while run.warehouse.counts()["profiles"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            clock = segment_clock(run, make_producer(settings, run.address))
+            ticked.append(clock.tick())
+            ticked.append(clock.tick())  # the watermark has not moved: nothing more
+
+        process_until_idle(run, expected_raw=len(messages), feed=feed, idle_s=2.0, timeout_s=120)
+        assert ticked == [1, 0]
+        changes = run.warehouse.query(
+            "SELECT customer_id, segment, change, at_ms FROM segment_changes WHERE segment = ?",
+            ("lapsed",),
+        )
+        mark = int(now.timestamp() * 1000)
+        assert changes.to_dict("records") == [
+            {"customer_id": "cus_gone_quiet", "segment": "lapsed", "change": "enter", "at_ms": mark}
+        ]
+        assert run.warehouse.get_profile("cus_gone_quiet")["segments"] == ["lapsed"]

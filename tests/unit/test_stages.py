@@ -18,6 +18,7 @@ from pipeline.stream.stages import (
     KIND_PROFILE,
     KIND_RETIRE,
     KIND_SUPPRESSED,
+    KIND_TICK,
     KIND_UNLINKED,
     StageConfig,
     erase_key,
@@ -336,3 +337,42 @@ def test_past_the_history_limit_a_login_takes_the_newest_anonymous_events_in_ord
     link = next(r for r in out if r["kind"] == KIND_LINK)
     assert link["merged_events"] == 3
     assert [k for p, k in store if p == "dev1" and str(k).startswith("history")] == []
+
+
+def test_the_clock_moves_time_dependent_segments_without_events_and_never_back() -> None:
+    from pipeline.scoring import profile_from_dict
+    from pipeline.segments import load_segments
+    from pipeline.stream.stages import KIND_SEGMENT_CHANGE, segments_due
+
+    config = replace(CONFIG, segments=tuple(load_segments()))
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    fold(_seq_record("a", [0, 1, 0]), cust, config, now_ms=T0_MS)
+
+    def stored() -> Any:
+        return profile_from_dict(cust.get("profile"))
+
+    def changes(out: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+        return [
+            (r["segment"], r["change"], r["at_ms"]) for r in out if r["kind"] == KIND_SEGMENT_CHANGE
+        ]
+
+    day = 24 * HOUR
+    assert not segments_due(stored(), config, T0_MS + 30 * day)  # "more than 30 days"
+    assert segments_due(stored(), config, T0_MS + 31 * day)
+    tick = {"kind": KIND_TICK, "customer_id": "cus_1", "at_ms": T0_MS + 31 * day}
+    out = fold(dict(tick), cust, config, now_ms=T0_MS)
+    assert changes(out) == [("lapsed", "enter", T0_MS + 31 * day)]
+    assert out[0]["kind"] == KIND_PROFILE and out[0]["segments"] == ["lapsed"]
+    assert out[0]["version"] == 2 and changes(out) and stored().segments_ms == T0_MS + 31 * day
+    assert fold(dict(tick), cust, config, now_ms=T0_MS) == []  # the same tick again
+    # a late event (from before the tick) does not turn the clock back: still lapsed
+    out = fold(_seq_record("b", [0, 2, 0], ts=T0_MS + HOUR), cust, config, now_ms=T0_MS)
+    assert changes(out) == [] and stored().segments == ["lapsed"]
+    # a new one ends it, at its own time
+    out = fold(_seq_record("c", [0, 3, 0], ts=T0_MS + 32 * day), cust, config, now_ms=T0_MS)
+    assert changes(out) == [("lapsed", "exit", T0_MS + 32 * day)]
+    # a tick for a profile that is gone (erased) recreates nothing
+    gone = MemoryState(store, "cus_gone")
+    assert fold({**tick, "customer_id": "cus_gone"}, gone, config, now_ms=T0_MS) == []
+    assert gone.get("profile") is None

@@ -56,6 +56,7 @@ KIND_ALERT = "alert"
 KIND_ERASE = "erase"  # stage 1 -> stage 2: delete a customer's profile (GDPR erasure)
 KIND_ERASED = "erased"  # stage 2 -> profiles topic and sinks: that profile is gone
 KIND_UNLINKED = "unlinked"  # stage 1 -> identities topic: that device's link is gone
+KIND_TICK = "tick"  # the trigger scan -> stage 2: the stream's clock moved (see segments_due)
 
 _SEEN = "seen:"
 _APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
@@ -305,6 +306,8 @@ def fold(
         return [_store(state, profile, applied)]
     if record["kind"] == KIND_CRM:
         return _apply_crm(record, state, now_ms=now_ms)
+    if record["kind"] == KIND_TICK:
+        return _tick(record, state, config, now_ms=now_ms)
     if record["kind"] == KIND_ERASE:
         state.delete(_PROFILE)  # and with it the applied positions: nothing of theirs is kept
         return [
@@ -350,14 +353,49 @@ def _apply_crm(
     return [_store(state, profile, applied)]
 
 
+def segments_due(profile: Profile, config: StageConfig, at_ms: int) -> bool:
+    """Whether the clock at ``at_ms`` (the stream's event-time watermark) changes the
+    customer's segments with no new event of theirs: rules that read the time ("not seen for
+    30 days", "a cart left for an hour") enter and exit only as time passes. The trigger scan
+    sends such customers a tick (:data:`KIND_TICK`) that stage 2 applies in order with their
+    events, so the segment changes stay in the stream and a replay yields the same ones."""
+    if not config.segments or profile.as_of_ms is None or profile.is_anonymous:
+        return False
+    if profile.merged_into is not None or at_ms <= max(profile.as_of_ms, profile.segments_ms or 0):
+        return False
+    after = config.segment_plan.evaluate(profile, at_ms, scoring=config.scoring)
+    return after != frozenset(profile.segments)
+
+
+def _tick(
+    record: dict[str, Any], state: KeyValueState, config: StageConfig, *, now_ms: int
+) -> list[dict[str, Any]]:
+    """Stage 2, a tick of the clock: the segments at its time, if they change (the profile and
+    the changes, or nothing; a profile that is gone is not recreated)."""
+    stored = state.get(_PROFILE)
+    if stored is None:
+        return []
+    profile, applied = profile_from_dict(stored), stored.get(_APPLIED) or {}
+    at_ms = int(record["at_ms"])
+    if not segments_due(profile, config, at_ms):
+        return []  # a repeated or stale tick, or an event got there first
+    profile.segments_ms = at_ms
+    profile.version += 1
+    profile.updated_ms = now_ms
+    changes = _update_segments(profile, config)
+    return [_store(state, profile, applied), *changes]
+
+
 def _update_segments(profile: Profile, config: StageConfig) -> list[dict[str, Any]]:
     """Re-evaluate segment membership as of the profile's newest event; enter/exit records.
 
-    Evaluated in event time, so a replay of the same events yields the same changes.
+    Evaluated in event time, so a replay of the same events yields the same changes: at the
+    newest event's time, or the clock's last tick if later (a late event does not turn it back).
     """
     assert profile.as_of_ms is not None
+    at_ms = max(profile.as_of_ms, profile.segments_ms or 0)
     before = frozenset(profile.segments)
-    after = config.segment_plan.evaluate(profile, profile.as_of_ms, scoring=config.scoring)
+    after = config.segment_plan.evaluate(profile, at_ms, scoring=config.scoring)
     if after == before:
         return []
     entered, exited = diff(before, after)
@@ -368,7 +406,7 @@ def _update_segments(profile: Profile, config: StageConfig) -> list[dict[str, An
             "customer_id": profile.customer_id,
             "segment": name,
             "change": change,
-            "at_ms": profile.as_of_ms,
+            "at_ms": at_ms,
             "profile_version": profile.version,
         }
         for change, names in (("enter", entered), ("exit", exited))

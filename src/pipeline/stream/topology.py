@@ -64,6 +64,7 @@ from pipeline.stream.stages import (
     KIND_RETIRE,
     KIND_SEGMENT_CHANGE,
     KIND_SUPPRESSED,
+    KIND_TICK,
     KIND_UNLINKED,
     StageConfig,
     erase_key,
@@ -485,6 +486,9 @@ def build_application(
         out = fold(value, state, config, now_ms=_now_ms(), suppressed=forgotten)
         cpu["fold"] += thread_time() - started
         if kind == KIND_ERASE:
+            return out
+        if kind == KIND_TICK:  # the clock: segment changes without an event, or nothing
+            metrics.profile_updates += 1 if out else 0
             return out
         if not out:
             metrics.replays_dropped += 1

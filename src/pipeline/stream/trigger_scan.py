@@ -1,4 +1,5 @@
-"""The scheduled trigger scan: profile store + watermark in, ``email.triggers`` records out.
+"""The scheduled trigger scan: profile store + watermark in, ``email.triggers`` records out,
+and ticks of the stream's clock for segments that change with time alone (SegmentClock).
 
 Produce first (idempotent producer, acknowledged), then record the trigger id: a crash in
 between re-emits the same id on the next scan, never loses one (see :mod:`pipeline.triggers`).
@@ -16,6 +17,7 @@ from confluent_kafka import Producer
 from pipeline.errors import BrokerError
 from pipeline.scoring import profile_from_dict
 from pipeline.stores.local import LocalWarehouse
+from pipeline.stream.stages import KIND_TICK, StageConfig, segments_due
 from pipeline.triggers import Trigger, TriggerParams, due_triggers
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,62 @@ def emit_due(
         raise BrokerError(f"triggers not acknowledged by the broker on {topic!r}")
     warehouse.write_triggers([t.to_dict() for t in fresh])
     return fresh
+
+
+_CUSTOMERS = "SELECT profile FROM profiles WHERE is_anonymous = 0 AND merged_into IS NULL"
+
+
+def emit_segment_ticks(
+    warehouse: LocalWarehouse, producer: Producer, topic: str, config: StageConfig, at_ms: int
+) -> int:
+    """Send stage 2 a tick of the clock at ``at_ms`` for every customer whose segments it
+    changes (:func:`~pipeline.stream.stages.segments_due`); returns how many were sent."""
+    due = [
+        profile.customer_id
+        for profile in (
+            profile_from_dict(orjson.loads(raw)) for raw in warehouse.query(_CUSTOMERS)["profile"]
+        )
+        if segments_due(profile, config, at_ms)
+    ]
+    for customer_id in due:
+        tick = {"kind": KIND_TICK, "customer_id": customer_id, "at_ms": at_ms}
+        producer.produce(topic, key=customer_id.encode(), value=orjson.dumps(tick))
+    if due and producer.flush(30):
+        raise BrokerError(f"segment ticks not acknowledged by the broker on {topic!r}")
+    return len(due)
+
+
+class SegmentClock:
+    """Ticks the stream's clock for time-dependent segments from the trigger scan: each time
+    the event-time watermark has moved ``every_ms`` since the last tick."""
+
+    def __init__(
+        self,
+        warehouse: LocalWarehouse,
+        producer: Producer,
+        topic: str,
+        config: StageConfig,
+        every_ms: int,
+    ) -> None:
+        self._warehouse = warehouse
+        self._producer = producer
+        self._topic = topic
+        self._config = config
+        self._every_ms = every_ms
+        self._last_ms: int | None = None
+        self.ticks = 0
+
+    def tick(self) -> int:
+        """Send the ticks due now (none while the clock has not moved far enough)."""
+        mark = watermark(self._warehouse)
+        if not self._config.segments or mark is None:
+            return 0
+        if self._last_ms is not None and mark - self._last_ms < self._every_ms:
+            return 0
+        sent = emit_segment_ticks(self._warehouse, self._producer, self._topic, self._config, mark)
+        self._last_ms = mark
+        self.ticks += sent
+        return sent
 
 
 def scan_periodically(

@@ -324,6 +324,11 @@ def test_events_of_requires_a_batch_array() -> None:
     with pytest.raises(RequestRejected) as info:
         events_of({"batch": {}}, None)
     assert info.value.code == "invalid_batch"
+    # a batch-level sentAt that is not a string would spoil every event it is copied into
+    with pytest.raises(RequestRejected) as sent_at:
+        events_of({"batch": [{"type": "track"}], "sentAt": {"t": 1}}, None)
+    assert (sent_at.value.status, sent_at.value.code) == (400, "invalid_batch")
+    assert "sentAt" in str(sent_at.value.body())
 
 
 def test_integers_in_64_bits_and_long_digit_strings_are_kept_exactly() -> None:

@@ -74,7 +74,13 @@ def events_of(body: dict[str, Any], endpoint_type: str | None) -> tuple[list[Any
     batch = body.get("batch")
     if type(batch) is not list:
         raise RequestRejected(400, "invalid_batch", "batch must be an array of events")
-    return batch, body.get("sentAt")
+    sent_at = body.get("sentAt")
+    if sent_at is not None and type(sent_at) is not str:
+        # it would be copied into every event without its own, and spoil them all
+        raise RequestRejected(
+            400, "invalid_batch", "sentAt must be an ISO-8601 string (the time the batch left)"
+        )
+    return batch, sent_at
 
 
 def identity_key(event: dict[str, Any]) -> str | None:

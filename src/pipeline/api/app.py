@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.api.auth import AuthenticationFailed, Authenticator, Principal
 from pipeline.api.models import (
@@ -248,6 +249,51 @@ async def get_segments(service: ServiceDep) -> SegmentsResponse:
     )
 
 
+class BodyLimitMiddleware:
+    """Refuses (413, in the API's error shape) a request body over ``max_bytes`` before any of
+    it is parsed: FastAPI reads and parses a body before the route's authentication runs, so
+    without a limit anyone could make the API parse megabytes. Bodies here are small requests
+    (a campaign render), so the body is read here and handed on whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        handed = False
+
+        async def replay() -> Message:
+            nonlocal handed
+            if handed:
+                return await receive()
+            handed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request body is over the {self.max_bytes}-byte limit"
+        await _error(413, "payload_too_large", detail)(scope, receive, send)
+
+
 class _UnknownSegment(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -333,6 +379,7 @@ def create_app(
     app.state.service = service
     app.state.authenticator = Authenticator(settings.api.api_keys, settings.api.jwt)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     metrics = ApiMetrics()
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 

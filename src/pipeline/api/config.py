@@ -71,6 +71,9 @@ class ApiSettings(BaseModel):
     render_limit_max: int = Field(
         1000, ge=1, description="Most emails one campaign render returns."
     )
+    max_body_bytes: int = Field(
+        65_536, ge=1024, description="Largest request body read (413 beyond, before parsing)."
+    )
     default_campaign: str = "preview"
     unsubscribe_url: str = Field(
         "https://shop.example.com/unsubscribe?c={customer_id}",

@@ -17,7 +17,7 @@ from topic_reader import read_topic
 
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
-from pipeline.simulate import Simulation, SimulationConfig, simulate
+from pipeline.simulate import RawMessage, Simulation, SimulationConfig, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,29 @@ END = datetime(2026, 11, 1, tzinfo=UTC)
 class Outcome:
     run: Run
     sim: Simulation
+
+
+def _viewed(user: str, message_id: str, at: datetime, **context: Any) -> RawMessage:
+    """A valid server-side Product Viewed of ``user`` at ``at``, keyed as the collector would."""
+    body = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": message_id,
+        "userId": user,
+        "timestamp": at.isoformat(),
+        "context": {"sessionId": "s1", "device": {"type": "desktop"}, **context},
+        "properties": {"product_id": "P00001"},
+    }
+    return RawMessage(
+        key=user.encode(),
+        value=orjson.dumps(body),
+        kind="valid",
+        message_id=message_id,
+        true_customer_id=user,
+        malformed_reason=None,
+        timestamp_ms=0,
+        delivered_ms=0,
+    )
 
 
 @pytest.fixture(scope="module", params=["exactly-once", "at-least-once"])
@@ -283,31 +306,12 @@ def test_crm_sync_flows_through_kafka_into_profiles_and_forgotten_customers_are_
     import json
 
     from pipeline.gdpr import suppression_path
-    from pipeline.simulate import RawMessage
     from pipeline.sync import KafkaRecordProducer
 
     now = datetime.now(UTC)
 
     def event(i: int, user: str) -> RawMessage:
-        body = {
-            "type": "track",
-            "event": "Product Viewed",
-            "messageId": f"crm-{user}-{i}",
-            "userId": user,
-            "timestamp": now.isoformat(),
-            "context": {"sessionId": "s1", "device": {"type": "desktop"}},
-            "properties": {"product_id": "P00001"},
-        }
-        return RawMessage(
-            key=user.encode(),
-            value=json.dumps(body).encode(),
-            kind="valid",
-            message_id=body["messageId"],
-            true_customer_id=user,
-            malformed_reason=None,
-            timestamp_ms=0,
-            delivered_ms=0,
-        )
+        return _viewed(user, f"crm-{user}-{i}", now)
 
     # cus_gone was forgotten before its events arrive (the suppression list holds hashes only)
     suppression_path(settings).parent.mkdir(parents=True, exist_ok=True)
@@ -395,8 +399,6 @@ def test_messages_keyed_by_another_identity_are_rekeyed_and_lose_nothing(
     """
     import json
 
-    from pipeline.simulate.model import RawMessage
-
     home = tmp_path_factory.mktemp("rekey") / "home"
     settings = Settings(home=home, partitions=4, commit_interval_s=0.3)
     with pipeline_run(settings) as run:
@@ -439,35 +441,13 @@ def test_bad_crm_and_internal_records_are_dead_lettered_and_processing_goes_on(
 ) -> None:
     """A CRM record without a customer_id or a readable updated_at (or not JSON at all), and a
     record on stage 2's input that no stage 1 wrote, each stopped the processor before."""
-    import json
 
     from pipeline.runner import make_producer
-    from pipeline.simulate import RawMessage
     from pipeline.sync import KafkaRecordProducer
 
     now = datetime.now(UTC)
-    body = {
-        "type": "track",
-        "event": "Product Viewed",
-        "userId": "cus_ok",
-        "timestamp": now.isoformat(),
-        # a folder of the tz database, not a zone
-        "context": {"sessionId": "s1", "device": {"type": "mobile"}, "timezone": "Europe"},
-        "properties": {"product_id": "P00001"},
-    }
-    messages = [
-        RawMessage(
-            key=b"cus_ok",
-            value=json.dumps({**body, "messageId": f"ok-{i}"}).encode(),
-            kind="valid",
-            message_id=f"ok-{i}",
-            true_customer_id="cus_ok",
-            malformed_reason=None,
-            timestamp_ms=0,
-            delivered_ms=0,
-        )
-        for i in range(3)
-    ]
+    # a folder of the tz database, not a zone
+    messages = [_viewed("cus_ok", f"ok-{i}", now, timezone="Europe") for i in range(3)]
     bad_crm = [
         (b"cus_ok", b"null"),
         (b"cus_ok", b"{not json"),
@@ -506,36 +486,16 @@ def test_the_scans_clock_puts_a_customer_not_seen_for_a_month_into_lapsed(
 ) -> None:
     """Time-dependent segments change without events: the trigger scan ticks stage 2 at the
     stream's watermark, and the change lands in segment_changes like any other."""
-    import json
     from datetime import timedelta
 
     from pipeline.runner import make_producer, segment_clock
-    from pipeline.simulate import RawMessage
 
     now = datetime.now(UTC).replace(microsecond=0)
 
-    def event(user: str, at: datetime) -> RawMessage:
-        body = {
-            "type": "track",
-            "event": "Product Viewed",
-            "messageId": f"clock-{user}",
-            "userId": user,
-            "timestamp": at.isoformat(),
-            "context": {"sessionId": "s1", "device": {"type": "desktop"}},
-            "properties": {"product_id": "P00001"},
-        }
-        return RawMessage(
-            key=user.encode(),
-            value=json.dumps(body).encode(),
-            kind="valid",
-            message_id=body["messageId"],
-            true_customer_id=user,
-            malformed_reason=None,
-            timestamp_ms=0,
-            delivered_ms=0,
-        )
-
-    messages = [event("cus_gone_quiet", now - timedelta(days=40)), event("cus_active", now)]
+    messages = [
+        _viewed("cus_gone_quiet", "clock-1", now - timedelta(days=40)),
+        _viewed("cus_active", "clock-2", now),
+    ]
     ticked: list[int] = []
     with pipeline_run(settings) as run:
 

@@ -427,6 +427,8 @@ def sync_crm_command(home: HomeOption = None) -> None:
     producer = KafkaRecordProducer(settings, broker_address(settings))
     for result in sync_crm(settings, producer):
         console.print(f"{result.source}: {result.produced} records, watermark {result.watermark}")
+        for problem in result.rejected:
+            console.print(f"  [yellow]skipped[/yellow] {problem}")
 
 
 @app.command("api")

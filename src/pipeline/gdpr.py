@@ -119,8 +119,14 @@ def erase_processor_state(
     deleted.
     """
     if producer is None:
-        if settings.state_dir.exists():
-            shutil.rmtree(settings.state_dir)
+        # this instance's, and every replica's of `pipeline up --replicas N` (state-<id>)
+        dirs = sorted(
+            {settings.state_dir, *settings.home.glob("state-*")} if settings.home.exists() else ()
+        )
+        dirs = [d for d in dirs if d.is_dir()]
+        for state_dir in dirs:
+            shutil.rmtree(state_dir)
+        if dirs:
             return "state directory deleted (no broker running)"
         return "no processor state"
     requests = erase_requests(customer_id, devices, at)

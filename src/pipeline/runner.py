@@ -299,6 +299,7 @@ def trigger_delivery(
         warehouse=run.warehouse,
         producer=producer,
         dlq_topic=run.settings.topics.email_dlq,
+        trigger_params=run.settings.triggers,
     )
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,8 @@ from pipeline.errors import PipelineError
 from pipeline.pii import normalize_email
 from pipeline.settings import Settings
 from pipeline.simulate.model import TrueCustomer
+
+log = logging.getLogger(__name__)
 
 CRM_FIELDS = (
     "customer_id",
@@ -253,9 +256,13 @@ class KafkaRecordProducer:
 
 @dataclass(frozen=True, slots=True)
 class SyncResult:
+    """What one source's sync did; ``rejected`` names the rows it could not read (they stay
+    in the source, to be fixed there; the others are synced all the same)."""
+
     source: str
     produced: int
     watermark: tuple[str, str] | None
+    rejected: tuple[str, ...] = ()
 
 
 def _watermark_path(settings: Settings, source: str) -> Path:
@@ -264,37 +271,71 @@ def _watermark_path(settings: Settings, source: str) -> Path:
 
 
 def load_watermark(settings: Settings, source: str) -> tuple[str, str] | None:
+    """The newest (updated_at, customer_id) synced from ``source``, None before its first sync."""
+    data = _load_mark(settings, source)
+    return None if data is None else (data["updated_at"], data["customer_id"])
+
+
+def _load_mark(settings: Settings, source: str) -> dict[str, Any] | None:
     path = _watermark_path(settings, source)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    return (data["updated_at"], data["customer_id"])
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
 
 
-def _store_watermark(settings: Settings, source: str, mark: tuple[str, str]) -> None:
+def _store_watermark(
+    settings: Settings, source: str, mark: tuple[str, str], sent_at_mark: Iterable[str]
+) -> None:
     path = _watermark_path(settings, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"updated_at": mark[0], "customer_id": mark[1]}))
+    data = {"updated_at": mark[0], "customer_id": mark[1], "sent_at_mark": sorted(sent_at_mark)}
+    tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
 
 def sync_records(
     settings: Settings, source: str, rows: Iterable[Mapping[str, Any]], producer: RecordProducer
 ) -> SyncResult:
-    """Produce the rows newer than the source's watermark, then advance it."""
-    mark = load_watermark(settings, source)
+    """Produce the rows newer than the source's watermark, then advance it.
+
+    The watermark is the newest ``updated_at`` with the ids already sent at that very time: a
+    row saved later in the same instant (any id) is still new, and none is sent twice. A row
+    that cannot be read is reported (logged, and in the result) and skipped, so that one bad
+    row does not hold back the others; it stays in the source to be fixed there.
+    """
+    data = _load_mark(settings, source)
+    mark_at = _parse_time(data["updated_at"]) if data else None
+    sent: set[str] = set(data.get("sent_at_mark", [data["customer_id"]])) if data else set()
+    records: list[CrmRecord] = []
+    rejected: list[str] = []
+    for row in rows:
+        try:
+            records.append(CrmRecord.parse(row, source))
+        except SyncError as exc:
+            log.warning("%s", exc)
+            rejected.append(str(exc))
     fresh = [
-        r for r in (CrmRecord.parse(row, source) for row in rows) if not mark or r.position > mark
+        r
+        for r in records
+        if mark_at is None
+        or r.updated_at > mark_at
+        or (r.updated_at == mark_at and r.customer_id not in sent)
     ]
     fresh.sort(key=lambda r: r.position)
     for record in fresh:
         producer.send(record.customer_id, record.to_message(source))
     producer.flush()
+    mark = load_watermark(settings, source)
     if fresh:
-        mark = fresh[-1].position
-        _store_watermark(settings, source, mark)
-    return SyncResult(source, len(fresh), mark)
+        newest = fresh[-1]
+        mark = newest.position
+        at_mark = {r.customer_id for r in fresh if r.updated_at == newest.updated_at}
+        if newest.updated_at == mark_at:
+            at_mark |= sent
+        _store_watermark(settings, source, mark, at_mark)
+    return SyncResult(source, len(fresh), mark, tuple(rejected))
 
 
 def sync_crm(settings: Settings, producer: RecordProducer) -> list[SyncResult]:
@@ -307,8 +348,9 @@ def sync_crm(settings: Settings, producer: RecordProducer) -> list[SyncResult]:
     if cfg.crm_sqlite_path is not None:
         source = f"sqlite:{cfg.crm_sqlite_path.name}:{cfg.crm_sqlite_table}"
         mark = load_watermark(settings, source)
-        # Text comparison only narrows the scan; the exact filter is on parsed times.
-        since = mark[0][:10] if mark else None
+        # Text comparison only narrows the scan; the exact filter is on parsed times. A day
+        # early: the table's text may carry any UTC offset (20:00-05:00 is the next UTC day).
+        since = (_parse_time(mark[0]) - timedelta(days=1)).date().isoformat() if mark else None
         rows = read_sqlite(cfg.crm_sqlite_path, cfg.crm_sqlite_table, since)
         results.append(sync_records(settings, source, rows, producer))
     return results

@@ -11,13 +11,14 @@ crash re-emits the same id and consumers drop it; a new add-to-cart arms a new t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.scoring import Profile
 
 TriggerKind = Literal["cart_abandonment", "browse_abandonment"]
+TRIGGER_KINDS: frozenset[str] = frozenset(get_args(TriggerKind))
 MINUTE_MS = 60_000
 
 
@@ -64,8 +65,9 @@ def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> 
 
     Only identified, not-merged customers are emailable. Cart abandonment: items in the cart,
     no order after the last add, and ``cart_abandonment_minutes`` passed. Browse abandonment:
-    products viewed after the last add-to-cart and the last order, and
-    ``browse_abandonment_minutes`` passed with nothing added.
+    products viewed after the last add-to-cart and the last order, no cart abandonment armed
+    (one email, not two), and ``browse_abandonment_minutes`` passed with nothing added; the
+    products named are the recently viewed ones not bought.
     """
     if profile.is_anonymous or profile.merged_into is not None:
         return []
@@ -73,7 +75,8 @@ def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> 
     out: list[Trigger] = []
     cart, order, view = profile.last_cart_ms, profile.last_order_ms, profile.last_view_ms
     cid = profile.customer_id
-    if cart is not None and profile.cart and (order is None or order < cart):
+    cart_armed = cart is not None and bool(profile.cart) and (order is None or order < cart)
+    if cart is not None and cart_armed:
         due = cart + int(params.cart_abandonment_minutes * MINUTE_MS)
         if due <= now:
             out.append(
@@ -85,10 +88,14 @@ def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> 
                     {"cart": dict(profile.cart)},
                 )
             )
-    if view is not None and (cart is None or cart < view) and (order is None or order < view):
+    browsed = view is not None and (cart is None or cart < view) and (order is None or order < view)
+    # a cart left behind is the stronger reason: one email, not two at the same send time
+    if view is not None and browsed and not cart_armed:
         due = view + int(params.browse_abandonment_minutes * MINUTE_MS)
         if due <= now:
-            viewed = profile.recent_views[: params.browse_views_kept]
+            bought = set(profile.purchased)
+            viewed = [p for p in profile.recent_views if p not in bought]
+            viewed = viewed[: params.browse_views_kept]
             out.append(
                 Trigger(
                     f"{cid}:browse_abandonment:{view}",

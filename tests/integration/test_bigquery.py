@@ -250,6 +250,49 @@ def test_forget_deletes_every_row(warehouse: BigQueryWarehouse) -> None:
     assert set(warehouse.count_customer_rows(keys, anon, "c-f").values()) == {0}
 
 
+def test_forget_keeps_a_shared_devices_other_customer_and_reads_dead_letters_as_json(
+    warehouse: BigQueryWarehouse,
+) -> None:
+    _skip_on_streaming_buffer(warehouse)
+    warehouse.write_events(
+        [
+            _event("s-1", "c-s", anonymous_id="dev-s"),
+            _event("s-2", "c-other", anonymous_id="dev-s", user_id="c-other"),
+            _event("s-3", "anon:dev-s", anonymous_id="dev-s", user_id=None),
+        ]
+    )
+
+    def letter(offset: int, raw: str) -> dict[str, Any]:
+        return {
+            "topic": "events.raw",
+            "partition": 9,
+            "offset": offset,
+            "reason": "schema_violation",
+            "detail": "x",
+            "ingested_ms": T0_MS,
+            "failed_ms": T0_MS,
+            "raw_text": raw,
+            "raw_b64": "",
+            "key": "k-s",
+        }
+
+    warehouse.write_dead_letters(
+        [
+            letter(1, '{"userId": "c\\u002ds"}'),  # "c-s", escaped
+            letter(2, '{"userId": "c-x", "properties": {"sku": "c-s"}}'),  # not theirs
+            letter(3, '{"broken": "c-s"'),  # unreadable: by its text
+        ]
+    )
+    keys, anon = ["c-s", "anon:dev-s"], ["dev-s"]
+    assert warehouse.count_customer_rows(keys, anon, "c-s")["dead_letters"] == 2
+    warehouse.delete_customer(keys, anon, "c-s")
+    assert set(warehouse.count_customer_rows(keys, anon, "c-s").values()) == {0}
+    left = warehouse.query("SELECT message_id FROM events WHERE message_id LIKE 's-%'")
+    assert list(left["message_id"]) == ["s-2"]
+    letters = warehouse.query("SELECT raw_text FROM dead_letters WHERE message_key = 'k-s'")
+    assert list(letters["raw_text"]) == ['{"userId": "c-x", "properties": {"sku": "c-s"}}']
+
+
 def test_gdpr_forget_and_verify_with_bigquery(warehouse: BigQueryWarehouse, tmp_path: Path) -> None:
     _skip_on_streaming_buffer(warehouse)
     settings = Settings(home=tmp_path)

@@ -208,10 +208,84 @@ def test_forget_without_a_running_broker_deletes_the_processor_state(
         (settings.home / "broker.json").write_text(
             f'{{"address": "127.0.0.1:1", "embedded_pid": {gone.pid}}}'
         )
+    replica = settings.home / "state-0-1" / "rocksdb"  # a replica's of `pipeline up --replicas`
+    replica.mkdir(parents=True)
+    (replica / "000001.sst").write_bytes(b"profile of c1")
     report = forget("c1", settings, warehouse=warehouse)
     assert report.processor_state == "state directory deleted (no broker running)"
     assert not settings.state_dir.exists()
+    assert not replica.parent.exists()
     audit = orjson.loads(audit_path(settings).read_bytes().splitlines()[-1])
     assert audit["processor_state"] == report.processor_state
     # nothing left to delete the second time
     assert forget("c1", settings, warehouse=warehouse).processor_state == "no processor state"
+
+
+def test_forget_keeps_another_customers_rows_on_a_shared_device(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    """A signed in on device D once; B uses D now. B's events and link stay, D's anonymous
+    events go, and so does everything of A's."""
+    settings = Settings(home=tmp_path / "home")
+
+    def on_d(mid: str, customer: str, user: str | None) -> dict[str, Any]:
+        return {**_event(mid, T0_MS), "customer_id": customer, "anonymous_id": "D", "user_id": user}
+
+    warehouse.write_events(
+        [
+            on_d("a1", "A", "A"),
+            on_d("b1", "B", "B"),
+            on_d("b2", "B", "B"),
+            on_d("x1", "anon:D", None),
+        ]
+    )
+    link = {"linked_ms": T0_MS, "via_message_id": "m", "merged_events": 0}
+    warehouse.write_identity_links(
+        [
+            {**link, "anonymous_id": "D", "customer_id": "B", "previous_customer_id": "A"},
+            {**link, "anonymous_id": "E", "customer_id": "A", "previous_customer_id": None},
+        ]
+    )
+    forget("A", settings, warehouse=warehouse)
+    left = warehouse.query("SELECT message_id, customer_id FROM events ORDER BY message_id")
+    assert left.values.tolist() == [["b1", "B"], ["b2", "B"]]
+    links = warehouse.query(
+        "SELECT anonymous_id, customer_id, previous_customer_id FROM identity_links"
+    )
+    assert links.values.tolist() == [["D", "B", None]]
+    assert set(verify_forgotten("A", settings, warehouse=warehouse).values()) == {0}
+
+
+def test_forget_finds_dead_letters_by_the_ids_in_their_json_only(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    settings = Settings(home=tmp_path / "home")
+
+    def letter(offset: int, raw: str, key: str = "k") -> dict[str, Any]:
+        return {
+            "topic": "events.raw",
+            "partition": 0,
+            "offset": offset,
+            "reason": "schema_violation",
+            "detail": "x",
+            "ingested_ms": T0_MS,
+            "failed_ms": T0_MS,
+            "raw_text": raw,
+            "raw_b64": "",
+            "key": key,
+        }
+
+    warehouse.write_dead_letters(
+        [
+            letter(1, '{"type": "track", "userId": "jos\\u00e9"}'),  # escaped, as json.dumps does
+            letter(2, '{"type": "track", "userId": 42}'),  # a number: refused by the schema
+            letter(3, '{"userId": "C7", "properties": {"product_id": "42"}}'),  # not theirs
+            letter(4, '{"broken": "42"', key="x"),  # unreadable: matched by its text
+        ]
+    )
+    forget("josé", settings, warehouse=warehouse)
+    forget("42", settings, warehouse=warehouse)
+    left = warehouse.query("SELECT raw_text FROM dead_letters")["raw_text"].tolist()
+    assert left == ['{"userId": "C7", "properties": {"product_id": "42"}}']
+    for who in ("josé", "42"):
+        assert set(verify_forgotten(who, settings, warehouse=warehouse).values()) == {0}

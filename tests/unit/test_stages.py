@@ -206,7 +206,12 @@ def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
             "requested_at": "2026-11-27",
         },
         # its link record on the compacted links topic becomes a tombstone
-        {"kind": KIND_UNLINKED, "anonymous_id": "dev1", "requested_at": "2026-11-27"},
+        {
+            "kind": KIND_UNLINKED,
+            "anonymous_id": "dev1",
+            "customer_id": "cus_1",
+            "requested_at": "2026-11-27",
+        },
     ]
     # nothing but dedupe ids (message ids, expired by the window) is left under the device
     assert {key for prefix, key in store if prefix == "dev1"} <= {
@@ -219,6 +224,12 @@ def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
     assert MemoryState(store, "dev2").get("history_len") == 2
     erase_key("dev2", "cus_1", MemoryState(store, "dev2"))
     assert [key for prefix, key in store if prefix == "dev2" and "history" in key] == []
+    # a shared device linked to another customer since keeps that link (and no tombstone)
+    login_b = make_event("Identify", T0_MS + 50, anonymous_id="dev3", user_id="cus_2")
+    stitch(login_b, MemoryState(store, "dev3"), CONFIG)
+    shared = erase_key("dev3", "cus_1", MemoryState(store, "dev3"))
+    assert [r["kind"] for r in shared] == [KIND_ERASE]
+    assert MemoryState(store, "dev3").get("linked") == "cus_2"
     # the user id keys server-side events: its request also names the customer's profile
     user_key = erase_key("cus_1", "cus_1", MemoryState(store, "cus_1"))
     assert [r["customer_id"] for r in user_key] == ["anon:cus_1", "cus_1"]
@@ -299,7 +310,7 @@ def test_a_forgotten_customer_signing_in_on_an_unerased_device_erases_that_devic
     out = forgotten_sign_in(sign_in, device_state(store, T0_MS), forgotten)
     assert [(r["kind"], r.get("customer_id")) for r in out] == [
         (KIND_ERASE, "anon:dev1"),
-        (KIND_UNLINKED, None),
+        (KIND_UNLINKED, "cus_1"),
     ]
     assert [key for prefix, key in store if prefix == "dev1" and "history" in key] == []
     # nothing to do for someone else, or for a device erased with them already

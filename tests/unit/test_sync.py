@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from pipeline.settings import Settings, SyncSettings
 from pipeline.sync import (
     CRM_FIELDS,
     CRM_UPDATED_TRAIT,
+    CrmRecord,
     SyncError,
     load_watermark,
     merge_crm_record,
@@ -112,11 +114,52 @@ def test_sqlite_source_with_watermark(tmp_path: Path) -> None:
     assert producer.records[0][1]["email_consent"] is False
 
 
-def test_bad_row_names_source_and_customer(tmp_path: Path) -> None:
+def test_a_bad_row_is_reported_by_source_and_customer_and_the_others_sync(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "crm.csv"
-    _write_csv(path, [_row("c9", "yesterday")])
-    with pytest.raises(SyncError, match=r"csv:crm\.csv.*c9"):
-        sync_crm(_settings(tmp_path, crm_csv_path=path), ListProducer())
+    _write_csv(path, [_row("c9", "yesterday"), _row("c1", "2024-01-01T00:00:00Z")])
+    producer = ListProducer()
+    [result] = sync_crm(_settings(tmp_path, crm_csv_path=path), producer)
+    assert [key for key, _ in producer.records] == ["c1"]
+    [problem] = result.rejected
+    assert re.search(r"csv:crm\.csv.*c9", problem)
+    with pytest.raises(SyncError, match=r"csv:crm\.csv.*c9"):  # the same message, raised alone
+        CrmRecord.parse(_row("c9", "yesterday"), "csv:crm.csv")
+
+
+def test_rows_saved_in_the_same_instant_as_the_watermark_are_not_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "crm.csv"
+    same = "2024-01-01T10:00:00Z"
+    _write_csv(path, [_row("c2", same)])
+    settings = _settings(tmp_path, crm_csv_path=path)
+    assert sync_crm(settings, ListProducer())[0].produced == 1
+    # c1 was saved in the same second, after the first sync read the table: still new
+    _write_csv(path, [_row("c2", same), _row("c1", same)])
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert [key for key, _ in producer.records] == ["c1"]
+    assert sync_crm(settings, ListProducer())[0].produced == 0  # and neither is sent twice
+
+
+def test_sqlite_rows_with_a_negative_utc_offset_are_not_skipped(tmp_path: Path) -> None:
+    db = tmp_path / "crm.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE customers ({', '.join(CRM_FIELDS)})")
+        conn.execute(
+            f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
+            tuple(_row("c1", "2024-01-02T00:30:00+00:00").values()),
+        )
+    settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
+    assert sync_crm(settings, ListProducer())[0].produced == 1
+    with sqlite3.connect(db) as conn:  # 01:00 UTC on the 2nd, written in New York's time
+        conn.execute(
+            f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
+            tuple(_row("c2", "2024-01-01T20:00:00-05:00").values()),
+        )
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert [key for key, _ in producer.records] == ["c2"]
 
 
 def test_crm_consent_and_email_always_win_over_tracked_traits() -> None:

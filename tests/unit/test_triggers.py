@@ -58,3 +58,19 @@ def test_anonymous_and_merged_profiles_are_not_emailable() -> None:
     assert due_triggers(anon, T0_MS + 10**9, P) == []
     merged = carted(merged_into="cus_9")
     assert due_triggers(merged, T0_MS + 10**9, P) == []
+
+
+def test_a_cart_left_behind_is_one_email_not_two() -> None:
+    """Added to cart, then viewed something else: the cart trigger, not a browse one too."""
+    p = carted(last_view_ms=T0_MS + 10 * MINUTE_MS, recent_views=["P2"])
+    assert [t.trigger for t in due_triggers(p, T0_MS + 10**9, P)] == ["cart_abandonment"]
+    p.cart = {}  # emptied by hand: the views after it are a browse abandonment again
+    assert [t.trigger for t in due_triggers(p, T0_MS + 10**9, P)] == ["browse_abandonment"]
+
+
+def test_a_browse_email_names_no_product_already_bought() -> None:
+    p = new_profile("cus_3", is_anonymous=False)
+    p.last_order_ms, p.purchased = T0_MS - 1, ["P9"]
+    p.last_view_ms, p.recent_views = T0_MS, ["P9", "P8", "P7"]
+    [t] = due_triggers(p, T0_MS + 10**9, P)
+    assert t.context == {"viewed": ["P8", "P7"]}

@@ -182,6 +182,41 @@ def make_client(settings: BigQuerySettings) -> bigquery.Client:
     return bigquery.Client(project=settings.project, location=settings.location)
 
 
+# The rows about a customer (``@keys``: their id and their devices' anonymous profile ids) and
+# their devices (``@anon``), as in the local warehouse: a shared device's events and link of
+# another customer stay; dead letters are matched by the ids in their JSON, and only
+# unreadable ones by their text.
+_DEAD_LETTER_JSON = " OR ".join(
+    f"JSON_VALUE(SAFE.PARSE_JSON(raw_text), '$.{field}') IN UNNEST(@{ids})"
+    for field, ids in (("userId", "ids"), ("anonymousId", "anon"), ("previousId", "anon"))
+)
+_CUSTOMER_ROWS: dict[str, str] = {
+    "events": "customer_id IN UNNEST(@keys) OR user_id = @user "
+    "OR (anonymous_id IN UNNEST(@anon) AND STARTS_WITH(customer_id, 'anon:'))",
+    "profiles": "customer_id IN UNNEST(@keys) OR merged_into IN UNNEST(@keys)",
+    "identity_links": "customer_id IN UNNEST(@keys)",
+    "segment_changes": "customer_id IN UNNEST(@keys)",
+    "sent_emails": "customer_id IN UNNEST(@keys)",
+    "dead_letters": "message_key IN UNNEST(@keys) OR message_key IN UNNEST(@anon) OR "
+    f"{_DEAD_LETTER_JSON} OR (SAFE.PARSE_JSON(raw_text) IS NULL AND "
+    "EXISTS (SELECT 1 FROM UNNEST(@texts) AS t WHERE STRPOS(raw_text, t) > 0))",
+    "alerts": "subject IN UNNEST(@keys) OR subject = @user OR subject IN UNNEST(@anon)",
+}
+
+
+def _customer_params(
+    customer_keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
+) -> dict[str, Any]:
+    keys = list(customer_keys)
+    return {
+        "keys": keys,
+        "anon": list(anonymous_ids) or [""],
+        "ids": [*keys, user_id],
+        "user": user_id,
+        "texts": [f'"{t}"' for t in (user_id, *anonymous_ids)],
+    }
+
+
 class BigQueryWarehouse:
     """The warehouse in one BigQuery dataset; call :meth:`ensure_schema` once before writing."""
 
@@ -495,45 +530,19 @@ class BigQueryWarehouse:
         self, customer_keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
     ) -> dict[str, int]:
         """DML DELETE of every row about a customer (GDPR); returns rows deleted per table."""
-        keys = list(customer_keys)
-        anon = list(anonymous_ids) or [""]
-        texts = [f'"{k}"' for k in [user_id, *anonymous_ids]]
-        p_keys = bigquery.ArrayQueryParameter("keys", "STRING", keys)
-        p_anon = bigquery.ArrayQueryParameter("anon", "STRING", anon)
-        p_user = bigquery.ScalarQueryParameter("user", "STRING", user_id)
-        p_texts = bigquery.ArrayQueryParameter("texts", "STRING", texts)
-        where: dict[str, tuple[str, list[Any]]] = {
-            "events": (
-                "customer_id IN UNNEST(@keys) OR user_id = @user OR anonymous_id IN UNNEST(@anon)",
-                [p_keys, p_user, p_anon],
-            ),
-            "profiles": ("customer_id IN UNNEST(@keys) OR merged_into IN UNNEST(@keys)", [p_keys]),
-            "identity_links": (
-                "customer_id IN UNNEST(@keys) OR anonymous_id IN UNNEST(@anon)",
-                [p_keys, p_anon],
-            ),
-            "segment_changes": ("customer_id IN UNNEST(@keys)", [p_keys]),
-            "sent_emails": ("customer_id IN UNNEST(@keys)", [p_keys]),
-            "dead_letters": (
-                "message_key IN UNNEST(@keys) OR message_key IN UNNEST(@anon) OR "
-                "EXISTS (SELECT 1 FROM UNNEST(@texts) AS t WHERE STRPOS(raw_text, t) > 0)",
-                [p_keys, p_anon, p_texts],
-            ),
-            "alerts": (
-                "subject IN UNNEST(@keys) OR subject = @user OR subject IN UNNEST(@anon)",
-                [p_keys, p_user, p_anon],
-            ),
-        }
+        params = [
+            _param(k, v) for k, v in _customer_params(customer_keys, anonymous_ids, user_id).items()
+        ]
         deleted = {
             table: self.run(
                 f"DELETE FROM `{table}` WHERE {cond}", params, what=f"forget in {table}"
             )
-            for table, (cond, params) in where.items()
+            for table, cond in _CUSTOMER_ROWS.items()
         }
         self.run(
             "UPDATE `identity_links` SET previous_customer_id = NULL "
             "WHERE previous_customer_id IN UNNEST(@keys)",
-            [p_keys],
+            params,
             what="forget in identity_links",
         )
         return deleted
@@ -541,19 +550,11 @@ class BigQueryWarehouse:
     def count_customer_rows(
         self, customer_keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
     ) -> dict[str, int]:
-        """Rows per table that still mention the customer (0 everywhere after forgetting)."""
-        params = {"keys": list(customer_keys), "anon": list(anonymous_ids) or [""], "user": user_id}
-        checks = {
-            "events": "customer_id IN UNNEST(@keys) OR user_id = @user "
-            "OR anonymous_id IN UNNEST(@anon)",
-            "profiles": "customer_id IN UNNEST(@keys) OR merged_into IN UNNEST(@keys)",
-            "identity_links": "customer_id IN UNNEST(@keys) OR anonymous_id IN UNNEST(@anon) "
-            "OR previous_customer_id IN UNNEST(@keys)",
-            "segment_changes": "customer_id IN UNNEST(@keys)",
-            "sent_emails": "customer_id IN UNNEST(@keys)",
-            "dead_letters": "message_key IN UNNEST(@keys) OR message_key IN UNNEST(@anon)",
-            "alerts": "subject IN UNNEST(@keys) OR subject = @user OR subject IN UNNEST(@anon)",
-        }
+        """Rows per table that still mention the customer (0 everywhere after forgetting):
+        the rows :meth:`delete_customer` deletes, and links naming them as the previous one."""
+        params = _customer_params(customer_keys, anonymous_ids, user_id)
+        checks = dict(_CUSTOMER_ROWS)
+        checks["identity_links"] += " OR previous_customer_id IN UNNEST(@keys)"
         return {
             t: int(self.scalar(f"SELECT COUNT(*) FROM `{t}` WHERE {cond}", params))
             for t, cond in checks.items()

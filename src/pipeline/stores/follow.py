@@ -50,15 +50,16 @@ from pipeline.gdpr import (
     nobody_suppressed,
     suppression_source,
 )
-from pipeline.identity import anonymous_customer_id
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stores.records import RecordBatch, erase, write
-from pipeline.stream.stages import KIND_ERASE, KIND_ERASED
+from pipeline.stream.stages import KIND_ERASE, KIND_ERASED, KIND_UNLINKED
 
 log = logging.getLogger(__name__)
-_ERASURES = frozenset({KIND_ERASE, KIND_ERASED})  # about forgotten customers, and applied
+_ERASURES = frozenset(
+    {KIND_ERASE, KIND_ERASED, KIND_UNLINKED}
+)  # about forgotten customers, and applied
 # what building rows from a record that is not shaped as the processor writes it raises
 _MALFORMED_RECORD = (KeyError, TypeError, ValueError, AttributeError)
 # what SQLite raises for rows it refuses (a constraint, a value it cannot bind); its other
@@ -306,12 +307,8 @@ class StoreFollower:
             topic = message.topic()
             if topic == self._profiles:
                 return {"kind": KIND_ERASED, "customer_id": erased}
-            if topic == self._identities:  # what stage 1 erased with it, as on the processor
-                return {
-                    "kind": KIND_ERASE,
-                    "customer_id": anonymous_customer_id(erased),
-                    "key": erased,
-                }
+            if topic == self._identities:  # that device's link is gone
+                return {"kind": KIND_UNLINKED, "anonymous_id": erased}
         try:
             return orjson.loads(value)
         except (orjson.JSONDecodeError, TypeError):
@@ -344,7 +341,7 @@ class StoreFollower:
         batch = RecordBatch.of(records)
         with self._warehouse.batch():
             write(self._warehouse, batch)
-        if batch.erasures:
+        if batch.erasures or batch.unlinked:
             erase(self._warehouse, batch)
 
 

@@ -622,27 +622,38 @@ class LocalWarehouse:
     def _customer_conditions(
         self, keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str
     ) -> dict[str, tuple[str, list[Any]]]:
+        """Which rows are about a customer (``keys``: their id and their devices' anonymous
+        profile ids) and their devices. A device may be shared: another customer's events and
+        link on it are theirs and stay; its anonymous events go. Dead letters are matched by
+        the ids in their JSON (escapes and numbers read as JSON does), so that an id inside
+        another event's text is no match; only unreadable ones are matched by the text."""
         k = ",".join("?" * len(keys))
         a = ",".join("?" * len(anonymous_ids)) or "NULL"
-        texts = [f'"{i}"' for i in (user_id, *anonymous_ids)]
+        ids = [*keys, user_id]
+        i = ",".join("?" * len(ids))
+        texts = [f'"{t}"' for t in (user_id, *anonymous_ids)]
         raw = " OR ".join("instr(raw_text, ?) > 0" for _ in texts)
+        fields = (
+            f"CAST(json_extract(raw_text, '$.userId') AS TEXT) IN ({i}) "
+            f"OR CAST(json_extract(raw_text, '$.anonymousId') AS TEXT) IN ({a}) "
+            f"OR CAST(json_extract(raw_text, '$.previousId') AS TEXT) IN ({a})"
+        )
         out = {
             "events": (
-                f"customer_id IN ({k}) OR user_id = ? OR anonymous_id IN ({a})",
+                f"customer_id IN ({k}) OR user_id = ? "
+                f"OR (anonymous_id IN ({a}) AND customer_id LIKE 'anon:%')",
                 [*keys, user_id, *anonymous_ids],
             ),
             "profiles": (f"customer_id IN ({k}) OR merged_into IN ({k})", [*keys, *keys]),
-            "identity_links": (
-                f"customer_id IN ({k}) OR anonymous_id IN ({a})",
-                [*keys, *anonymous_ids],
-            ),
+            "identity_links": (f"customer_id IN ({k})", list(keys)),
             "segment_changes": (f"customer_id IN ({k})", list(keys)),
             "email_triggers": (f"customer_id IN ({k})", list(keys)),
             "sent_emails": (f"customer_id IN ({k})", list(keys)),
             "scheduled_emails": (f"customer_id IN ({k})", list(keys)),
             "dead_letters": (
-                f"message_key IN ({k}) OR message_key IN ({a}) OR {raw}",
-                [*keys, *anonymous_ids, *texts],
+                f"message_key IN ({k}) OR message_key IN ({a}) OR CASE WHEN json_valid(raw_text) "
+                f"THEN {fields} ELSE {raw} END",
+                [*keys, *anonymous_ids, *ids, *anonymous_ids, *anonymous_ids, *texts],
             ),
             # a bot_identity alert names the identity it flagged
             "alerts": (
@@ -672,6 +683,16 @@ class LocalWarehouse:
                 list(keys),
             )
         return deleted
+
+    def delete_link(self, anonymous_id: str, customer_id: str | None = None) -> int:
+        """Delete a device's identity link (only if it links to ``customer_id``, when given)."""
+        sql = "DELETE FROM identity_links WHERE anonymous_id = ?"
+        params: list[Any] = [anonymous_id]
+        if customer_id is not None:
+            sql += " AND customer_id = ?"
+            params.append(customer_id)
+        with self._tx() as conn:
+            return int(conn.execute(sql, params).rowcount)
 
     def count_customer_rows(
         self, keys: Sequence[str], anonymous_ids: Sequence[str], user_id: str

@@ -8,7 +8,7 @@ same records read back from the output topics to a serving replica.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
@@ -21,6 +21,7 @@ from pipeline.stream.stages import (
     KIND_LINK,
     KIND_PROFILE,
     KIND_SEGMENT_CHANGE,
+    KIND_UNLINKED,
 )
 
 Record = Mapping[str, Any]
@@ -39,6 +40,7 @@ class RecordBatch:
     links: list[dict[str, Any]]
     erasures: list[Record]
     erased: int
+    unlinked: list[Record] = field(default_factory=list)
 
     @classmethod
     def of(cls, records: Iterable[Record]) -> RecordBatch:
@@ -55,6 +57,7 @@ class RecordBatch:
             links=[{k: v for k, v in r.items() if k != "kind"} for r in by_kind.get(KIND_LINK, ())],
             erasures=[*by_kind.get(KIND_ERASE, ()), *erased],
             erased=len(erased),
+            unlinked=by_kind.get(KIND_UNLINKED, []),
         )
 
 
@@ -82,3 +85,5 @@ def erase(wh: LocalWarehouse, batch: RecordBatch) -> None:
     for r in batch.erasures:
         customer, key = r["customer_id"], r.get("key")
         wh.delete_customer([customer], [key] if key else [], key or customer)
+    for r in batch.unlinked:
+        wh.delete_link(r["anonymous_id"], r.get("customer_id"))

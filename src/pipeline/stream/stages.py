@@ -195,9 +195,10 @@ def erase_key(
     key: str, customer_id: str, state: KeyValueState, *, requested_at: str | None = None
 ) -> list[dict[str, Any]]:
     """Stage 1, for an erasure request under stage-1 ``key`` (a device, or the user id that keys
-    server-side events): drop the key's link and anonymous history, ask stage 2 to drop the
-    profiles the key can have (its anonymous one; the customer's when the key is their id), and
-    for a device, say that its link is gone (a tombstone on the compacted links topic).
+    server-side events): drop the key's anonymous history and its link to the customer (not a
+    shared device's link to someone else), ask stage 2 to drop the profiles the key can have
+    (its anonymous one; the customer's when the key is their id), and for a device whose link
+    went, say so (a tombstone on the compacted links topic).
 
     Dedupe entries stay until the dedupe window expires them: they hold message ids only.
     """
@@ -206,7 +207,6 @@ def erase_key(
         state.delete(f"{_HISTORY}{i}")
     state.delete(_HISTORY_LEN)
     state.delete(_HISTORY_HEAD)
-    state.delete(_LINKED)
     profiles = [identity.anonymous_customer_id(key)]
     if key == customer_id:
         profiles.append(customer_id)
@@ -214,8 +214,19 @@ def erase_key(
         {"kind": KIND_ERASE, "customer_id": c, "key": key, "requested_at": requested_at}
         for c in profiles
     ]
-    if key != customer_id:  # a device: its link record becomes a tombstone
-        out.append({"kind": KIND_UNLINKED, "anonymous_id": key, "requested_at": requested_at})
+    linked = state.get(_LINKED)
+    if linked is None or linked == customer_id:
+        state.delete(_LINKED)
+        if key != customer_id:  # a device: its link record becomes a tombstone
+            out.append(
+                {
+                    "kind": KIND_UNLINKED,
+                    "anonymous_id": key,
+                    "customer_id": customer_id,
+                    "requested_at": requested_at,
+                }
+            )
+    # else a shared device, linked to another customer since: that link is theirs and stays
     return out
 
 

@@ -528,7 +528,7 @@ def build_application(
         metrics.segment_changes += len(batch.changes)
         for wh in extra_warehouses:
             write_records(wh, batch)
-        if batch.erasures:
+        if batch.erasures or batch.unlinked:
             erase_records(warehouse, batch)  # (BigQuery: re-run forget)
             metrics.profiles_erased += batch.erased
 
@@ -578,7 +578,7 @@ def build_application(
         .sink(
             WarehouseSink(
                 write,
-                frozenset({KIND_DEAD_LETTER, KIND_ALERT, KIND_LINK, KIND_ERASE}),
+                frozenset({KIND_DEAD_LETTER, KIND_ALERT, KIND_LINK, KIND_ERASE, KIND_UNLINKED}),
                 max_delay_ms=sink_delay_ms,
             )
         )

@@ -8,7 +8,8 @@ due through the email platform client (retries, idempotency keys). Sent emails l
 The queue survives restarts: each queued email is also kept in the ``scheduled_emails`` table
 (without its address) until it is sent or fails for good, and :meth:`TriggeredDelivery.recover`
 queues them again at start-up, looking the address and consent up again. An email whose row is
-gone when it falls due (``pipeline forget`` deletes the customer's) is not sent.
+gone when it falls due (``pipeline forget`` deletes the customer's) is not sent, and neither is
+one whose trigger is no longer due then (the customer ordered, or emptied the cart, since).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from pipeline.api.service import PersonalizationService
 from pipeline.delivery.client import EmailPlatform
 from pipeline.delivery.payload import Delivered, DeliveryFailure, EmailPayload, payload_for
 from pipeline.delivery.scheduler import DeliveryScheduler, RenderJob, deliver_due
-from pipeline.errors import BrokerError, PipelineError
+from pipeline.errors import BrokerError, PipelineError, ProfileNotFoundError
+from pipeline.scoring import profile_from_dict
 from pipeline.stores.local import LocalWarehouse
-from pipeline.triggers import Trigger
+from pipeline.stream.trigger_scan import watermark
+from pipeline.triggers import TRIGGER_KINDS, Trigger, TriggerParams, due_triggers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class DeliveryStats:
     failed: int = 0
     recovered: int = 0
     dropped_forgotten: int = 0
+    dropped_stale: int = 0  # their trigger was no longer due when the email fell due
 
 
 @dataclass
@@ -59,6 +63,7 @@ class TriggeredDelivery:
     producer: Producer
     dlq_topic: str
     clock_ms: Callable[[], int] = _wall_ms
+    trigger_params: TriggerParams = field(default_factory=TriggerParams)
     scheduler: DeliveryScheduler = field(default_factory=DeliveryScheduler)
     stats: DeliveryStats = field(default_factory=DeliveryStats)
     _pending: dict[str, tuple[EmailPayload, Mapping[str, Any]]] = field(default_factory=dict)
@@ -124,7 +129,16 @@ class TriggeredDelivery:
                 if job.key not in kept:  # the customer was forgotten since it was queued
                     self._pending.pop(job.key, None)
                     self.stats.dropped_forgotten += 1
-            return [job for job in jobs if job.key in kept]
+            wanted = [job for job in jobs if job.key in kept]
+            # the send time can be days after the trigger: a customer who ordered (or
+            # emptied the cart) since is not told they left it
+            stale = [job.key for job in wanted if not self._still_due(job.payload)]
+            if stale:
+                self.warehouse.unschedule_emails(stale)
+                for key in stale:
+                    self._pending.pop(key, None)
+                self.stats.dropped_stale += len(stale)
+            return [job for job in wanted if job.key not in stale]
 
         outcomes, failures = deliver_due(
             self.scheduler, self.platform, self.clock_ms(), keep=still_wanted
@@ -142,6 +156,20 @@ class TriggeredDelivery:
         self.stats.delivered += len(sent)
         self.stats.failed += len(failures)
         return len(sent), len(failures)
+
+    def _still_due(self, payload: EmailPayload) -> bool:
+        """Whether the trigger behind a queued email is still due for its customer now."""
+        if payload.campaign not in TRIGGER_KINDS:
+            return True  # not a trigger's email
+        mark = watermark(self.warehouse)
+        try:
+            stored = self.warehouse.get_profile(payload.customer)
+        except ProfileNotFoundError:
+            return False
+        if mark is None:
+            return True
+        due = due_triggers(profile_from_dict(stored), mark, self.trigger_params)
+        return any(t.trigger == payload.campaign for t in due)
 
     def _queue(self, job: RenderJob, snapshot: Mapping[str, Any]) -> bool:
         if not self.scheduler.add(job):

@@ -329,8 +329,10 @@ def _price_fit(profile: Profile, index: CatalogIndex, weight: float) -> dict[Pri
 
 
 def _period(profile: Profile, at_ms: int, params: RecommendParams) -> str:
-    last = profile.last_view_ms
-    if last is not None and at_ms - last <= params.this_week_days * DAY_MS:
+    """ "this week" only when every view in the profile is that recent: the profile keeps no
+    time per view, so a customer first seen this week is the one case it can say so."""
+    first = profile.first_seen_ms
+    if first is not None and at_ms - first <= params.this_week_days * DAY_MS:
         return "this week"
     return "recently"
 
@@ -401,7 +403,8 @@ def recommend(
         if period == "this week"
         else ("You viewed this recently")
     )
-    for i, product in enumerate(viewed[: params.recent_views_used]):
+    unbought = [p for p in viewed if p.product_id not in excluded]  # w / (1 + i), i among these
+    for i, product in enumerate(unbought[: params.recent_views_used]):
         recent[product.product_id] = params.weight_recent / (1 + i)
         reasons[(product.product_id, "recently_viewed")] = recent_reason
 

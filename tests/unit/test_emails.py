@@ -147,6 +147,17 @@ def test_snapshot_records_what_produced_the_email() -> None:
     json.dumps(snap)  # storable as is
 
 
+def test_the_snapshots_score_and_stage_are_as_of_the_email_like_its_segments() -> None:
+    from pipeline.scoring import ScoringParams, intent_stage, interaction_score
+
+    profile = customer()  # stored at its last event: cis 61.5
+    later = NOW + 45 * 86_400_000
+    snap = render(profile, as_of_ms=later).snapshot["profile"]
+    params = ScoringParams()
+    assert snap["cis"] == interaction_score(profile, later, params).score != profile.cis
+    assert snap["intent_stage"] == intent_stage(profile, later, params)
+
+
 def test_unsafe_urls_are_refused() -> None:
     with pytest.raises(ValueError, match="unsubscribe_url"):
         render(unsubscribe_url="javascript:alert(1)")

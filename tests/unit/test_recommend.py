@@ -145,6 +145,7 @@ def test_affinity_recommendations_with_a_viewing_reason() -> None:
         brand_affinity={"Linnea": 5.0},
         recent_views=["D1", "D3"],
         purchased=["D2"],
+        first_seen_ms=NOW - 3 * DAY_MS,  # every view of theirs is from this week
         last_view_ms=NOW - DAY_MS,
     )
     recs = recommend(profile, CATALOG, k=4, signals=RecommendationSignals(), at_ms=NOW)
@@ -155,6 +156,10 @@ def test_affinity_recommendations_with_a_viewing_reason() -> None:
     assert recs[0].reason == "Because you viewed 2 linen dresses this week"
     assert len(ids) == len(set(ids)) == 4
     assert all(r.score > 0 for r in recs)
+    # seen for months, the newest view yesterday: the views counted may be old, so no "week"
+    profile.first_seen_ms = NOW - 90 * DAY_MS
+    recs = recommend(profile, CATALOG, k=4, signals=RecommendationSignals(), at_ms=NOW)
+    assert recs[0].reason == "Because you viewed 2 linen dresses recently"
 
 
 def test_recently_viewed_reason_without_affinity() -> None:
@@ -346,3 +351,16 @@ def _percentile(seconds: list[float], q: float) -> float:
     """The ``q`` quantile of ``seconds``, in milliseconds (nearest rank)."""
     ordered = sorted(seconds)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+
+def test_recently_viewed_ranks_count_only_the_views_not_bought() -> None:
+    """``w_recent / (1 + i)`` for the i-th most recent view *not bought*: a bought view
+    before it does not halve its score."""
+    scores = []
+    for views in (["B2", "B1"], ["B1", "B2"]):
+        profile = shopper(recent_views=views, purchased=["B2"], last_view_ms=NOW)
+        recs = recommend(profile, CATALOG, k=3, signals=RecommendationSignals(), at_ms=NOW)
+        [b1] = [r for r in recs if r.product_id == "B1"]
+        assert b1.source == "recently_viewed"
+        scores.append(b1.score)
+    assert scores[0] == pytest.approx(scores[1])

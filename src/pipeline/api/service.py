@@ -225,6 +225,7 @@ class PersonalizationService:
             ),
             as_of_ms=at_ms,
             segments=segments,
+            scoring=self.settings.scoring,
             parameters={
                 "recommend": config.recommend.model_dump(),
                 "send_time": config.send_time.model_dump(),

@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.catalog import Catalog
 from pipeline.recommend import Recommendation
-from pipeline.scoring import Profile, affinity_shares
+from pipeline.scoring import (
+    Profile,
+    ScoringParams,
+    affinity_shares,
+    intent_stage,
+    interaction_score,
+)
 from pipeline.sendtime import SendTime
 
 CURRENCY_SYMBOLS: Mapping[str, str] = {"EUR": "\u20ac", "GBP": "\u00a3", "USD": "$"}
@@ -161,8 +167,10 @@ def _snapshot(
     segments: Iterable[str],
     parameters: Mapping[str, Any],
     params: EmailParams,
+    scoring: ScoringParams,
 ) -> dict[str, Any]:
-    """The profile fields, segments, parameters and reasons that produced the email."""
+    """The profile fields, segments, parameters and reasons that produced the email: the score
+    and intent stage as of ``as_of_ms``, like the segments (not as stored at the last event)."""
     top = params.snapshot_affinities
     return {
         "customer_id": profile.customer_id,
@@ -172,8 +180,8 @@ def _snapshot(
             "version": profile.version,
             "first_name": first_name(profile),
             "timezone": profile.timezone,
-            "cis": profile.cis,
-            "intent_stage": profile.intent_stage,
+            "cis": interaction_score(profile, as_of_ms, scoring).score,
+            "intent_stage": intent_stage(profile, as_of_ms, scoring),
             "last_seen_ms": profile.last_seen_ms,
             "order_count": profile.order_count,
             "revenue_total": profile.revenue_total,
@@ -202,6 +210,7 @@ def render_email(
     segments: Iterable[str] = (),
     parameters: Mapping[str, Any] | None = None,
     params: EmailParams | None = None,
+    scoring: ScoringParams | None = None,
 ) -> RenderedEmail:
     """The personalized email for ``profile``; ``parameters`` (e.g. recommender and send-time
     params as dicts) are recorded in the snapshot with ``segments``."""
@@ -239,5 +248,6 @@ def render_email(
             segments=segments,
             parameters=parameters or {},
             params=params,
+            scoring=scoring or ScoringParams(),
         ),
     )

@@ -323,13 +323,15 @@ def report(
     ] = Path("reports"),
 ) -> None:
     """Execute a notebook with papermill into OUTPUT_DIR/<YYYY-MM-DD>/ and export it as HTML."""
-    from pipeline.reports import parameters_from_args, run_report
+    from pipeline.reports import caller_environment, parameters_from_args, run_report
 
     try:
         parameters = parameters_from_args(ctx.args)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), ctx=ctx) from exc
-    result = run_report(notebook, parameters, output_dir)
+    # the kernel runs in the report's folder: it gets this process's home and .env settings
+    kernel_env = caller_environment(_settings(None).home)
+    result = run_report(notebook, parameters, output_dir, kernel_env=kernel_env)
     console.print(f"report written: {result.notebook}\n                {result.html}")
 
 

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import nbformat
 import papermill  # type: ignore[import-untyped]
+from dotenv import dotenv_values
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError  # type: ignore[import-untyped]
 
@@ -83,6 +86,34 @@ def export_html(executed: Path, html: Path) -> Path:
     return html
 
 
+def caller_environment(home: Path, env_file: Path = Path(".env")) -> dict[str, str]:
+    """What a report's kernel needs to see the caller's settings: it runs in the report's
+    folder, where a relative ``PIPELINE_HOME`` and the caller's ``.env`` would not resolve.
+    The home, absolute, and the ``PIPELINE_*`` values of the ``.env`` not already set."""
+    env = {
+        key: value
+        for key, value in dotenv_values(env_file).items()
+        if key.startswith("PIPELINE_") and value is not None and key not in os.environ
+    }
+    env["PIPELINE_HOME"] = str(home.resolve())
+    return env
+
+
+@contextlib.contextmanager
+def _environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``extra`` set meanwhile (the kernel is started from it)."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_report(
     notebook: Path,
     parameters: Mapping[str, Any],
@@ -91,8 +122,10 @@ def run_report(
     date: date | None = None,
     cwd: Path | None = None,
     progress_bar: bool = False,
+    kernel_env: Mapping[str, str] | None = None,
 ) -> ReportResult:
-    """Execute ``notebook`` with ``parameters`` (kernel python3) and export it to HTML.
+    """Execute ``notebook`` with ``parameters`` (kernel python3) and export it to HTML;
+    ``kernel_env`` is added to the kernel's environment (see :func:`caller_environment`).
 
     A failing cell still leaves the executed notebook and its HTML (showing the error) in
     place for whoever reads the report, then raises :class:`ReportError`.
@@ -105,16 +138,17 @@ def run_report(
     executed.parent.mkdir(parents=True, exist_ok=True)
     params = dict(parameters)
     try:
-        papermill.execute_notebook(
-            str(notebook),
-            str(executed),
-            parameters=params,
-            kernel_name=KERNEL_NAME,
-            language=LANGUAGE,
-            progress_bar=progress_bar,
-            # relative outputs (a results JSON, a data directory) land beside the report
-            cwd=str(cwd if cwd is not None else executed.parent),
-        )
+        with _environment(kernel_env or {}):
+            papermill.execute_notebook(
+                str(notebook),
+                str(executed),
+                parameters=params,
+                kernel_name=KERNEL_NAME,
+                language=LANGUAGE,
+                progress_bar=progress_bar,
+                # relative outputs (a results JSON, a data directory) land beside the report
+                cwd=str(cwd if cwd is not None else executed.parent),
+            )
     except PapermillExecutionError as exc:
         export_html(executed, html)
         raise ReportError(

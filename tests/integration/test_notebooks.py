@@ -221,3 +221,34 @@ def test_pipeline_report_of_a_failing_run_keeps_the_html_and_exits_nonzero(
     assert done.returncode == 2
     assert "ValueError" in done.stderr
     assert list((tmp_path / "reports").glob("*/03_scoring_lab.html"))
+
+
+@pytest.mark.timeout(120)
+def test_a_reports_kernel_sees_the_callers_home_and_env_file(tmp_path: Path) -> None:
+    """The kernel runs in the report's folder: a relative PIPELINE_HOME and the caller's .env
+    would resolve there (no warehouse found) unless the CLI hands them over."""
+    notebook = tmp_path / "seen.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("label = 'x'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from pathlib import Path\n"
+            "from pipeline.settings import Settings\n"
+            "s = Settings()\n"
+            "Path('seen.txt').write_text(f'{s.home}|{s.log_level}')"
+        ),
+    ]
+    nbformat.write(nb, notebook)
+    (tmp_path / ".env").write_text("PIPELINE_HOME=.pipeline\nPIPELINE_LOG_LEVEL=ERROR\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(notebook)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [seen] = list((tmp_path / "reports").glob("*/seen.txt"))
+    assert seen.read_text() == f"{(tmp_path / '.pipeline').resolve()}|ERROR"

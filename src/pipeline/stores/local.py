@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_customer ON events (customer_id, event_ts_ms);
 CREATE INDEX IF NOT EXISTS events_date ON events (event_date);
+-- the Live page's recent windows (by store and broker time) and re-attributed count; cheap to
+-- keep: both times only grow, so inserts append (60k events: 18-19 vs 19-20 us each)
+CREATE INDEX IF NOT EXISTS events_stored ON events (stored_ms);
+CREATE INDEX IF NOT EXISTS events_ingested ON events (ingested_ms);
+CREATE INDEX IF NOT EXISTS events_merged ON events (merged_from) WHERE merged_from IS NOT NULL;
 CREATE TABLE IF NOT EXISTS profiles (
     customer_id   TEXT PRIMARY KEY,
     is_anonymous  INTEGER NOT NULL,
@@ -91,6 +96,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw_b64        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason);
+CREATE INDEX IF NOT EXISTS dead_letters_failed ON dead_letters (failed_ms);
 CREATE TABLE IF NOT EXISTS identity_links (
     anonymous_id   TEXT PRIMARY KEY,
     customer_id    TEXT NOT NULL,

@@ -68,7 +68,7 @@ ORDER_DEPENDENT: dict[str, str] = {
     "last_session_id": "the last record to arrive",
     "recent_views": "late views only fill free room, in arrival order",
     "purchased": "late orders only fill free room, in arrival order",
-    "cart": "a removal arriving before its add is dropped",
+    "cart": "a partial removal arriving before its add takes the whole line",
     "intent_stage": "reads the cart",
     "category_affinity": "clamped at 0 after every record (see pipeline.scoring)",
     "brand_affinity": "clamped at 0 after every record (see pipeline.scoring)",

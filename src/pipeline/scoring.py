@@ -125,6 +125,11 @@ class Profile:
     traits: dict[str, Any] = field(default_factory=dict)
     recent_views: list[str] = field(default_factory=list)
     cart: dict[str, int] = field(default_factory=dict)
+    # Event time of each cart line's newest add, and of each product's newest order or removal
+    # (the newest CART_CLOSED_KEPT): a late add from before a product was bought or removed is
+    # not put back, and a late order does not empty a line added again after it.
+    cart_ms: dict[str, int] = field(default_factory=dict)
+    cart_closed_ms: dict[str, int] = field(default_factory=dict)
     purchased: list[str] = field(default_factory=list)
     cis: float = 0.0
     intent_stage: IntentStage = "browsing"
@@ -290,19 +295,16 @@ def apply_event(
         _apply_order(profile, event, params, t, f_mon)
     elif name == "Product Added":
         pid = event.product_id
-        if pid is not None:
+        if pid is not None and profile.cart_closed_ms.get(pid, t - 1) < t:
             qty = _quantity(event.properties.get("quantity", 1))
             profile.cart[pid] = profile.cart.get(pid, 0) + qty
+            profile.cart_ms[pid] = max(profile.cart_ms.get(pid, t), t)
         if profile.last_cart_ms is None or t > profile.last_cart_ms:
             profile.last_cart_ms = t
     elif name == "Product Removed":
         pid = event.product_id
-        if pid is not None and pid in profile.cart:
-            left = profile.cart[pid] - _quantity(event.properties.get("quantity", 1))
-            if left > 0:
-                profile.cart[pid] = left
-            else:
-                del profile.cart[pid]
+        if pid is not None:
+            _take_from_cart(profile, pid, _quantity(event.properties.get("quantity", 1)), t)
     elif name in VIEW_EVENTS:
         newest = profile.last_view_ms is None or t >= profile.last_view_ms
         if newest:
@@ -348,9 +350,37 @@ def _apply_order(
     else:
         return
     _push_recent(profile.purchased, bought, newest, params.purchases_kept)
+    for pid in bought:  # a checkout takes the line, whatever quantity it names
+        _take_from_cart(profile, pid, None, t)
+
+
+CART_CLOSED_KEPT = 50  # late events older than the 50th newest are rare: keeps profiles small
+
+
+def _take_from_cart(profile: Profile, pid: str, qty: int | None, t: int) -> None:
+    """An order (``qty`` None: the whole line) or a removal of ``pid`` at event time ``t``.
+
+    Adds older than ``t`` are what it takes from, in whatever order the events arrive: a line
+    whose newest add is older goes down by ``qty`` (or goes); one added again after ``t``
+    keeps that newest add's unit at least; and an add older than ``t`` arriving later is not
+    put back (:func:`apply_event`). For one unit at a time the cart then does not depend on
+    arrival order; a partial removal that arrives before its add is taken as the whole line.
+    """
     cart = profile.cart
-    for pid in bought:
-        cart.pop(pid, None)
+    if pid in cart:
+        newest_add = profile.cart_ms.get(pid, t)
+        left = 0 if qty is None else cart[pid] - qty
+        if newest_add > t:
+            left = max(left, 1)
+        if left > 0:
+            cart[pid] = left
+        else:
+            del cart[pid]
+            profile.cart_ms.pop(pid, None)
+    closed = profile.cart_closed_ms
+    closed[pid] = max(closed.get(pid, t), t)
+    if len(closed) > CART_CLOSED_KEPT:
+        del closed[min(closed, key=closed.__getitem__)]
 
 
 def _merge_traits(profile: Profile, traits: dict[str, Any], t: int) -> None:
@@ -498,6 +528,8 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
         "traits": dict(p.traits),
         "recent_views": list(p.recent_views),
         "cart": dict(p.cart),
+        "cart_ms": dict(p.cart_ms),
+        "cart_closed_ms": dict(p.cart_closed_ms),
         "purchased": list(p.purchased),
         "cis": p.cis,
         "intent_stage": p.intent_stage,
@@ -539,6 +571,8 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         traits=dict(g("traits") or {}),
         recent_views=list(g("recent_views") or ()),
         cart=dict(g("cart") or {}),
+        cart_ms=dict(g("cart_ms") or {}),
+        cart_closed_ms=dict(g("cart_closed_ms") or {}),
         purchased=list(g("purchased") or ()),
         cis=float(g("cis", 0.0)),
         intent_stage=g("intent_stage", "browsing"),

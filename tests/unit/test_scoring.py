@@ -176,24 +176,25 @@ def test_cart_bookkeeping() -> None:
     # 2 + 1 (default) = 3; a bad quantity counts as 1; a late add does not move last_cart back.
     assert p.cart == {"p1": 3, "p2": 1}
     assert p.last_cart_ms == T0_MS + HOUR_MS
+    later = T0_MS + 2 * HOUR_MS  # after both adds
     for event in [
-        make_event("Product Removed", product_id="p1", properties={"quantity": 2}),
-        make_event("Product Removed", product_id="p9"),
+        make_event("Product Removed", later, product_id="p1", properties={"quantity": 2}),
+        make_event("Product Removed", later, product_id="p9"),
     ]:
         apply_event(p, event, P, processed_ms=0)
     assert p.cart == {"p1": 1, "p2": 1}
-    apply_event(p, make_event("Product Removed", product_id="p1"), P, processed_ms=0)
+    apply_event(p, make_event("Product Removed", later, product_id="p1"), P, processed_ms=0)
     assert p.cart == {"p2": 1}
-    apply_event(p, make_event("Order Completed", items=[item("p2")]), P, processed_ms=0)
+    apply_event(p, make_event("Order Completed", later, items=[item("p2")]), P, processed_ms=0)
     assert p.cart == {}
     assert p.purchased == ["p2"]
     # JSON Schema's integers include 3.0 (the schema accepts it): three, not one
     for name, qty in (("Product Added", 3.0), ("Product Removed", 2.0)):
-        event = make_event(name, product_id="p3", properties={"quantity": qty})
+        event = make_event(name, later, product_id="p3", properties={"quantity": qty})
         apply_event(p, event, P, processed_ms=0)
     assert p.cart == {"p3": 1}
     for odd in (2.5, True, 0, -1.0):  # not a positive whole number: one
-        event = make_event("Product Added", product_id="p4", properties={"quantity": odd})
+        event = make_event("Product Added", later, product_id="p4", properties={"quantity": odd})
         apply_event(p, event, P, processed_ms=0)
     assert p.cart == {"p3": 1, "p4": 4}
 
@@ -596,3 +597,41 @@ def test_order_independence_with_removals(events: list[CleanEvent], seed: int) -
     shuffled = list(events)
     random.Random(seed).shuffle(shuffled)
     assert_same_sums(fold(events), fold(shuffled), affinities=False)
+
+
+def test_the_cart_does_not_depend_on_arrival_order() -> None:
+    """Adds, removals and orders, one unit at a time, in every order they can arrive: the cart
+    is what it was at the newest event time (before, a late add put a bought item back)."""
+    import itertools
+
+    h = HOUR_MS
+    scenarios = [
+        # added, then bought: nothing left
+        [
+            make_event("Product Added", T0_MS, product_id="p1"),
+            make_event("Order Completed", T0_MS + h, items=[item("p1")]),
+        ],
+        # bought, then added again: one
+        [
+            make_event("Order Completed", T0_MS, items=[item("p1")]),
+            make_event("Product Added", T0_MS + 5 * h, product_id="p1"),
+        ],
+        # added, removed, added again: one
+        [
+            make_event("Product Added", T0_MS, product_id="p1"),
+            make_event("Product Removed", T0_MS + h, product_id="p1"),
+            make_event("Product Added", T0_MS + 2 * h, product_id="p1"),
+        ],
+        # added twice, bought in between: the second add stays
+        [
+            make_event("Product Added", T0_MS, product_id="p1"),
+            make_event("Order Completed", T0_MS + h, items=[item("p1")]),
+            make_event("Product Added", T0_MS + 2 * h, product_id="p1"),
+        ],
+    ]
+    for events in scenarios:
+        carts = {
+            tuple(sorted(fold(list(order)).cart.items()))
+            for order in itertools.permutations(events)
+        }
+        assert carts == {tuple(sorted(fold(events).cart.items()))}, events

@@ -64,7 +64,8 @@ REL_TOL = 1e-9
 ORDER_DEPENDENT: dict[str, str] = {
     "updated_ms": "wall-clock time of processing",
     "stored_ms": "wall-clock time of storing",
-    "sessions": "a session is counted when it differs from the previous record's",
+    "sessions": "a session older than the 10 newest, arriving late, is counted again",
+    "recent_sessions": "the newest session ids, in arrival order",
     "last_session_id": "the last record to arrive",
     "recent_views": "late views only fill free room, in arrival order",
     "purchased": "late orders only fill free room, in arrival order",

@@ -120,6 +120,8 @@ class Profile:
     hour_of_week: dict[str, float] = field(default_factory=dict)
     sessions: int = 0
     last_session_id: str | None = None
+    # the newest SESSIONS_KEPT session ids: two tabs or devices taking turns count once each
+    recent_sessions: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     timezone: str | None = None
     traits: dict[str, Any] = field(default_factory=dict)
@@ -315,8 +317,15 @@ def apply_event(
         _merge_traits(profile, event.traits, t)
 
     session = event.session_id
-    if session is not None and session != profile.last_session_id:
-        profile.sessions += 1
+    if session is not None:
+        seen = profile.recent_sessions
+        if not seen and profile.last_session_id is not None:
+            seen.append(profile.last_session_id)  # (a profile from before this list)
+        if session not in seen:
+            profile.sessions += 1
+            seen.append(session)
+            if len(seen) > SESSIONS_KEPT:
+                del seen[0]
         profile.last_session_id = session
     device = event.device_type
     if device is not None:
@@ -354,6 +363,7 @@ def _apply_order(
         _take_from_cart(profile, pid, None, t)
 
 
+SESSIONS_KEPT = 10
 CART_CLOSED_KEPT = 50  # late events older than the 50th newest are rare: keeps profiles small
 
 
@@ -523,6 +533,7 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
         "hour_of_week": dict(p.hour_of_week),
         "sessions": p.sessions,
         "last_session_id": p.last_session_id,
+        "recent_sessions": list(p.recent_sessions),
         "devices": dict(p.devices),
         "timezone": p.timezone,
         "traits": dict(p.traits),
@@ -566,6 +577,7 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         hour_of_week=dict(g("hour_of_week") or {}),
         sessions=g("sessions", 0),
         last_session_id=g("last_session_id"),
+        recent_sessions=list(g("recent_sessions") or ()),
         devices=dict(g("devices") or {}),
         timezone=g("timezone"),
         traits=dict(g("traits") or {}),

@@ -635,3 +635,17 @@ def test_the_cart_does_not_depend_on_arrival_order() -> None:
             for order in itertools.permutations(events)
         }
         assert carts == {tuple(sorted(fold(events).cart.items()))}, events
+
+
+def test_sessions_taking_turns_count_once_each() -> None:
+    """Two tabs or devices interleaving (or a late event of an earlier session) are two
+    sessions, not one per switch."""
+    turns = [
+        make_event(ts=T0_MS + i * 60_000, product_id="p", session_id=s)
+        for i, s in enumerate(["s1", "s2", "s1", "s2"])
+    ]
+    assert fold(turns).sessions == 2
+    assert fold([turns[0], turns[1], turns[3], turns[2]]).sessions == 2
+    many = [make_event(ts=T0_MS + i, session_id=f"s{i}") for i in range(15)]
+    p = fold(many)
+    assert p.sessions == 15 and len(p.recent_sessions) == 10 and p.last_session_id == "s14"

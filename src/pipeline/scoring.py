@@ -39,6 +39,7 @@ from pipeline.events import ALIAS_EVENT, IDENTIFY_EVENT, CleanEvent
 IntentStage = Literal["browsing", "cart", "purchased", "lapsed"]
 
 DAY_MS = 86_400_000
+HOURS_PER_WEEK = 168
 HOUR_MS = 3_600_000
 
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
@@ -286,6 +287,8 @@ def apply_event(
                 _add_affinity(profile.category_affinity, event.category, amount)
             if event.brand is not None:
                 _add_affinity(profile.brand_affinity, event.brand, amount)
+        if event.timezone and "timezone" not in profile.traits:
+            adopt_timezone(profile, event.timezone, t)  # before its own hour is binned
         if weight > 0.0 and name not in NON_ENGAGEMENT_EVENTS:
             tz = event.timezone or profile.timezone or "UTC"
             key = str(hour_of_week_bin(t, tz))
@@ -331,7 +334,7 @@ def apply_event(
     if device is not None:
         profile.devices[device] = profile.devices.get(device, 0) + 1
     if event.timezone and "timezone" not in profile.traits:
-        profile.timezone = event.timezone
+        adopt_timezone(profile, event.timezone, t)
 
     profile.cis = _cis(profile, profile.as_of_ms, params)
     profile.intent_stage = intent_stage(profile, profile.as_of_ms, params)
@@ -410,7 +413,22 @@ def _merge_traits(profile: Profile, traits: dict[str, Any], t: int) -> None:
                 merged[key] = value
     tz = merged.get("timezone")
     if isinstance(tz, str) and tz:
-        profile.timezone = tz
+        adopt_timezone(profile, tz, t)
+
+
+def adopt_timezone(profile: Profile, tz: str, at_ms: int) -> None:
+    """Set the profile's time zone. The first one known also moves the send-time histogram's
+    bins, counted in UTC until then (server-side email opens carry no zone), to local hours at
+    the zone's offset at ``at_ms``: the histogram is read in the profile's zone, and the opens
+    must not land hours off depending on whether they arrived before the zone did."""
+    if profile.timezone is None and profile.hour_of_week:
+        offset = datetime.fromtimestamp(at_ms / 1000, _zone(tz)).utcoffset()
+        hours = round(offset.total_seconds() / 3600) if offset is not None else 0
+        if hours:
+            profile.hour_of_week = {
+                str((int(k) + hours) % HOURS_PER_WEEK): v for k, v in profile.hour_of_week.items()
+            }
+    profile.timezone = tz
 
 
 @dataclass(frozen=True, slots=True)

@@ -649,3 +649,19 @@ def test_sessions_taking_turns_count_once_each() -> None:
     many = [make_event(ts=T0_MS + i, session_id=f"s{i}") for i in range(15)]
     p = fold(many)
     assert p.sessions == 15 and len(p.recent_sessions) == 10 and p.last_session_id == "s14"
+
+
+def test_email_opens_seen_before_the_zone_was_known_are_read_in_it() -> None:
+    """Server-side opens carry no zone and are binned in UTC until the profile learns one;
+    then they move to local hours, so the best send time does not depend on which came first."""
+    from pipeline.sendtime import best_send_time, default_prior
+
+    week = 7 * 86_400_000
+    opens = [make_event("Email Opened", T0_MS + week - w * week) for w in range(4)]
+    visit = make_event("Page Viewed", T0_MS + 9 * 86_400_000, timezone="America/New_York")
+    at = T0_MS + 10 * 86_400_000
+    times = {
+        best_send_time(fold(events), default_prior(), at_ms=at).local_time.strftime("%a %H:%M")
+        for events in ([visit, *opens], [*opens, visit])
+    }
+    assert len(times) == 1, times

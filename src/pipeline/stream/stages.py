@@ -33,6 +33,7 @@ from pipeline.events import CleanEvent
 from pipeline.scoring import (
     Profile,
     ScoringParams,
+    adopt_timezone,
     apply_event,
     merge_provenance,
     new_profile,
@@ -358,7 +359,9 @@ def _apply_crm(
     if traits == profile.traits:
         return []  # a re-sent or older record: nothing changes, no new version
     profile.traits = traits
-    profile.timezone = traits.get("timezone") or profile.timezone
+    tz = traits.get("timezone")
+    if isinstance(tz, str) and tz:
+        adopt_timezone(profile, tz, profile.as_of_ms or now_ms)
     profile.version += 1
     profile.updated_ms = now_ms
     return [_store(state, profile, applied)]

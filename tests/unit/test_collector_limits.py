@@ -43,11 +43,14 @@ def test_token_bucket_allows_burst_then_refills_at_rate() -> None:
     assert bucket.take(1) == pytest.approx(0.1)
 
 
-def test_token_bucket_charges_oversized_requests_a_full_bucket() -> None:
+def test_token_bucket_lets_an_oversized_request_pass_full_and_charges_all_of_it() -> None:
     clock = FakeClock()
     bucket = TokenBucket(rate=10, burst=20, clock=clock)
-    assert bucket.take(500) == 0.0
-    assert bucket.take(1) > 0
+    assert bucket.take(500) == 0.0  # from a full bucket: it can pass
+    # but it cost 500 events: the next one waits until they are paid at 10/s
+    assert bucket.take(1) == pytest.approx(48.1)
+    clock.now += 48.2
+    assert bucket.take(1) == 0.0
 
 
 def test_rate_limiter_is_per_source_and_says_when_to_retry() -> None:

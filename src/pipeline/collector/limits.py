@@ -27,16 +27,18 @@ class TokenBucket:
     def take(self, n: int) -> float:
         """Take ``n`` tokens and return 0.0, or take none and return the seconds until they exist.
 
-        A request larger than the bucket costs a full bucket, so that it can ever pass.
+        A request larger than the bucket passes when the bucket is full, so that it can ever
+        pass, and is charged in full: the bucket goes into debt, which later requests wait out,
+        so the average rate holds whatever the request sizes.
         """
-        cost = float(min(n, self.burst))
+        needed = float(min(n, self.burst))
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
         self._at = now
-        if self._tokens >= cost:
-            self._tokens -= cost
+        if self._tokens >= needed:
+            self._tokens -= n
             return 0.0
-        return (cost - self._tokens) / self.rate
+        return (needed - self._tokens) / self.rate
 
 
 class RateLimiter:

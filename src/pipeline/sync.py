@@ -118,7 +118,7 @@ class CrmRecord:
                 loyalty_tier=text("loyalty_tier"),
                 email_consent=_parse_bool(row.get("email_consent")),
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, OverflowError) as exc:  # (a year past 9999 in UTC)
             raise SyncError(f"sync {source}: bad CRM row for {cid or '?'}: {exc}") from exc
 
     @property
@@ -307,7 +307,9 @@ def sync_records(
     """
     data = _load_mark(settings, source)
     mark_at = _parse_time(data["updated_at"]) if data else None
-    sent: set[str] = set(data.get("sent_at_mark", [data["customer_id"]])) if data else set()
+    sent: set[str] = set(data.get("sent_at_mark", ())) if data else set()
+    # a mark from before the ids were kept: those up to its id at that instant were sent
+    legacy_id = data["customer_id"] if data and "sent_at_mark" not in data else None
     records: list[CrmRecord] = []
     rejected: list[str] = []
     for row in rows:
@@ -321,7 +323,11 @@ def sync_records(
         for r in records
         if mark_at is None
         or r.updated_at > mark_at
-        or (r.updated_at == mark_at and r.customer_id not in sent)
+        or (
+            r.updated_at == mark_at
+            and r.customer_id not in sent
+            and (legacy_id is None or r.customer_id > legacy_id)
+        )
     ]
     fresh.sort(key=lambda r: r.position)
     for record in fresh:

@@ -92,10 +92,9 @@ def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> 
     # a cart left behind is the stronger reason: one email, not two at the same send time
     if view is not None and browsed and not cart_armed:
         due = view + int(params.browse_abandonment_minutes * MINUTE_MS)
-        if due <= now:
-            bought = set(profile.purchased)
-            viewed = [p for p in profile.recent_views if p not in bought]
-            viewed = viewed[: params.browse_views_kept]
+        bought = set(profile.purchased)
+        viewed = [p for p in profile.recent_views if p not in bought][: params.browse_views_kept]
+        if due <= now and viewed:  # (only products already bought: nothing to remind of)
             out.append(
                 Trigger(
                     f"{cid}:browse_abandonment:{view}",

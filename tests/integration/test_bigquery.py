@@ -291,6 +291,11 @@ def test_forget_keeps_a_shared_devices_other_customer_and_reads_dead_letters_as_
     assert list(left["message_id"]) == ["s-2"]
     letters = warehouse.query("SELECT raw_text FROM dead_letters WHERE message_key = 'k-s'")
     assert list(letters["raw_text"]) == ['{"userId": "c-x", "properties": {"sku": "c-s"}}']
+    # a customer with no devices: an event with an empty anonymousId is nobody's device
+    warehouse.write_dead_letters([letter(4, '{"anonymousId": ""}')])
+    warehouse.delete_customer(["c-none"], [], "c-none")
+    letters = warehouse.query("SELECT raw_text FROM dead_letters WHERE message_key = 'k-s'")
+    assert '{"anonymousId": ""}' in list(letters["raw_text"])
 
 
 def test_gdpr_forget_and_verify_with_bigquery(warehouse: BigQueryWarehouse, tmp_path: Path) -> None:

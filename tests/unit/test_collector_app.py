@@ -130,6 +130,10 @@ def test_browsers_may_send_only_from_the_allowlist_or_the_collectors_own_origin(
     assert foreign.json()["error"]["code"] == "origin_not_allowed"
     assert [r.status_code for r in (listed, own, server)] == [200, 200, 200]
     assert len(publisher.sent) == 3
+    anyone = create_app(_settings(cors_origins=("*",)), lambda: publisher)  # CORS's "all"
+    with TestClient(anyone) as http:
+        response = http.post("/v1/t", content=body, headers={**plain, "Origin": "http://x.test"})
+    assert response.status_code == 200
 
 
 def test_unknown_routes_methods_and_bugs_answer_in_the_collectors_json_shape() -> None:

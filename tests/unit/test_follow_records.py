@@ -215,6 +215,19 @@ def test_a_tombstone_on_the_links_topic_erases_that_device(replica: Replica) -> 
     follower._apply([Message(orjson.dumps({**link, "customer_id": "c9"}), 3, topic=links)])
     assert wh.query(linked)["anonymous_id"].tolist() == ["dev-1", "dev-2"]
     assert (follower.applied, follower.dropped) == (5, 0)
+    # and so it is when the erasure and the new link come in one batch (writes go first)
+    other_device = {**link, "anonymous_id": "dev-3"}
+    follower._apply(
+        [
+            Message(orjson.dumps(other_device), 4, topic=links),
+            Message(None, 5, topic=links, key=b"dev-3"),
+            Message(orjson.dumps({**other_device, "customer_id": "c9"}), 6, topic=links),
+        ]
+    )
+    pairs = wh.query(
+        "SELECT anonymous_id, customer_id FROM identity_links WHERE anonymous_id = 'dev-3'"
+    )
+    assert pairs.values.tolist() == [["dev-3", "c9"]]
 
 
 def test_a_tombstone_whose_key_is_not_a_customer_id_is_dropped(replica: Replica) -> None:

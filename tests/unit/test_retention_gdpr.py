@@ -281,11 +281,17 @@ def test_forget_finds_dead_letters_by_the_ids_in_their_json_only(
             letter(2, '{"type": "track", "userId": 42}'),  # a number: refused by the schema
             letter(3, '{"userId": "C7", "properties": {"product_id": "42"}}'),  # not theirs
             letter(4, '{"broken": "42"', key="x"),  # unreadable: matched by its text
+            # a CRM record or a control message names them in snake_case
+            letter(5, '{"customer_id": "42", "email": "x@example.com", "updated_at": "x"}'),
+            letter(6, '{"type": "track", "anonymousId": ""}'),  # no device of theirs
         ]
     )
     forget("josé", settings, warehouse=warehouse)
     forget("42", settings, warehouse=warehouse)
     left = warehouse.query("SELECT raw_text FROM dead_letters")["raw_text"].tolist()
-    assert left == ['{"userId": "C7", "properties": {"product_id": "42"}}']
+    assert left == [
+        '{"userId": "C7", "properties": {"product_id": "42"}}',
+        '{"type": "track", "anonymousId": ""}',
+    ]
     for who in ("josé", "42"):
         assert set(verify_forgotten(who, settings, warehouse=warehouse).values()) == {0}

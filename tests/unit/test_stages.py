@@ -313,6 +313,9 @@ def test_a_forgotten_customer_signing_in_on_an_unerased_device_erases_that_devic
         (KIND_UNLINKED, "cus_1"),
     ]
     assert [key for prefix, key in store if prefix == "dev1" and "history" in key] == []
+    # their next event there finds nothing left of theirs: no erasure again (and again)
+    again = make_event("Product Viewed", T0_MS + 6, user_id="cus_1", anonymous_id="dev1")
+    assert forgotten_sign_in(again, device_state(store, T0_MS), forgotten) == []
     # nothing to do for someone else, or for a device erased with them already
     other = make_event("Identify", T0_MS + 6, user_id="cus_2", anonymous_id="dev1")
     assert forgotten_sign_in(other, device_state(store, T0_MS), forgotten) == []

@@ -118,12 +118,14 @@ def test_a_bad_row_is_reported_by_source_and_customer_and_the_others_sync(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "crm.csv"
-    _write_csv(path, [_row("c9", "yesterday"), _row("c1", "2024-01-01T00:00:00Z")])
+    far = "9999-12-31T23:00:00-05:00"  # past year 9999 in UTC: OverflowError, not ValueError
+    rows = [_row("c9", "yesterday"), _row("c8", far), _row("c1", "2024-01-01T00:00:00Z")]
+    _write_csv(path, rows)
     producer = ListProducer()
     [result] = sync_crm(_settings(tmp_path, crm_csv_path=path), producer)
     assert [key for key, _ in producer.records] == ["c1"]
-    [problem] = result.rejected
-    assert re.search(r"csv:crm\.csv.*c9", problem)
+    problem, far_off = result.rejected
+    assert re.search(r"csv:crm\.csv.*c9", problem) and "c8" in far_off
     with pytest.raises(SyncError, match=r"csv:crm\.csv.*c9"):  # the same message, raised alone
         CrmRecord.parse(_row("c9", "yesterday"), "csv:crm.csv")
 
@@ -203,3 +205,18 @@ def test_newest_crm_update_wins_and_stale_records_are_ignored() -> None:
 def test_empty_crm_field_never_erases() -> None:
     merged = merge_crm_record({"lastName": "Lee"}, {"last_name": "", "updated_at": "2024-01-01"})
     assert merged["lastName"] == "Lee"
+
+
+def test_a_watermark_from_before_the_ids_were_kept_sends_nothing_twice(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "crm.csv"
+    same = "2024-01-01T10:00:00+00:00"
+    _write_csv(path, [_row("a", same), _row("b", same), _row("c", same), _row("d", same)])
+    settings = _settings(tmp_path, crm_csv_path=path)
+    mark = settings.home / "sync" / "csv_crm.csv.json"
+    mark.parent.mkdir(parents=True)
+    mark.write_text(json.dumps({"updated_at": same, "customer_id": "c"}))  # a, b, c were sent
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert [key for key, _ in producer.records] == ["d"]

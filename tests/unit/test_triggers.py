@@ -74,3 +74,5 @@ def test_a_browse_email_names_no_product_already_bought() -> None:
     p.last_view_ms, p.recent_views = T0_MS, ["P9", "P8", "P7"]
     [t] = due_triggers(p, T0_MS + 10**9, P)
     assert t.context == {"viewed": ["P8", "P7"]}
+    p.recent_views = ["P9"]  # only what they bought: nothing to remind them of
+    assert due_triggers(p, T0_MS + 10**9, P) == []

@@ -112,3 +112,17 @@ def test_paused_drops_what_is_pending() -> None:
     sink.on_paused()
     sink.flush()
     assert rec.written == []
+
+
+def test_errors_of_the_framework_are_not_taken_for_bad_records() -> None:
+    """A step's own failure on a record is dead-lettered; quixstreams', its state store's and
+    the Kafka client's (a rebalance, a fenced transaction) must stop the step instead."""
+    from confluent_kafka import KafkaException
+    from quixstreams.state.exceptions import PartitionNotAssignedError
+
+    from pipeline.stream.topology import _framework_error
+
+    assert _framework_error(KafkaException("fenced"))
+    assert _framework_error(PartitionNotAssignedError("revoked"))
+    assert not _framework_error(ValueError("bad record"))
+    assert not _framework_error(KeyError("customer_id"))

@@ -98,7 +98,7 @@ def create_app(
         allowlist may send (CORS alone would only stop the page reading the answer, and a
         text/plain POST needs no preflight). Server-side clients send no Origin."""
         origin = request.headers.get("origin")
-        if origin is None or origin in allowed_origins:
+        if origin is None or origin in allowed_origins or "*" in allowed_origins:
             return
         if urlsplit(origin).netloc == request.headers.get("host"):
             return  # same origin (the storefront the collector serves)

@@ -188,8 +188,12 @@ def make_client(settings: BigQuerySettings) -> bigquery.Client:
 # unreadable ones by their text.
 _DEAD_LETTER_JSON = " OR ".join(
     f"JSON_VALUE(SAFE.PARSE_JSON(raw_text), '$.{field}') IN UNNEST(@{ids})"
-    for field, ids in (("userId", "ids"), ("anonymousId", "anon"), ("previousId", "anon"))
+    for field, ids in (
+        *((f, "ids") for f in ("userId", "customer_id", "user_id")),
+        *((f, "anon") for f in ("anonymousId", "previousId", "anonymous_id")),
+    )
 )
+_NO_DEVICE = "\x00"  # stands for "no device" in @anon: no id is NUL (an empty one could be)
 _CUSTOMER_ROWS: dict[str, str] = {
     "events": "customer_id IN UNNEST(@keys) OR user_id = @user "
     "OR (anonymous_id IN UNNEST(@anon) AND STARTS_WITH(customer_id, 'anon:'))",
@@ -210,7 +214,7 @@ def _customer_params(
     keys = list(customer_keys)
     return {
         "keys": keys,
-        "anon": list(anonymous_ids) or [""],
+        "anon": list(anonymous_ids) or [_NO_DEVICE],
         "ids": [*keys, user_id],
         "user": user_id,
         "texts": [f'"{t}"' for t in (user_id, *anonymous_ids)],

@@ -639,10 +639,12 @@ class LocalWarehouse:
         i = ",".join("?" * len(ids))
         texts = [f'"{t}"' for t in (user_id, *anonymous_ids)]
         raw = " OR ".join("instr(raw_text, ?) > 0" for _ in texts)
-        fields = (
-            f"CAST(json_extract(raw_text, '$.userId') AS TEXT) IN ({i}) "
-            f"OR CAST(json_extract(raw_text, '$.anonymousId') AS TEXT) IN ({a}) "
-            f"OR CAST(json_extract(raw_text, '$.previousId') AS TEXT) IN ({a})"
+        # Segment's fields, and the snake_case ones of CRM records and control messages
+        by_id = ("userId", "customer_id", "user_id")
+        by_device = ("anonymousId", "previousId", "anonymous_id")
+        fields = " OR ".join(
+            [f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({i})" for f in by_id]
+            + [f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({a})" for f in by_device]
         )
         out = {
             "events": (
@@ -659,7 +661,7 @@ class LocalWarehouse:
             "dead_letters": (
                 f"message_key IN ({k}) OR message_key IN ({a}) OR CASE WHEN json_valid(raw_text) "
                 f"THEN {fields} ELSE {raw} END",
-                [*keys, *anonymous_ids, *ids, *anonymous_ids, *anonymous_ids, *texts],
+                [*keys, *anonymous_ids, *ids * 3, *list(anonymous_ids) * 3, *texts],
             ),
             # a bot_identity alert names the identity it flagged
             "alerts": (

@@ -44,6 +44,7 @@ class RecordBatch:
 
     @classmethod
     def of(cls, records: Iterable[Record]) -> RecordBatch:
+        records = _newest_per_device(records)
         by_kind: dict[str, list[Record]] = {}
         for r in records:
             by_kind.setdefault(r["kind"], []).append(r)
@@ -59,6 +60,22 @@ class RecordBatch:
             erased=len(erased),
             unlinked=by_kind.get(KIND_UNLINKED, []),
         )
+
+
+def _newest_per_device(records: Iterable[Record]) -> list[Record]:
+    """The records, but of a device's links and link erasures only the last (they are in the
+    links topic's order for the device): the batch writes links before it applies erasures,
+    so a link erased and then made again (a shared device) would otherwise end erased."""
+    records = list(records)
+    last: dict[Any, int] = {}
+    for i, r in enumerate(records):
+        if r["kind"] in (KIND_LINK, KIND_UNLINKED):
+            last[r["anonymous_id"]] = i
+    return [
+        r
+        for i, r in enumerate(records)
+        if r["kind"] not in (KIND_LINK, KIND_UNLINKED) or last[r["anonymous_id"]] == i
+    ]
 
 
 def write(wh: WarehouseWriter, batch: RecordBatch) -> int | None:

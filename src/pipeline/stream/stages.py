@@ -245,7 +245,12 @@ def forgotten_sign_in(
         or identity.is_suppressed(suppressed, customer_id=identity.anonymous_customer_id(device))
     ):
         return []
-    return erase_key(device, str(event.user_id), state)
+    customer_id = str(event.user_id)
+    # only a device holding something of theirs: its pending anonymous history (theirs now
+    # that they signed in on it), or a link to them; not every event of theirs again
+    if not int(state.get(_HISTORY_LEN, 0)) and state.get(_LINKED) != customer_id:
+        return []
+    return erase_key(device, customer_id, state)
 
 
 def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, list[int]]]:

@@ -82,6 +82,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _framework_error(exc: BaseException) -> bool:
+    """Whether an exception raised in a step comes from quixstreams, its state store or the
+    Kafka client (a rebalance, a fenced transaction) rather than from the record: those must
+    stop the step as quixstreams intends, not become a dead letter whose offset commits."""
+    module = type(exc).__module__ or ""
+    return module.startswith(("quixstreams", "confluent_kafka", "rocksdict", "cimpl"))
+
+
 class WarehouseSink(BaseSink):
     """Writes a stage's records of the given kinds to the warehouses in micro-batches.
 
@@ -383,6 +391,8 @@ def build_application(
         try:
             return _ingest(value, key, timestamp, headers, state)
         except Exception as exc:
+            if _framework_error(exc):
+                raise  # the state store or Kafka (a rebalance, a lost transaction): not the input
             log.exception("stage 1 failed on a message; dead-lettered")
             raw_key = key.decode("utf-8", errors="replace") if key is not None else None
             detail = f"stage 1 failed: {exc!r}"
@@ -471,6 +481,8 @@ def build_application(
         try:
             return _run_fold(value, state)
         except Exception as exc:
+            if _framework_error(exc):
+                raise
             log.exception("stage 2 failed on a record; dead-lettered")
             raw = orjson.dumps(value, default=str)
             key_text = key if isinstance(key, str) else None
@@ -612,6 +624,13 @@ def build_application(
             raw_key = key.decode("utf-8", errors="replace") if key is not None else None
             detail = f"CRM record not applied: {exc}"
             return dead_letter("bad_crm_record", detail, value or b"", raw_key, timestamp)
+        except Exception as exc:  # as in the stages: a bug must not stop the stream
+            if _framework_error(exc):
+                raise
+            log.exception("the CRM check failed on a record; dead-lettered")
+            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
+            detail = f"CRM check failed: {exc!r}"
+            return dead_letter("processing_failed", detail, value or b"", raw_key, timestamp)
         return {**record, "kind": KIND_CRM}
 
     (

@@ -132,7 +132,8 @@ class TriggeredDelivery:
             wanted = [job for job in jobs if job.key in kept]
             # the send time can be days after the trigger: a customer who ordered (or
             # emptied the cart) since is not told they left it
-            stale = [job.key for job in wanted if not self._still_due(job.payload)]
+            mark = watermark(self.warehouse) if wanted else None
+            stale = [job.key for job in wanted if not self._still_due(job.payload, mark)]
             if stale:
                 self.warehouse.unschedule_emails(stale)
                 for key in stale:
@@ -157,11 +158,11 @@ class TriggeredDelivery:
         self.stats.failed += len(failures)
         return len(sent), len(failures)
 
-    def _still_due(self, payload: EmailPayload) -> bool:
-        """Whether the trigger behind a queued email is still due for its customer now."""
+    def _still_due(self, payload: EmailPayload, mark: int | None) -> bool:
+        """Whether the trigger behind a queued email is still due for its customer at the
+        stream's watermark ``mark``."""
         if payload.campaign not in TRIGGER_KINDS:
             return True  # not a trigger's email
-        mark = watermark(self.warehouse)
         try:
             stored = self.warehouse.get_profile(payload.customer)
         except ProfileNotFoundError:

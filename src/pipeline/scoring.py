@@ -128,10 +128,10 @@ class Profile:
     traits: dict[str, Any] = field(default_factory=dict)
     recent_views: list[str] = field(default_factory=list)
     cart: dict[str, int] = field(default_factory=dict)
-    # Event time of each cart line's newest add, and of each product's newest order or removal
-    # (the newest CART_CLOSED_KEPT): a late add from before a product was bought or removed is
-    # not put back, and a late order does not empty a line added again after it.
-    cart_ms: dict[str, int] = field(default_factory=dict)
+    # The cart as a function of event time, not arrival order: per product, its adds (+) and
+    # removals (-) since its newest order, and the time of that order (the newest
+    # CART_CLOSED_KEPT); ``cart`` is their running sum in event-time order, never below zero.
+    cart_log: dict[str, list[list[int]]] = field(default_factory=dict)
     cart_closed_ms: dict[str, int] = field(default_factory=dict)
     purchased: list[str] = field(default_factory=list)
     cis: float = 0.0
@@ -300,16 +300,14 @@ def apply_event(
         _apply_order(profile, event, params, t, f_mon)
     elif name == "Product Added":
         pid = event.product_id
-        if pid is not None and profile.cart_closed_ms.get(pid, t - 1) < t:
-            qty = _quantity(event.properties.get("quantity", 1))
-            profile.cart[pid] = profile.cart.get(pid, 0) + qty
-            profile.cart_ms[pid] = max(profile.cart_ms.get(pid, t), t)
+        if pid is not None:
+            _cart_change(profile, pid, t, _quantity(event.properties.get("quantity", 1)))
         if profile.last_cart_ms is None or t > profile.last_cart_ms:
             profile.last_cart_ms = t
     elif name == "Product Removed":
         pid = event.product_id
         if pid is not None:
-            _take_from_cart(profile, pid, _quantity(event.properties.get("quantity", 1)), t)
+            _cart_change(profile, pid, t, -_quantity(event.properties.get("quantity", 1)))
     elif name in VIEW_EVENTS:
         newest = profile.last_view_ms is None or t >= profile.last_view_ms
         if newest:
@@ -363,37 +361,57 @@ def _apply_order(
         return
     _push_recent(profile.purchased, bought, newest, params.purchases_kept)
     for pid in bought:  # a checkout takes the line, whatever quantity it names
-        _take_from_cart(profile, pid, None, t)
+        _cart_change(profile, pid, t, None)
 
 
 SESSIONS_KEPT = 10
-CART_CLOSED_KEPT = 50  # late events older than the 50th newest are rare: keeps profiles small
+CART_CLOSED_KEPT = 50  # late events older than the 50th newest order are rare: small profiles
+CART_LOG_KEPT = 20  # changes kept per line; older ones are summed into one
 
 
-def _take_from_cart(profile: Profile, pid: str, qty: int | None, t: int) -> None:
-    """An order (``qty`` None: the whole line) or a removal of ``pid`` at event time ``t``.
-
-    Adds older than ``t`` are what it takes from, in whatever order the events arrive: a line
-    whose newest add is older goes down by ``qty`` (or goes); one added again after ``t``
-    keeps that newest add's unit at least; and an add older than ``t`` arriving later is not
-    put back (:func:`apply_event`). For one unit at a time the cart then does not depend on
-    arrival order; a partial removal that arrives before its add is taken as the whole line.
-    """
-    cart = profile.cart
-    if pid in cart:
-        newest_add = profile.cart_ms.get(pid, t)
-        left = 0 if qty is None else cart[pid] - qty
-        if newest_add > t:
-            left = max(left, 1)
-        if left > 0:
-            cart[pid] = left
-        else:
-            del cart[pid]
-            profile.cart_ms.pop(pid, None)
+def _cart_change(profile: Profile, pid: str, t: int, delta: int | None) -> None:
+    """An add (``delta`` > 0), a removal (< 0) or an order (None: the line is bought) of
+    ``pid`` at event time ``t``, applied so that the cart does not depend on arrival order:
+    a change from before the product's newest order is part of what that order took; the line
+    is the running sum of the changes since, in event-time order (adds first within the same
+    millisecond), never below zero."""
     closed = profile.cart_closed_ms
-    closed[pid] = max(closed.get(pid, t), t)
-    if len(closed) > CART_CLOSED_KEPT:
-        del closed[min(closed, key=closed.__getitem__)]
+    log = profile.cart_log.get(pid)
+    if log is None:
+        # a line from before the log was kept: one add at the newest add-to-cart time
+        held = profile.cart.get(pid)
+        log = [[profile.last_cart_ms or 0, held]] if held else []
+    if delta is None:
+        closed[pid] = max(closed.get(pid, t), t)
+        if len(closed) > CART_CLOSED_KEPT:
+            del closed[min(closed, key=closed.__getitem__)]
+        log = [change for change in log if change[0] > t]
+    elif t > closed.get(pid, t - 1):
+        log.append([t, delta])
+    log.sort(key=lambda change: (change[0], -change[1]))
+    if len(log) > CART_LOG_KEPT:
+        cut = len(log) - CART_LOG_KEPT + 1
+        folded, at = _running(log[:cut]), log[cut - 1][0]
+        log = log[cut:]
+        if folded:
+            log.insert(0, [at, folded])
+    held = _running(log)
+    if log:
+        profile.cart_log[pid] = log
+    else:
+        profile.cart_log.pop(pid, None)
+    if held > 0:
+        profile.cart[pid] = held
+    else:
+        profile.cart.pop(pid, None)
+
+
+def _running(changes: list[list[int]]) -> int:
+    """The quantity after ``changes`` in order, never below zero."""
+    held = 0
+    for _, delta in changes:
+        held = max(0, held + delta)
+    return held
 
 
 def _merge_traits(profile: Profile, traits: dict[str, Any], t: int) -> None:
@@ -557,7 +575,7 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
         "traits": dict(p.traits),
         "recent_views": list(p.recent_views),
         "cart": dict(p.cart),
-        "cart_ms": dict(p.cart_ms),
+        "cart_log": {pid: [list(c) for c in log] for pid, log in p.cart_log.items()},
         "cart_closed_ms": dict(p.cart_closed_ms),
         "purchased": list(p.purchased),
         "cis": p.cis,
@@ -601,7 +619,7 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
         traits=dict(g("traits") or {}),
         recent_views=list(g("recent_views") or ()),
         cart=dict(g("cart") or {}),
-        cart_ms=dict(g("cart_ms") or {}),
+        cart_log={pid: [list(c) for c in log] for pid, log in (g("cart_log") or {}).items()},
         cart_closed_ms=dict(g("cart_closed_ms") or {}),
         purchased=list(g("purchased") or ()),
         cis=float(g("cis", 0.0)),

@@ -600,8 +600,8 @@ def test_order_independence_with_removals(events: list[CleanEvent], seed: int) -
 
 
 def test_the_cart_does_not_depend_on_arrival_order() -> None:
-    """Adds, removals and orders, one unit at a time, in every order they can arrive: the cart
-    is what it was at the newest event time (before, a late add put a bought item back)."""
+    """Adds, removals and orders in every order they can arrive: the cart is what it was at
+    the newest event time (before, a late add put a bought item back)."""
     import itertools
 
     h = HOUR_MS
@@ -627,6 +627,30 @@ def test_the_cart_does_not_depend_on_arrival_order() -> None:
             make_event("Product Added", T0_MS, product_id="p1"),
             make_event("Order Completed", T0_MS + h, items=[item("p1")]),
             make_event("Product Added", T0_MS + 2 * h, product_id="p1"),
+        ],
+        # added twice, one removed: one (a removal arriving first is not the whole line)
+        [
+            make_event("Product Added", T0_MS, product_id="p1"),
+            make_event("Product Added", T0_MS + h, product_id="p1"),
+            make_event("Product Removed", T0_MS + 2 * h, product_id="p1"),
+        ],
+        # bought, then added twice: two
+        [
+            make_event("Order Completed", T0_MS, items=[item("p1")]),
+            make_event("Product Added", T0_MS + h, product_id="p1"),
+            make_event("Product Added", T0_MS + 2 * h, product_id="p1"),
+        ],
+        # removed before anything was added (a client's glitch), then added: one
+        [
+            make_event("Product Removed", T0_MS, product_id="p1"),
+            make_event("Product Added", T0_MS + h, product_id="p1"),
+        ],
+        # two units added at once, one removed, bought, added again: one
+        [
+            make_event("Product Added", T0_MS, product_id="p1", properties={"quantity": 2}),
+            make_event("Product Removed", T0_MS + h, product_id="p1"),
+            make_event("Order Completed", T0_MS + 2 * h, items=[item("p1")]),
+            make_event("Product Added", T0_MS + 3 * h, product_id="p1"),
         ],
     ]
     for events in scenarios:

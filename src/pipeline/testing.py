@@ -94,6 +94,25 @@ class ReplayResult:
         return list(self.events_by_id.values())
 
 
+def make_dead_letter(
+    offset: int, raw_text: str, *, key: str = "k", partition: int = 0
+) -> dict[str, Any]:
+    """A dead-letter record (as stage 1 writes it) of the raw message ``raw_text`` at
+    ``offset`` of ``events.raw``, refused for its schema."""
+    return {
+        "topic": "events.raw",
+        "partition": partition,
+        "offset": offset,
+        "reason": "schema_violation",
+        "detail": "x",
+        "ingested_ms": T0_MS,
+        "failed_ms": T0_MS,
+        "raw_text": raw_text,
+        "raw_b64": "",
+        "key": key,
+    }
+
+
 def _keep_attribution(events: dict[str, dict[str, Any]], event: dict[str, Any]) -> None:
     """Insert-once per messageId, upgrading an anonymous attribution (the warehouse's rule)."""
     current = events.get(event["message_id"])

@@ -20,7 +20,7 @@ from pipeline.gdpr import forget, verify_forgotten
 from pipeline.settings import BigQuerySettings, Settings
 from pipeline.stores.bigquery import BigQueryWarehouse
 from pipeline.stores.local import LocalWarehouse
-from pipeline.testing import T0_MS
+from pipeline.testing import T0_MS, make_dead_letter
 
 pytestmark = pytest.mark.integration
 
@@ -263,18 +263,7 @@ def test_forget_keeps_a_shared_devices_other_customer_and_reads_dead_letters_as_
     )
 
     def letter(offset: int, raw: str) -> dict[str, Any]:
-        return {
-            "topic": "events.raw",
-            "partition": 9,
-            "offset": offset,
-            "reason": "schema_violation",
-            "detail": "x",
-            "ingested_ms": T0_MS,
-            "failed_ms": T0_MS,
-            "raw_text": raw,
-            "raw_b64": "",
-            "key": "k-s",
-        }
+        return make_dead_letter(offset, raw, key="k-s", partition=9)
 
     warehouse.write_dead_letters(
         [

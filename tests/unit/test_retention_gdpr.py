@@ -17,7 +17,7 @@ from pipeline.retention import apply_retention
 from pipeline.settings import RetentionSettings, Settings
 from pipeline.simulate import SimulationConfig, simulate
 from pipeline.stores.local import LocalWarehouse
-from pipeline.testing import T0_MS, replay
+from pipeline.testing import T0_MS, make_dead_letter, replay
 
 _DAY = 86_400_000
 
@@ -262,18 +262,7 @@ def test_forget_finds_dead_letters_by_the_ids_in_their_json_only(
     settings = Settings(home=tmp_path / "home")
 
     def letter(offset: int, raw: str, key: str = "k") -> dict[str, Any]:
-        return {
-            "topic": "events.raw",
-            "partition": 0,
-            "offset": offset,
-            "reason": "schema_violation",
-            "detail": "x",
-            "ingested_ms": T0_MS,
-            "failed_ms": T0_MS,
-            "raw_text": raw,
-            "raw_b64": "",
-            "key": key,
-        }
+        return make_dead_letter(offset, raw, key=key)
 
     warehouse.write_dead_letters(
         [

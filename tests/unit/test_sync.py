@@ -93,14 +93,19 @@ def test_only_changed_rows_are_produced(tmp_path: Path) -> None:
     assert producer.records[0][1]["email"] == "c1@example.com"
 
 
-def test_sqlite_source_with_watermark(tmp_path: Path) -> None:
-    db = tmp_path / "crm.sqlite"
+def _crm_table(db: Path, rows: list[dict[str, str]]) -> None:
+    """Add ``rows`` to the CRM table ``customers`` of the SQLite file ``db`` (made if new)."""
     with sqlite3.connect(db) as conn:
-        conn.execute(f"CREATE TABLE customers ({', '.join(CRM_FIELDS)})")
+        conn.execute(f"CREATE TABLE IF NOT EXISTS customers ({', '.join(CRM_FIELDS)})")
         conn.executemany(
             f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
-            [tuple(_row(f"c{i}", f"2024-02-0{i}T10:00:00+00:00").values()) for i in (1, 2, 3)],
+            [tuple(row.values()) for row in rows],
         )
+
+
+def test_sqlite_source_with_watermark(tmp_path: Path) -> None:
+    db = tmp_path / "crm.sqlite"
+    _crm_table(db, [_row(f"c{i}", f"2024-02-0{i}T10:00:00+00:00") for i in (1, 2, 3)])
     settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
     assert sync_crm(settings, ListProducer())[0].produced == 3
     assert sync_crm(settings, ListProducer())[0].produced == 0
@@ -146,19 +151,11 @@ def test_rows_saved_in_the_same_instant_as_the_watermark_are_not_skipped(tmp_pat
 
 def test_sqlite_rows_with_a_negative_utc_offset_are_not_skipped(tmp_path: Path) -> None:
     db = tmp_path / "crm.sqlite"
-    with sqlite3.connect(db) as conn:
-        conn.execute(f"CREATE TABLE customers ({', '.join(CRM_FIELDS)})")
-        conn.execute(
-            f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
-            tuple(_row("c1", "2024-01-02T00:30:00+00:00").values()),
-        )
+    _crm_table(db, [_row("c1", "2024-01-02T00:30:00+00:00")])
     settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
     assert sync_crm(settings, ListProducer())[0].produced == 1
-    with sqlite3.connect(db) as conn:  # 01:00 UTC on the 2nd, written in New York's time
-        conn.execute(
-            f"INSERT INTO customers VALUES ({', '.join('?' * len(CRM_FIELDS))})",
-            tuple(_row("c2", "2024-01-01T20:00:00-05:00").values()),
-        )
+    # 01:00 UTC on the 2nd, written in New York's time
+    _crm_table(db, [_row("c2", "2024-01-01T20:00:00-05:00")])
     producer = ListProducer()
     assert sync_crm(settings, producer)[0].produced == 1
     assert [key for key, _ in producer.records] == ["c2"]

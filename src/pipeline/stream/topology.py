@@ -345,9 +345,11 @@ def build_application(
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
 
     def dead_letter(
-        reason: FailureReason, detail: str, raw: bytes, key: str | None, timestamp: int
+        reason: FailureReason, detail: str, raw: bytes, key: bytes | str | None, timestamp: int
     ) -> dict[str, Any]:
         """The typed dead-letter record of the message being processed."""
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", errors="replace")
         ctx = message_context()
         failure = Failure.of(
             reason,
@@ -362,6 +364,18 @@ def build_application(
         )
         metrics.dead_lettered[failure.reason] += 1
         return {**failure.to_dict(), "kind": KIND_DEAD_LETTER}
+
+    def processing_failed(
+        step: str, exc: Exception, raw: bytes, key: bytes | str | None, timestamp: int
+    ) -> dict[str, Any]:
+        """In an ``except`` block: the message ``step`` failed on (a bug, not bad input, which
+        is refused with its reason) as a dead letter, so that one message cannot stop the
+        stream. Errors of quixstreams, its state store or Kafka (a rebalance, a fenced
+        transaction) are raised again: they must stop the step, not commit a dead letter."""
+        if _framework_error(exc):
+            raise exc
+        log.exception("%s failed on a message; dead-lettered", step)
+        return dead_letter("processing_failed", f"{step} failed: {exc!r}", raw, key, timestamp)
 
     def erase(
         value: bytes, raw_key: str | None, timestamp: int, state: Any
@@ -391,12 +405,7 @@ def build_application(
         try:
             return _ingest(value, key, timestamp, headers, state)
         except Exception as exc:
-            if _framework_error(exc):
-                raise  # the state store or Kafka (a rebalance, a lost transaction): not the input
-            log.exception("stage 1 failed on a message; dead-lettered")
-            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
-            detail = f"stage 1 failed: {exc!r}"
-            return [dead_letter("processing_failed", detail, value or b"", raw_key, timestamp)]
+            return [processing_failed("stage 1", exc, value or b"", key, timestamp)]
 
     def _ingest(
         value: bytes, key: bytes | None, timestamp: int, headers: Any, state: Any
@@ -481,13 +490,8 @@ def build_application(
         try:
             return _run_fold(value, state)
         except Exception as exc:
-            if _framework_error(exc):
-                raise
-            log.exception("stage 2 failed on a record; dead-lettered")
             raw = orjson.dumps(value, default=str)
-            key_text = key if isinstance(key, str) else None
-            detail = f"stage 2 failed: {exc!r}"
-            return [dead_letter("processing_failed", detail, raw, key_text, timestamp)]
+            return [processing_failed("stage 2", exc, raw, key, timestamp)]
 
     def _run_fold(value: dict[str, Any], state: Any) -> list[dict[str, Any]]:
         metrics.attributed_in += 1
@@ -621,16 +625,10 @@ def build_application(
                 source if isinstance(source, str) else names.crm_customers
             )
         except (orjson.JSONDecodeError, TypeError, ValueError, SyncError) as exc:
-            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
             detail = f"CRM record not applied: {exc}"
-            return dead_letter("bad_crm_record", detail, value or b"", raw_key, timestamp)
+            return dead_letter("bad_crm_record", detail, value or b"", key, timestamp)
         except Exception as exc:  # as in the stages: a bug must not stop the stream
-            if _framework_error(exc):
-                raise
-            log.exception("the CRM check failed on a record; dead-lettered")
-            raw_key = key.decode("utf-8", errors="replace") if key is not None else None
-            detail = f"CRM check failed: {exc!r}"
-            return dead_letter("processing_failed", detail, value or b"", raw_key, timestamp)
+            return processing_failed("the CRM check", exc, value or b"", key, timestamp)
         return {**record, "kind": KIND_CRM}
 
     (

@@ -21,6 +21,7 @@ from cli_helpers import cli_env
 from pandas.testing import assert_frame_equal
 
 from pipeline.api.server import serve_api_in_thread
+from pipeline.errors import StoreError
 from pipeline.gdpr import forget
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
@@ -38,6 +39,15 @@ TABLES = ("events", "profiles", "segment_changes", "identity_links", "dead_lette
 def _counts(path: Any) -> dict[str, int]:
     with LocalWarehouse(path, read_only=True) as wh:
         return {t: int(wh.scalar(f"SELECT COUNT(*) FROM {t}")) for t in TABLES}
+
+
+def _counts_when_ready(path: Path) -> dict[str, int] | None:
+    """The store's counts, or None while it is absent or still being created (a reader then
+    gets a StoreError, as the API's 503 does)."""
+    try:
+        return _counts(path) if path.exists() else None
+    except StoreError:
+        return None
 
 
 def _wait_for(done: Callable[[], bool], what: Callable[[], str], limit: float = 60) -> None:
@@ -205,8 +215,8 @@ def test_pipeline_follow_keeps_a_home_until_stopped(settings: Settings, tmp_path
         try:
             store = sidecar_home / "warehouse.sqlite"
             _wait_for(
-                lambda: store.exists() and _counts(store) == processed,
-                lambda: f"{_counts(store) if store.exists() else 'no store'} != {processed}",
+                lambda: _counts_when_ready(store) == processed,
+                lambda: f"{_counts_when_ready(store)} != {processed}",
             )
             time.sleep(2)  # a read that finds nothing more (0.5 s), then its report
         finally:

@@ -309,7 +309,9 @@ class LocalWarehouse:
                 self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.executescript(_DDL)
+                # One transaction: a reader opening the store meanwhile sees no tables or all
+                # of them, never half a schema.
+                self._conn.executescript("BEGIN IMMEDIATE;" + _DDL)
                 _add_missing_columns(self._conn)
                 self._conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",

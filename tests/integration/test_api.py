@@ -27,6 +27,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 
 from pipeline.api.server import serve_api_in_thread
+from pipeline.api.service import PersonalizationService
 from pipeline.catalog import load_catalog
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, simulate
@@ -351,3 +352,33 @@ def test_openapi_fuzz_never_5xx(api: RunningApi) -> None:
             assert mode is GenerationMode.NEGATIVE, operation.label
     assert len(statuses) >= 10 * len(operations)
     assert {200, 404, 422} <= set(statuses), sorted(set(statuses))
+
+
+def test_a_campaign_rendered_again_after_new_events_keeps_each_members_key(
+    tmp_path: Path,
+) -> None:
+    """A marketer renders a campaign, the customer acts (a new profile version), the campaign
+    is rendered again: the email's key must not change, or the platform sends it twice."""
+    settings = Settings(_env_file=None, home=tmp_path)
+    fill_warehouse(settings.warehouse_path, events=1500, seed=5)
+    service = PersonalizationService(settings, background_refresh=False)
+    try:
+        _, sizes = service.segment_sizes()
+        segment = max(sizes, key=lambda pair: pair[1])[0].name
+        first = service.render_campaign("spring", segment, 20).emails
+        assert first
+        customer = first[0].email.customer_id
+        with LocalWarehouse(settings.warehouse_path) as wh:
+            profile = wh.get_profile(customer)
+            newer = {**profile, "version": profile["version"] + 1}
+            wh.write_profiles([newer])
+        again = {
+            e.email.customer_id: e for e in service.render_campaign("spring", segment, 20).emails
+        }
+        assert again[customer].email.snapshot["profile"]["version"] == profile["version"] + 1
+        assert again[customer].idempotency_key == first[0].idempotency_key
+        assert {e.idempotency_key for e in first} == {e.idempotency_key for e in again.values()}
+        other = service.render_campaign("summer", segment, 20).emails
+        assert not {e.idempotency_key for e in other} & {e.idempotency_key for e in first}
+    finally:
+        service.close()

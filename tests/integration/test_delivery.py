@@ -69,7 +69,7 @@ def _payload(i: int, campaign: str = "spring") -> EmailPayload:
         text=f"Hello {customer}",
         campaign=campaign,
         customer=customer,
-        idempotency_key=idempotency_key(campaign, customer, i),
+        idempotency_key=idempotency_key(campaign, customer),
     )
 
 

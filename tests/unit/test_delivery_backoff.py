@@ -70,20 +70,21 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None, now.timestamp()) is None
 
 
-def test_idempotency_key_is_deterministic_per_campaign_customer_version() -> None:
-    key = idempotency_key("spring", "cus_1", 7)
-    assert key == idempotency_key("spring", "cus_1", 7)
+def test_idempotency_key_is_one_per_campaign_customer_and_occurrence() -> None:
+    key = idempotency_key("spring", "cus_1")
+    assert key == idempotency_key("spring", "cus_1")
     assert key.startswith("pl-") and len(key) == 43
     others = {
-        idempotency_key("spring", "cus_1", 8),
-        idempotency_key("summer", "cus_1", 7),
-        idempotency_key("spring", "cus_2", 7),
-        idempotency_key("spring\x1fcus_1", "", 7),
+        idempotency_key("summer", "cus_1"),
+        idempotency_key("spring", "cus_2"),
+        idempotency_key("spring\x1fcus_1", ""),
+        idempotency_key("spring", "cus_1", "cus_1:cart_abandonment:1700000000000"),
+        idempotency_key("spring", "cus_1", "cus_1:cart_abandonment:1700000600000"),
     }
-    assert key not in others and len(others) == 4
+    assert key not in others and len(others) == 5
 
 
-def _payload(customer: str, version: int = 1) -> EmailPayload:
+def _payload(customer: str, occurrence: str = "") -> EmailPayload:
     return EmailPayload(
         to=f"{customer}@example.com",
         subject="s",
@@ -91,7 +92,7 @@ def _payload(customer: str, version: int = 1) -> EmailPayload:
         text="t",
         campaign="c",
         customer=customer,
-        idempotency_key=idempotency_key("c", customer, version),
+        idempotency_key=idempotency_key("c", customer, occurrence),
     )
 
 
@@ -114,7 +115,7 @@ def test_scheduler_ignores_a_queued_key_but_accepts_it_after_it_went_out() -> No
     scheduler = DeliveryScheduler()
     assert scheduler.add(RenderJob(100, _payload("a")))
     assert not scheduler.add(RenderJob(50, _payload("a")))
-    assert scheduler.add(RenderJob(50, _payload("a", version=2)))  # a newer profile: new email
+    assert scheduler.add(RenderJob(50, _payload("a", "a:cart_abandonment:2")))  # a new occurrence
     assert len(scheduler.due(100)) == 2
     assert scheduler.add(RenderJob(200, _payload("a")))
 
@@ -124,7 +125,7 @@ def test_deliver_due_sends_through_any_platform() -> None:
     scheduler = DeliveryScheduler([RenderJob(10, _payload("a")), RenderJob(20, _payload("b"))])
     outcomes, failures = deliver_due(scheduler, platform, 15)
     assert [o.customer for o in outcomes] == ["a"] and not failures
-    assert list(platform.sent) == [idempotency_key("c", "a", 1)]
+    assert list(platform.sent) == [idempotency_key("c", "a")]
 
 
 def test_deliver_due_drops_what_keep_refuses() -> None:
@@ -135,7 +136,7 @@ def test_deliver_due_drops_what_keep_refuses() -> None:
         scheduler, platform, 30, keep=lambda due: [j for j in due if j.payload.customer != "a"]
     )
     assert [o.customer for o in outcomes] == ["b"]
-    assert list(platform.sent) == [idempotency_key("c", "b", 1)]
+    assert list(platform.sent) == [idempotency_key("c", "b")]
     assert len(scheduler) == 0  # the refused job is gone too, not sent later
 
 
@@ -192,7 +193,7 @@ def test_client_backs_off_with_jitter_then_delivers() -> None:
     outcome = client.send(_payload("a"))
     assert isinstance(outcome, Delivered) and outcome.attempts == 4 and outcome.message_id == "m1"
     assert clock.sleeps == [0.5, 1.0, 9.0]  # 0.5 * ceiling(0), 0.5 * ceiling(1), Retry-After
-    assert {key for _, key in seen["send"]} == {idempotency_key("c", "a", 1)}
+    assert {key for _, key in seen["send"]} == {idempotency_key("c", "a")}
     assert "grant_type=client_credentials" in seen["token"][0]
 
 

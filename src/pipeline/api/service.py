@@ -249,7 +249,7 @@ class PersonalizationService:
         return CampaignEmail(
             to=to if isinstance(to, str) else None,
             send_time=send_time,
-            idempotency_key=idempotency_key(campaign_id, profile.customer_id, profile.version),
+            idempotency_key=idempotency_key(campaign_id, profile.customer_id),
             email=email,
         )
 

@@ -9,12 +9,15 @@ from typing import Any, Literal
 from pipeline.emails import RenderedEmail
 
 
-def idempotency_key(campaign_id: str, customer_id: str, version: int) -> str:
-    """``campaign + customer + profile version`` hashed: the same email always has the same key.
+def idempotency_key(campaign_id: str, customer_id: str, occurrence: str = "") -> str:
+    """``campaign + customer`` (+ ``occurrence``) hashed: one email per customer per campaign.
 
-    A retry or a re-render of the same as-of profile reuses the key, so the platform sends once.
+    A retry or a re-render reuses the key, so the platform sends once even when the profile
+    has changed in between (a campaign rendered again after new events must not reach its
+    members twice). A campaign that fires more than once per customer (a trigger) names the
+    occurrence: each cart abandonment is its own email, each retry of it the same one.
     """
-    material = "\x1f".join((campaign_id, customer_id, str(version))).encode("utf-8")
+    material = "\x1f".join((campaign_id, customer_id, occurrence)).encode("utf-8")
     return "pl-" + hashlib.sha256(material).hexdigest()[:40]
 
 
@@ -34,9 +37,8 @@ class EmailPayload:
         return asdict(self)
 
 
-def payload_for(email: RenderedEmail, to: str) -> EmailPayload:
-    """The payload of a rendered email; the key comes from the snapshot's profile version."""
-    version = int(email.snapshot.get("profile", {}).get("version", 0))
+def payload_for(email: RenderedEmail, to: str, occurrence: str = "") -> EmailPayload:
+    """The payload of a rendered email, keyed by its campaign, customer and occurrence."""
     return EmailPayload(
         to=to,
         subject=email.subject,
@@ -44,7 +46,7 @@ def payload_for(email: RenderedEmail, to: str) -> EmailPayload:
         text=email.text,
         campaign=email.campaign_id,
         customer=email.customer_id,
-        idempotency_key=idempotency_key(email.campaign_id, email.customer_id, version),
+        idempotency_key=idempotency_key(email.campaign_id, email.customer_id, occurrence),
     )
 
 

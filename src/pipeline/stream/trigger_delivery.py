@@ -82,7 +82,8 @@ class TriggeredDelivery:
             if view.to is None or traits.get("emailConsent") is False:
                 self.stats.skipped_no_consent += 1
                 continue
-            job = RenderJob(view.send_time.send_at_ms, payload_for(view.email, view.to))
+            payload = payload_for(view.email, view.to, trigger.trigger_id)
+            job = RenderJob(view.send_time.send_at_ms, payload)
             if self._queue(job, view.email.snapshot):
                 queued.append((job, view.email.snapshot))
         if queued:

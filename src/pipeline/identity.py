@@ -58,26 +58,43 @@ class Resolution:
 
     ``link`` is set when the event pairs the device with a customer it was not linked to;
     ``first_link`` tells whether the device was anonymous until now (its history must merge).
+    ``linked_ms`` is set when the device's link now stands at a newer event time (to keep).
     """
 
     customer_id: str
     link: str | None = None
     first_link: bool = False
     previous_customer_id: str | None = None
+    linked_ms: int | None = None
 
 
-def resolve(event: CleanEvent, linked_customer: str | None) -> Resolution:
-    """Attribute ``event`` given the customer its device is currently linked to (or None)."""
+def resolve(
+    event: CleanEvent, linked_customer: str | None, linked_ms: int | None = None
+) -> Resolution:
+    """Attribute ``event`` given the customer its device is currently linked to (or None)
+    and the event time of that customer's newest event on it (``linked_ms``).
+
+    A device follows its newest user in event time, not in arrival order: a late event of a
+    shared device's previous user is theirs but does not take the device back (the same two
+    users' events give the same final link in any order; ties go to the greater id).
+    """
     device = device_of(event)
     user = event.user_id
     if user:
-        if device is None or linked_customer == user:
+        if device is None:
+            return Resolution(customer_id=user)
+        ts = event.timestamp_ms
+        newer = linked_ms is None or (ts, user) > (linked_ms, linked_customer or "")
+        if linked_customer == user:
+            return Resolution(customer_id=user, linked_ms=ts if newer else None)
+        if linked_customer is not None and not newer:
             return Resolution(customer_id=user)
         return Resolution(
             customer_id=user,
             link=user,
             first_link=linked_customer is None,
             previous_customer_id=linked_customer,
+            linked_ms=ts,
         )
     if linked_customer is not None:
         return Resolution(customer_id=linked_customer)

@@ -35,18 +35,34 @@ def test_linked_device_routes_anonymous_events_to_its_customer() -> None:
 
 def test_first_login_links_the_device_and_asks_for_a_merge() -> None:
     res = resolve(ev(type="identify", name="Identify", anonymous_id="a1", user_id="cus_1"), None)
-    assert res == Resolution(customer_id="cus_1", link="cus_1", first_link=True)
+    assert res == Resolution(customer_id="cus_1", link="cus_1", first_link=True, linked_ms=1_000)
 
 
-def test_known_pair_changes_nothing() -> None:
-    assert resolve(ev(anonymous_id="a1", user_id="cus_1"), "cus_1") == Resolution("cus_1")
+def test_known_pair_only_moves_the_links_event_time_forward() -> None:
+    known = ev(anonymous_id="a1", user_id="cus_1")
+    assert resolve(known, "cus_1", 500) == Resolution("cus_1", linked_ms=1_000)
+    assert resolve(known, "cus_1", 2_000) == Resolution("cus_1")
 
 
 def test_another_user_on_a_shared_device_relinks_without_merge() -> None:
-    res = resolve(ev(anonymous_id="a1", user_id="cus_2"), "cus_1")
+    res = resolve(ev(anonymous_id="a1", user_id="cus_2"), "cus_1", 900)
     assert res == Resolution(
-        customer_id="cus_2", link="cus_2", first_link=False, previous_customer_id="cus_1"
+        customer_id="cus_2",
+        link="cus_2",
+        first_link=False,
+        previous_customer_id="cus_1",
+        linked_ms=1_000,
     )
+
+
+def test_a_late_event_of_a_shared_devices_previous_user_is_theirs_but_does_not_relink() -> None:
+    late = ev(anonymous_id="a1", user_id="cus_1", timestamp_ms=1_000)
+    assert resolve(late, "cus_2", 2_000) == Resolution("cus_1")
+    # the same time: the greater id keeps the device, whichever came first
+    tie = ev(anonymous_id="a1", user_id="cus_1", timestamp_ms=2_000)
+    assert resolve(tie, "cus_2", 2_000) == Resolution("cus_1")
+    tie_b = ev(anonymous_id="a1", user_id="cus_2", timestamp_ms=2_000)
+    assert resolve(tie_b, "cus_1", 2_000).link == "cus_2"
 
 
 def test_server_side_event_without_device_is_attributed_but_links_nothing() -> None:
@@ -56,7 +72,9 @@ def test_server_side_event_without_device_is_attributed_but_links_nothing() -> N
 def test_alias_links_previous_id() -> None:
     alias = ev(type="alias", name="Alias", previous_id="a9", user_id="cus_3")
     assert device_of(alias) == "a9"
-    assert resolve(alias, None) == Resolution("cus_3", link="cus_3", first_link=True)
+    assert resolve(alias, None) == Resolution(
+        "cus_3", link="cus_3", first_link=True, linked_ms=1_000
+    )
 
 
 def test_anonymous_ids_are_recognizable() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -184,6 +185,33 @@ def test_position_stays_inside_the_hop() -> None:
     event, profile = fold(_seq_record("a", [0, 10, 0]), cust, CONFIG, now_ms=T0_MS)
     assert "seq" not in event
     assert not any(key.startswith("_") for key in profile)
+
+
+def test_a_shared_device_ends_linked_to_its_newest_user_in_any_arrival_order() -> None:
+    """Two customers sign in on one computer, A then B (event time); however their events
+    arrive, each is attributed to its own customer and the device ends linked to B, so its
+    next anonymous event is B's. Before, a late event of A's took the device back."""
+
+    def user(cid: str, name: str, ts: int) -> CleanEvent:
+        return make_event(name, ts, anonymous_id="dev1", user_id=cid, customer_id=None)
+
+    events = [
+        user("cus_a", "Identify", T0_MS + 10),
+        user("cus_a", "Product Viewed", T0_MS + 20),
+        user("cus_b", "Identify", T0_MS + 30),
+        user("cus_b", "Product Added", T0_MS + 40),
+    ]
+    for order in itertools.permutations(events):
+        store: dict[Any, Any] = {}
+        links: list[str] = []
+        for e in order:
+            out = stitch(e, device_state(store, T0_MS), CONFIG)
+            assert [r["customer_id"] for r in out if r["kind"] == KIND_EVENT] == [e.user_id]
+            links += [r["customer_id"] for r in out if r["kind"] == KIND_LINK]
+        assert MemoryState(store, "dev1").get("linked") == "cus_b", order
+        assert links[-1] == "cus_b" and len(links) <= 2
+        after = stitch(anon(ts=T0_MS + 50), device_state(store, T0_MS), CONFIG)
+        assert [r["customer_id"] for r in after] == ["cus_b"]
 
 
 def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:

@@ -62,6 +62,7 @@ KIND_TICK = "tick"  # the trigger scan -> stage 2: the stream's clock moved (see
 _SEEN = "seen:"
 _APPLIED = "_applied"  # beside the profile's fields in its state value: newest seq per partition
 _LINKED = "linked"
+_LINKED_MS = "linked_ms"  # event time of the linked customer's newest event on the device
 _HISTORY_LEN = "history_len"
 _HISTORY_HEAD = "history_head"  # the oldest slot, once the buffer is full and wraps round
 _HISTORY = "history:"
@@ -131,9 +132,11 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
     if not first_sighting(state, event.message_id, config.dedupe_window):
         return []
     linked: str | None = state.get(_LINKED)
-    res = identity.resolve(event, linked)
+    res = identity.resolve(event, linked, state.get(_LINKED_MS))
     out: list[dict[str, Any]] = []
     device = identity.device_of(event)
+    if res.linked_ms is not None:
+        state.set(_LINKED_MS, res.linked_ms)
     if res.link is not None and device is not None:
         state.set(_LINKED, res.link)
         merged = 0
@@ -218,6 +221,7 @@ def erase_key(
     linked = state.get(_LINKED)
     if linked is None or linked == customer_id:
         state.delete(_LINKED)
+        state.delete(_LINKED_MS)
         if key != customer_id:  # a device: its link record becomes a tombstone
             out.append(
                 {

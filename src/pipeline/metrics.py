@@ -16,6 +16,7 @@ assignment (-1001 for a new group), and quixstreams never stores offsets
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 import threading
@@ -133,6 +134,7 @@ class StreamMetrics:
     alerts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, severity)
     # the newest samples only: a long-running processor must not grow with every event
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    latency_samples: int = 0  # ever appended to latencies_ms (fewer than events_stored)
     # per lineage step: histogram counts over STEP_BUCKETS_MS (+Inf last) and the sum in ms
     step_counts: dict[str, list[int]] = field(default_factory=dict)
     step_sum_ms: dict[str, float] = field(default_factory=dict)
@@ -149,6 +151,9 @@ class StreamMetrics:
     # mutated, so a scrape on another thread always reads one whole report
     consumer_lag_reports: dict[str, tuple[float, TopicPartitionLag]] = field(default_factory=dict)
     _reports_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+    _latency_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
     _store_cpu_lock: threading.Lock = field(
@@ -211,10 +216,22 @@ class StreamMetrics:
         ``reattributed`` events were stored again (a device's history, sent on to its
         customer at a login): counted, but not as latency, which each event has once.
         """
-        self.events_stored += len(ingested_ms) + reattributed
-        self.latencies_ms.extend(stored_ms - i for i in ingested_ms)
+        with self._latency_lock:  # sinks write from several threads; the scrape reads
+            self.events_stored += len(ingested_ms) + reattributed
+            self.latencies_ms.extend(stored_ms - i for i in ingested_ms)
+            self.latency_samples += len(ingested_ms)
         self.last_stored_s = time.monotonic()
         self.last_stored_cpu_s = time.process_time()
+
+    def latencies_since(self, seen: int) -> tuple[int, list[float]]:
+        """The samples appended after the first ``seen`` (oldest first, at most the newest
+        ``LATENCY_SAMPLES``) and how many there have been in all: a scrape folds each once."""
+        with self._latency_lock:
+            total = self.latency_samples
+            count = min(max(total - seen, 0), len(self.latencies_ms))
+            new = list(itertools.islice(reversed(self.latencies_ms), count))
+        new.reverse()
+        return total, new
 
     def latency_percentiles(self) -> dict[str, float]:
         if not self.latencies_ms:

@@ -13,7 +13,6 @@ prometheus_client's own metrics in a registry per app, so several apps in one pr
 from __future__ import annotations
 
 import bisect
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -197,12 +196,10 @@ class StreamMetricsCollector(Collector):
     def _latency(self) -> HistogramMetricFamily:
         m = self._metrics
         with self._lock:
-            total = m.events_stored  # one latency sample is appended per stored event
-            if total < self._folded:  # a new StreamMetrics run: start over
+            if m.latency_samples < self._folded:  # a new StreamMetrics run: start over
                 self._counts = [0] * len(self._counts)
                 self._sum_ms, self._folded = 0.0, 0
-            # newest first; list(islice(reversed(...))) runs in C, so it is atomic under the GIL
-            new = list(itertools.islice(reversed(m.latencies_ms), total - self._folded))
+            total, new = m.latencies_since(self._folded)
             for ms in new:
                 self._counts[bisect.bisect_left(self._bounds_ms, ms)] += 1
             self._sum_ms += sum(new)

@@ -104,6 +104,14 @@ def test_latency_histogram_counts_each_sample_once_across_scrapes() -> None:
     assert bucket("+Inf", second) == 7
     assert exposition(registry) == second
 
+    # a login stores a device's history again between two scrapes: counted as stored, but
+    # its copies have no latency sample, so the histogram gains only the new event's
+    m.stored_events([1000], 1010, reattributed=90)
+    third = exposition(registry)
+    assert bucket("+Inf", third) == 8 and bucket("0.005", third) == 3
+    assert bucket("0.01", third) == 4  # the 10 ms sample, once
+    assert samples(third)[("pipeline_events_stored_total", ())] == 8 + 1 + 91
+
 
 def test_metrics_server_serves_the_exposition_on_loopback() -> None:
     m = known_metrics()

@@ -23,6 +23,11 @@ class IncompatibleSchemaError(SchemaError):
     """A new schema version would break readers of data written with an older version."""
 
 
+class ProcessingTimeout(PipelineError):
+    """The processor did not consume what it was given within its time limit: its results
+    are partial and must not be reported as a finished run."""
+
+
 class StoreError(PipelineError):
     """A profile store or warehouse operation failed."""
 

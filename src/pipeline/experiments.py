@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.errors import ProcessingTimeout
 from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics
 from pipeline.runner import Run, process_until_idle, produce_messages, summarize
@@ -68,8 +69,14 @@ class LoadPhase:
 
 
 def _wait_for(metrics: StreamMetrics, raw_in: int, timeout_s: float) -> None:
+    """Wait until the processor has read ``raw_in`` raw messages (the warm-up), or raise."""
     deadline = time.monotonic() + timeout_s
-    while metrics.raw_in < raw_in and time.monotonic() < deadline:
+    while metrics.raw_in < raw_in:
+        if time.monotonic() >= deadline:
+            raise ProcessingTimeout(
+                f"the warm-up did not finish within {timeout_s:.0f} s: "
+                f"read {metrics.raw_in} of {raw_in} raw messages"
+            )
         time.sleep(0.05)
 
 

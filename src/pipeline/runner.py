@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 
 from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ProcessingTimeout
 from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
@@ -196,7 +196,10 @@ def process_until_idle(
     on_tick: Callable[[StreamMetrics], None] | None = None,
 ) -> None:
     """Run the processor in this thread until it consumed ``expected_raw`` raw messages and
-    nothing moved for ``idle_s`` (every checkpoint flushed); ``feed`` runs in a thread."""
+    nothing moved for ``idle_s`` (every checkpoint flushed); ``feed`` runs in a thread.
+
+    Raises :class:`ProcessingTimeout` past ``timeout_s``: partial results are not a run.
+    """
     registry = default_registry()
     suppressed = suppression_source(run.settings, run.address)
     app = build_application(
@@ -228,7 +231,10 @@ def process_until_idle(
                     last, still_since = now, time.monotonic()
                 elif m.drained(expected_raw) and time.monotonic() - still_since >= idle_s:
                     return
-            log.error("processing did not finish within %.0fs", timeout_s)
+            raise ProcessingTimeout(
+                f"processing did not finish within {timeout_s:.0f} s: consumed "
+                f"{m.raw_in - m.rekeyed} of {expected_raw} raw messages"
+            )
         except BaseException as exc:
             errors.append(exc)
         finally:

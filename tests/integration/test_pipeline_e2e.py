@@ -15,6 +15,7 @@ import orjson
 import pytest
 from topic_reader import read_topic
 
+from pipeline.errors import ProcessingTimeout
 from pipeline.runner import Run, pipeline_run, process_until_idle, produce_messages
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage, Simulation, SimulationConfig, simulate
@@ -198,6 +199,21 @@ def test_stage_2_reads_stage_1_output_before_its_transaction_commits(settings: S
         process_until_idle(run, expected_raw=len(sim.messages), feed=feed, timeout_s=300)
     assert seen["stored"] == len(valid), seen
     assert seen["profiled"] >= len(valid), seen  # merged anonymous events count twice
+
+
+def test_a_run_past_its_time_limit_raises_instead_of_passing_for_finished(
+    settings: Settings,
+) -> None:
+    """A notebook or `pipeline report` must not present a half-processed run as a result."""
+    with pipeline_run(settings) as run:
+        sim = simulate(SimulationConfig(events=2000, seed=6, end=END, days=2), run.catalog)
+        with pytest.raises(ProcessingTimeout, match=rf"of {len(sim.messages)} raw messages"):
+            process_until_idle(
+                run,
+                expected_raw=len(sim.messages),
+                feed=lambda: produce_messages(settings, run.address, sim.messages),
+                timeout_s=0.2,
+            )
 
 
 def test_bad_input_yields_typed_dead_letters_and_processing_goes_on(settings: Settings) -> None:

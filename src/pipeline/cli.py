@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -321,6 +322,22 @@ def report(
     output_dir: Annotated[
         Path, typer.Option("--output-dir", help="Reports folder; a dated subfolder is made.")
     ] = Path("reports"),
+    day: Annotated[
+        datetime | None,
+        typer.Option(
+            "--date",
+            formats=["%Y-%m-%d"],
+            help="The report's day, naming its folder (Airflow: --date {{ ds }}); "
+            "default: today in UTC.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="File name for the executed notebook and its HTML (default: the notebook's); "
+            "a run of the same day and name replaces the earlier one.",
+        ),
+    ] = None,
 ) -> None:
     """Execute a notebook with papermill into OUTPUT_DIR/<YYYY-MM-DD>/ and export it as HTML."""
     from pipeline.reports import caller_environment, parameters_from_args, run_report
@@ -329,9 +346,22 @@ def report(
         parameters = parameters_from_args(ctx.args)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), ctx=ctx) from exc
-    # the kernel runs in the report's folder: it gets this process's home and .env settings
+    if name is not None and (not name or Path(name).name != name or name.startswith(".")):
+        raise typer.BadParameter(f"--name {name!r}: a plain file name, without folders", ctx=ctx)
+    # the kernel runs in the report's folder: it gets this process's home, .env settings and
+    # relative paths made absolute, and so does a relative `home` parameter of the notebook
+    home = parameters.get("home")
+    if isinstance(home, str) and home and not Path(home).is_absolute():
+        parameters["home"] = str(Path(home).resolve())
     kernel_env = caller_environment(_settings(None).home)
-    result = run_report(notebook, parameters, output_dir, kernel_env=kernel_env)
+    result = run_report(
+        notebook,
+        parameters,
+        output_dir,
+        date=day.date() if day is not None else None,
+        kernel_env=kernel_env,
+        name=name,
+    )
     console.print(f"report written: {result.notebook}\n                {result.html}")
 
 
@@ -398,7 +428,11 @@ def forget(
     ] = False,
     home: HomeOption = None,
 ) -> None:
-    """Suppress a customer, delete them from every store and write an audit record."""
+    """Suppress a customer, delete them from every store and write an audit record.
+
+    Prints the rows left about them as JSON and exits 1 when any are (or, with ``--verify``,
+    when they are not suppressed either), so a scheduled erasure job sees an incomplete one.
+    """
     from pipeline.gdpr import forget as forget_customer
     from pipeline.gdpr import is_suppressed, load_suppressed, verify_forgotten
     from pipeline.stores.local import LocalWarehouse
@@ -415,7 +449,9 @@ def forget(
         left = verify_forgotten(customer_id, settings, warehouse=wh, bigquery=bq)
     suppressed = is_suppressed(load_suppressed(settings), customer_id=customer_id)
     typer.echo(json.dumps({"customer_id": customer_id, "suppressed": suppressed, "rows": left}))
-    if verify and (any(left.values()) or not suppressed):
+    if any(left.values()) or not suppressed:
+        if not verify:  # e.g. BigQuery rows still in the streaming buffer: run it again later
+            console.print(f"[red]rows left about {customer_id}[/red]: run `pipeline forget` again")
         raise typer.Exit(1)
 
 

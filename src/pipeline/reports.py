@@ -13,15 +13,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import nbformat
 import papermill  # type: ignore[import-untyped]
 from dotenv import dotenv_values
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError  # type: ignore[import-untyped]
+from pydantic import BaseModel
 
 from pipeline.errors import PipelineError
+from pipeline.settings import Settings
 
 KERNEL_NAME = "python3"
 LANGUAGE = "python"
@@ -72,10 +74,14 @@ def parameters_from_args(args: Sequence[str]) -> dict[str, Any]:
     return parse_parameters(pairs)
 
 
-def report_paths(notebook: Path, output_root: Path, day: date) -> tuple[Path, Path]:
-    """The executed notebook's and the HTML export's paths for ``notebook`` run on ``day``."""
+def report_paths(
+    notebook: Path, output_root: Path, day: date, name: str | None = None
+) -> tuple[Path, Path]:
+    """The executed notebook's and the HTML export's paths for ``notebook`` run on ``day``,
+    named ``name`` (a run with other parameters that must not replace the day's report)."""
     folder = output_root / day.isoformat()
-    return folder / f"{notebook.stem}.ipynb", folder / f"{notebook.stem}.html"
+    stem = name or notebook.stem
+    return folder / f"{stem}.ipynb", folder / f"{stem}.html"
 
 
 def export_html(executed: Path, html: Path) -> Path:
@@ -86,15 +92,39 @@ def export_html(executed: Path, html: Path) -> Path:
     return html
 
 
-def caller_environment(home: Path, env_file: Path = Path(".env")) -> dict[str, str]:
+def path_settings() -> frozenset[str]:
+    """The environment variables of every path-typed setting (``PIPELINE_HOME``,
+    ``PIPELINE_CATALOG_PATH``, ``PIPELINE_SYNC__CRM_CSV_PATH``, ...), from the settings model."""
+
+    def walk(model: type[BaseModel], prefix: str) -> Iterator[str]:
+        for field, info in model.model_fields.items():
+            name = f"{prefix}{field.upper()}"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from walk(annotation, f"{name}__")
+            elif annotation is Path or Path in get_args(annotation):
+                yield name
+
+    return frozenset(walk(Settings, "PIPELINE_"))
+
+
+def caller_environment(
+    home: Path, env_file: Path = Path(".env"), *, cwd: Path | None = None
+) -> dict[str, str]:
     """What a report's kernel needs to see the caller's settings: it runs in the report's
-    folder, where a relative ``PIPELINE_HOME`` and the caller's ``.env`` would not resolve.
-    The home, absolute, and the ``PIPELINE_*`` values of the ``.env`` not already set."""
+    folder, where relative paths and the caller's ``.env`` would not resolve. The home,
+    absolute; the ``PIPELINE_*`` values of the ``.env`` not already set; and every relative
+    path setting, from either, made absolute against ``cwd`` (the caller's directory)."""
+    base = (cwd or Path.cwd()).resolve()
     env = {
         key: value
         for key, value in dotenv_values(env_file).items()
         if key.startswith("PIPELINE_") and value is not None and key not in os.environ
     }
+    paths = path_settings()
+    for key, value in [*os.environ.items(), *env.items()]:
+        if key.upper() in paths and value and not Path(value).is_absolute():
+            env[key] = str(base / value)
     env["PIPELINE_HOME"] = str(home.resolve())
     return env
 
@@ -123,9 +153,12 @@ def run_report(
     cwd: Path | None = None,
     progress_bar: bool = False,
     kernel_env: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> ReportResult:
     """Execute ``notebook`` with ``parameters`` (kernel python3) and export it to HTML;
     ``kernel_env`` is added to the kernel's environment (see :func:`caller_environment`).
+    ``date`` names the folder (default: today in UTC), ``name`` the files (default: the
+    notebook's); a second run of the same day and name replaces the first (a retry).
 
     A failing cell still leaves the executed notebook and its HTML (showing the error) in
     place for whoever reads the report, then raises :class:`ReportError`.
@@ -134,7 +167,7 @@ def run_report(
     if not notebook.is_file():
         raise ReportError(f"report: no notebook at {notebook}")
     day = date or datetime.now(UTC).date()
-    executed, html = report_paths(notebook, Path(output_root), day)
+    executed, html = report_paths(notebook, Path(output_root), day, name)
     executed.parent.mkdir(parents=True, exist_ok=True)
     params = dict(parameters)
     try:
@@ -154,6 +187,14 @@ def run_report(
         raise ReportError(
             f"report {notebook.name}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}"
             f" (see {html})"
+        ) from exc
+    except Exception as exc:  # the kernel died (out of memory), a cell timed out, ...
+        where = ""
+        if executed.is_file():  # papermill saves after every cell: show how far it got
+            with contextlib.suppress(Exception):
+                where = f" (see {export_html(executed, html)})"
+        raise ReportError(
+            f"report {notebook.name}: the run failed with {type(exc).__name__}: {exc}{where}"
         ) from exc
     export_html(executed, html)
     return ReportResult(notebook=executed, html=html, parameters=params, date=day)

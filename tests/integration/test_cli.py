@@ -96,6 +96,17 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
     assert trace["total_ms"] == stored["stored_ms"] - stored["ingested_ms"]
     assert all(s["duration_ms"] >= 0 for s in trace["steps"][1:])
 
+    # `pipeline forget`: its exit status tells a scheduled erasure job whether anything is left
+    before = run_cli(home, tmp_path, "forget", customer, "--verify", timeout=60)
+    assert before.returncode == 1, before.stderr
+    assert json.loads(before.stdout)["rows"]["local.events"] > 0
+    forgotten = run_cli(home, tmp_path, "forget", customer, timeout=120)
+    assert forgotten.returncode == 0, forgotten.stderr[-3000:]
+    report = json.loads(forgotten.stdout)
+    assert report["suppressed"] and not any(report["rows"].values()), report
+    after = run_cli(home, tmp_path, "forget", customer, "--verify", timeout=60)
+    assert after.returncode == 0 and json.loads(after.stdout) == report
+
 
 def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path: Path) -> None:
     home = tmp_path / "home"

@@ -223,6 +223,9 @@ def test_pipeline_report_of_a_failing_run_keeps_the_html_and_exits_nonzero(
     assert list((tmp_path / "reports").glob("*/03_scoring_lab.html"))
 
 
+DATED_AND_NAMED = ("--date", "2026-03-01", "--name", "seen-run")
+
+
 @pytest.mark.timeout(120)
 def test_a_reports_kernel_sees_the_callers_home_and_env_file(tmp_path: Path) -> None:
     """The kernel runs in the report's folder: a relative PIPELINE_HOME and the caller's .env
@@ -235,14 +238,16 @@ def test_a_reports_kernel_sees_the_callers_home_and_env_file(tmp_path: Path) -> 
             "from pathlib import Path\n"
             "from pipeline.settings import Settings\n"
             "s = Settings()\n"
-            "Path('seen.txt').write_text(f'{s.home}|{s.log_level}')"
+            "Path('seen.txt').write_text(f'{s.home}|{s.log_level}|{s.catalog_path}')"
         ),
     ]
     nbformat.write(nb, notebook)
-    (tmp_path / ".env").write_text("PIPELINE_HOME=.pipeline\nPIPELINE_LOG_LEVEL=ERROR\n")
+    (tmp_path / ".env").write_text(
+        "PIPELINE_HOME=.pipeline\nPIPELINE_LOG_LEVEL=ERROR\nPIPELINE_CATALOG_PATH=data/c.csv\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "report", str(notebook)],
+        [sys.executable, "-m", "pipeline", "report", str(notebook), *DATED_AND_NAMED],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -250,5 +255,37 @@ def test_a_reports_kernel_sees_the_callers_home_and_env_file(tmp_path: Path) -> 
         timeout=110,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    [seen] = list((tmp_path / "reports").glob("*/seen.txt"))
-    assert seen.read_text() == f"{(tmp_path / '.pipeline').resolve()}|ERROR"
+    folder = tmp_path / "reports" / "2026-03-01"  # the scheduler's day, e.g. Airflow's {{ ds }}
+    assert (folder / "seen-run.ipynb").is_file() and (folder / "seen-run.html").is_file()
+    home, level, catalog = (folder / "seen.txt").read_text().split("|")
+    assert (home, level) == (str((tmp_path / ".pipeline").resolve()), "ERROR")
+    assert catalog == str(tmp_path.resolve() / "data" / "c.csv")
+
+
+@pytest.mark.timeout(120)
+def test_a_report_whose_kernel_dies_exits_2_with_one_line_and_keeps_what_ran(
+    tmp_path: Path,
+) -> None:
+    """A kernel killed mid-run (the out-of-memory killer on a big run) is a failed report,
+    said in one line, with the cells that ran kept in the HTML."""
+    notebook = tmp_path / "dies.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("events = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print('ran before the kill')"),
+        nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
+        nbformat.v4.new_code_cell("print('never')"),
+    ]
+    nbformat.write(nb, notebook)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(notebook)],
+        cwd=tmp_path,
+        env=_report_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "DeadKernelError" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    [html] = list((tmp_path / "reports").glob("*/dies.html"))
+    assert "ran before the kill" in html.read_text(encoding="utf-8")

@@ -9,8 +9,10 @@ import pytest
 
 from pipeline.reports import (
     ReportError,
+    caller_environment,
     parameters_from_args,
     parse_value,
+    path_settings,
     report_paths,
     run_report,
 )
@@ -53,6 +55,39 @@ def test_report_paths_are_dated_and_named_after_the_notebook() -> None:
     )
     assert executed == Path("out/2026-03-04/01_quickstart.ipynb")
     assert html == Path("out/2026-03-04/01_quickstart.html")
+    named = report_paths(Path("n/01_quickstart.ipynb"), Path("out"), date(2026, 3, 4), "big")
+    assert named == (Path("out/2026-03-04/big.ipynb"), Path("out/2026-03-04/big.html"))
+
+
+def test_path_settings_are_read_from_the_settings_model() -> None:
+    names = path_settings()
+    assert {
+        "PIPELINE_HOME",
+        "PIPELINE_CATALOG_PATH",
+        "PIPELINE_SEGMENTS_PATH",
+        "PIPELINE_SSL_CA_LOCATION",
+        "PIPELINE_SYNC__CRM_CSV_PATH",
+        "PIPELINE_SYNC__CRM_SQLITE_PATH",
+    } <= names
+    assert "PIPELINE_BROKER" not in names and "PIPELINE_LOG_LEVEL" not in names
+
+
+def test_the_kernel_gets_relative_paths_made_absolute_against_the_callers_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel runs in the report's folder, where a relative path would not resolve."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("PIPELINE_CATALOG_PATH=data/catalog.csv\nPIPELINE_LOG_LEVEL=ERROR\n")
+    monkeypatch.setenv("PIPELINE_SYNC__CRM_CSV_PATH", "crm/customers.csv")
+    monkeypatch.setenv("PIPELINE_SEGMENTS_PATH", "/etc/segments.yaml")
+    monkeypatch.setenv("PIPELINE_BROKER", "kafka:9092")
+    env = caller_environment(Path("home"), env_file, cwd=tmp_path)
+    assert env == {
+        "PIPELINE_HOME": str(Path("home").resolve()),
+        "PIPELINE_CATALOG_PATH": str(tmp_path / "data/catalog.csv"),
+        "PIPELINE_LOG_LEVEL": "ERROR",
+        "PIPELINE_SYNC__CRM_CSV_PATH": str(tmp_path / "crm/customers.csv"),
+    }
 
 
 def test_missing_notebook_is_a_report_error(tmp_path: Path) -> None:

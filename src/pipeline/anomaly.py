@@ -32,8 +32,11 @@ warehouse and the metrics. Decisions:
   alerts; the open-alerts view keeps the newest per kind and subject).
 * **Each replica detects over the partitions it owns, in memory.** Baselines are relearned
   after a restart or rebalance (``min_buckets`` of warm-up). Detectors see time only when
-  traffic flows on their partition: a total stall raises nothing here; the Prometheus rule
-  ``PipelineProcessorStalled`` (``deploy/prometheus/alerts.yml``) catches it.
+  traffic flows on their partition: a total outage raises nothing here. The Prometheus
+  rules in ``deploy/prometheus/alerts.yml`` catch it: ``PipelineNoInput`` (nothing read
+  although the hour had traffic the day before: collectors or producers down),
+  ``PipelineProcessorStalled`` (lag waits, nothing read), ``PipelineProcessorHung`` (the loop
+  stopped polling) and ``PipelineProcessorAbsent`` (no processor scraped).
 """
 
 from __future__ import annotations
@@ -480,8 +483,17 @@ DEAD_LETTER_TYPE = "invalid"
 """The event type of a dead letter whose event name cannot be read."""
 
 
-def observation_of(parsed: CleanEvent | Failure, received_ms: int) -> Observation:
-    """What the detectors need of one parse result; ``received_ms`` is the broker time."""
+def observation_of(
+    parsed: CleanEvent | Failure, received_ms: int, now_ms: int | None = None
+) -> Observation:
+    """What the detectors need of one parse result; ``received_ms`` is the broker time.
+
+    A record stamped after ``now_ms`` (a producer's clock set ahead: topics keep CreateTime)
+    counts as received now. Taken as it is, it would move its partition's bucket clock into
+    the future, where that one bucket never closes: no alert until the clock caught up.
+    """
+    if now_ms is not None and received_ms > now_ms:
+        received_ms = now_ms
     if isinstance(parsed, Failure):
         return Observation(
             parsed.event_name or DEAD_LETTER_TYPE,

@@ -150,6 +150,7 @@ class StreamMetrics:
     # per librdkafka client name: (monotonic time of its statistics, its lag); replaced, never
     # mutated, so a scrape on another thread always reads one whole report
     consumer_lag_reports: dict[str, tuple[float, TopicPartitionLag]] = field(default_factory=dict)
+    last_stats_s: float | None = None  # monotonic time of the newest statistics report
     _reports_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
@@ -173,9 +174,11 @@ class StreamMetrics:
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             log.warning("ignoring unreadable librdkafka statistics: %s", exc)
             return
+        now = time.monotonic()
         with self._reports_lock:  # consumers of several replicas may report at once
-            reports = {**self.consumer_lag_reports, client: (time.monotonic(), lag)}
+            reports = {**self.consumer_lag_reports, client: (now, lag)}
             self.consumer_lag_reports = reports
+            self.last_stats_s = now  # the loop polled: it is alive, whatever the lag
 
     def consumer_lag(self, now_s: float | None = None) -> TopicPartitionLag:
         """Lag per (topic, partition) from every client that reported recently."""

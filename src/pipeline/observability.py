@@ -110,6 +110,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         *_PROCESS_SERIES,  # prometheus_client's ProcessCollector (Linux)
         "pipeline_consumer_lag",
         "pipeline_seconds_since_last_store",
+        "pipeline_seconds_since_consumer_poll",
         # the embedded broker's process, beside a processor that started one (`pipeline up`)
         *(f"{EMBEDDED_BROKER}_{name}" for name in _PROCESS_SERIES),
     }
@@ -191,6 +192,15 @@ class StreamMetricsCollector(Collector):
                 "pipeline_seconds_since_last_store",
                 "Seconds since the last warehouse write of events.",
                 value=max(0.0, self._clock() - m.last_stored_s),
+            )
+        if m.last_stats_s is not None:
+            # librdkafka reports statistics only from poll(): a hung processing loop (a stuck
+            # sink, a deadlock) stops them while the scrape thread still answers
+            yield GaugeMetricFamily(
+                "pipeline_seconds_since_consumer_poll",
+                "Seconds since the processor's consumer last polled (its newest statistics "
+                "report): grows without bound while the processing loop is hung.",
+                value=max(0.0, self._clock() - m.last_stats_s),
             )
 
     def _latency(self) -> HistogramMetricFamily:

@@ -311,6 +311,34 @@ def test_observation_of_clean_events_and_dead_letters() -> None:
     assert observation_of(unreadable, 7) == Observation("invalid", "unknown", None, None, 7, True)
 
 
+def test_a_record_stamped_in_the_future_counts_as_received_now_and_detection_goes_on() -> None:
+    """One record whose producer's clock runs a year ahead must not carry the partition's
+    bucket clock there: every later bucket would count into one that never closes."""
+    from pipeline.anomaly import AnomalyDetector, AnomalyParams, observation_of
+    from pipeline.events import CleanEvent
+
+    minute = 60_000
+    params = AnomalyParams(volume=VolumeParams(bucket_ms=minute, min_buckets=3))
+    detector = AnomalyDetector(params)
+
+    def views(n: int, at_ms: int) -> list[Alert]:
+        out: list[Alert] = []
+        for i in range(n):
+            event = CleanEvent(f"m{at_ms}-{i}", "track", "Product Viewed", at_ms, at_ms, "a1")
+            out += detector.observe(observation_of(event, at_ms, now_ms=at_ms))
+        return out
+
+    for b in range(10):
+        assert views(20, b * minute) == []
+    ahead = CleanEvent("late", "track", "Product Viewed", 10 * minute, 10 * minute, "a1")
+    year = 365 * 24 * 60 * minute
+    assert observation_of(ahead, year, now_ms=10 * minute).received_ms == 10 * minute
+    detector.observe(observation_of(ahead, year, now_ms=10 * minute))
+    views(200, 10 * minute + 1)  # a tenfold spike in the same minute
+    alerts = views(20, 11 * minute)  # the next minute closes it
+    assert [a.kind for a in alerts] == ["volume_spike"]
+
+
 def test_alert_ids_are_deterministic_and_records_carry_them() -> None:
     from pipeline.anomaly import alert_id, alert_record
 

@@ -49,6 +49,7 @@ def known_metrics() -> StreamMetrics:
     m.stored_events([], 90_000_000, reattributed=2)  # stored again: counted, no latency
     m.traced([{"ingested_ms": 1000, "parsed_ms": 1001, "scored_ms": 1002}], 1004)
     m.last_stored_s = 100.0
+    m.last_stats_s = 40.0
     m.step_cpu_s["parse"] += 0.25
     m.stored_cpu(0.5)
     return m
@@ -97,6 +98,7 @@ def test_latency_histogram_counts_each_sample_once_across_scrapes() -> None:
     assert got[("pipeline_end_to_end_latency_seconds_count", ())] == 6
     assert got[("pipeline_end_to_end_latency_seconds_sum", ())] == 0.012 + 0.6 + 20
     assert got[("pipeline_seconds_since_last_store", ())] == 3.5
+    assert got[("pipeline_seconds_since_consumer_poll", ())] == 63.5
 
     m.stored_events([0], 40)
     second = exposition(registry)
@@ -141,6 +143,9 @@ def test_alerting_rules_reference_exported_series() -> None:
         "PipelineEndToEndLatencyP99High",
         "PipelineDeadLetterRateHigh",
         "PipelineProcessorStalled",
+        "PipelineProcessorHung",
+        "PipelineProcessorAbsent",
+        "PipelineNoInput",
         "PipelineAnomalyWarning",
         "PipelineAnomalyCritical",
     }

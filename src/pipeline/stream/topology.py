@@ -339,7 +339,7 @@ def build_application(
     detector = PartitionedDetector(settings.anomaly)
 
     def detect(result: CleanEvent | Failure, received_ms: int, partition: int) -> list[Any]:
-        alerts = detector.observe(partition, observation_of(result, received_ms))
+        alerts = detector.observe(partition, observation_of(result, received_ms, _now_ms()))
         for a in alerts:
             metrics.alerts[(a.kind, a.severity)] += 1
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]

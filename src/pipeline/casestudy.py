@@ -32,6 +32,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +71,7 @@ from pipeline.simulate import (
     SimulationConfig,
     TrueCustomer,
     behaviour,
-    default_end,
+    end_of,
     simulate,
 )
 from pipeline.simulate.behaviour import BehaviourParams, respond
@@ -243,29 +244,30 @@ def plan_emails(
     sendtime_params: SendTimeParams | None = None,
 ) -> list[PlannedEmail]:
     """Control: the bestsellers at ``control_hour_utc``; treatment: ``recommend`` at the best
-    send time. Week ``w`` repeats the first email ``w`` weeks later."""
+    send time. Week ``w`` repeats the first email ``w`` weeks later (the treatment's at the
+    same local hour, the control's at the same UTC hour)."""
     prior = population_prior(profiles.values(), sendtime_params)
     generic = tuple(
         r.product_id
         for r in popular_baseline(catalog, signals=signals, k=k, params=recommend_params)
     )
     control_at = next_utc_hour(at_ms, control_hour_utc)
+    control = [control_at + w * WEEK_MS for w in range(sends_per_customer)]  # a fixed UTC hour
     planned: list[PlannedEmail] = []
     for cid in sorted(arms):
         arm = arms[cid]
         if arm == "control":
-            send_at, products = control_at, generic
+            sends, products = control, generic
         else:
             profile = profiles[cid]
             recs = recommend(
                 profile, catalog, k=k, signals=signals, params=recommend_params, at_ms=at_ms
             )
             products = tuple(r.product_id for r in recs)
-            send_at = best_send_time(profile, prior, at_ms=at_ms, params=sendtime_params).send_at_ms
-        planned.extend(
-            PlannedEmail(cid, arm, w, send_at + w * WEEK_MS, products)
-            for w in range(sends_per_customer)
-        )
+            best = best_send_time(profile, prior, at_ms=at_ms, params=sendtime_params)
+            # the chosen local hour every week, across daylight-saving changes too
+            sends = [best.weeks_later_ms(w) for w in range(sends_per_customer)]
+        planned.extend(PlannedEmail(cid, arm, w, at, products) for w, at in enumerate(sends))
     return planned
 
 
@@ -408,6 +410,9 @@ class CaseStudyParams(BaseModel):
     events: int = Field(30_000, ge=1, description="raw messages to simulate")
     days: int = Field(14, ge=1)
     seed: int = 42
+    end: date | None = Field(
+        None, description="the simulated period ends at 00:00 UTC of this day; None: today"
+    )
     customers: int | None = Field(None, ge=1, description="known customers; None: simulator's")
     k: int = Field(6, ge=1, description="products per email, both arms")
     control_hour_utc: int = Field(10, ge=0, le=23)
@@ -538,7 +543,7 @@ def run_case_study(
             seed=params.seed,
             days=params.days,
             customers=params.customers,
-            end=default_end(),
+            end=end_of(params.end),
         )
         sim = simulate(config, catalog)
         summary, warm_ids = run_replay(

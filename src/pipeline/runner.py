@@ -29,7 +29,7 @@ from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
 from pipeline.settings import Settings
-from pipeline.simulate import Simulation, SimulationConfig, default_end, simulate
+from pipeline.simulate import Simulation, SimulationConfig, end_of, simulate
 from pipeline.stores.local import LocalWarehouse, WarehouseWriter
 from pipeline.stream.topology import build_application, stage_config
 
@@ -494,9 +494,12 @@ def serve(
         stop_signals.close()
 
 
-def simulate_for(settings: Settings, events: int, seed: int, catalog: Catalog) -> Simulation:
-    """The seeded simulation a demo of ``events`` messages uses (period ends today 00:00 UTC)."""
-    return simulate(SimulationConfig(events=events, seed=seed, end=default_end()), catalog)
+def simulate_for(
+    settings: Settings, events: int, seed: int, catalog: Catalog, *, end: str = ""
+) -> Simulation:
+    """The seeded simulation a demo of ``events`` messages uses; its period ends at 00:00 UTC
+    of ``end`` (ISO date), today's when empty."""
+    return simulate(SimulationConfig(events=events, seed=seed, end=end_of(end)), catalog)
 
 
 def summarize(run: Run, sim: Simulation, *, produce_s: float) -> dict[str, Any]:

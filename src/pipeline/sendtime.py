@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,6 +81,11 @@ class SendTime:
     def local_time(self) -> datetime:
         """``send_at_ms`` in the customer's time zone."""
         return datetime.fromtimestamp(self.send_at_ms / 1000, _zone(self.timezone))
+
+    def weeks_later_ms(self, weeks: int) -> int:
+        """The same local hour ``weeks`` weeks on (a weekly send): across a daylight-saving
+        change that is an hour more or less than ``weeks`` * 7 * 24 h in UTC."""
+        return round((self.local_time + timedelta(weeks=weeks)).timestamp() * 1000)
 
 
 def _normalized(weights: Sequence[float], floor: float) -> list[float]:

@@ -59,6 +59,18 @@ def test_slot_is_in_the_customers_time_zone() -> None:
     assert sent.local_time.weekday() == 0
 
 
+def test_a_weekly_send_keeps_its_local_hour_across_daylight_saving() -> None:
+    # T0 is Monday 1 January 2024; Paris moves to UTC+2 on 31 March, 13 weeks on is April
+    sent = best_send_time(customer({"20": 5.0}, "Europe/Paris"), UNIFORM, at_ms=T0_MS)
+    assert sent.weeks_later_ms(0) == sent.send_at_ms
+    summer = sent.weeks_later_ms(13)
+    assert summer == sent.send_at_ms + 13 * 7 * DAY_MS - HOUR_MS
+    assert sent.weeks_later_ms(12) == sent.send_at_ms + 12 * 7 * DAY_MS  # still winter
+    assert sent.local_time.hour == 20
+    later = best_send_time(customer({"20": 5.0}, "Europe/Paris"), UNIFORM, at_ms=summer - HOUR_MS)
+    assert later.send_at_ms == summer  # the slot chosen then is the same local hour
+
+
 def test_half_hour_zone_slots_start_on_the_local_hour() -> None:
     sent = best_send_time(customer({"30": 2.0}, "Asia/Kolkata"), UNIFORM, at_ms=T0_MS)
     # Tuesday 06:00 in Kolkata (UTC+5:30) is Tuesday 00:30 UTC.

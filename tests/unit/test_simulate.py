@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from pipeline.simulate import (
     RawMessage,
     Simulation,
     SimulationConfig,
+    default_end,
+    end_of,
     simulate,
 )
 
@@ -416,3 +418,13 @@ def test_output_does_not_depend_on_the_process_hash_seed() -> None:
         for seed in ("1", "2")
     }
     assert len(digests) == 1
+
+
+def test_end_of_names_a_fixed_day_or_today() -> None:
+    """Notebooks simulate up to "today" unless given an ``end``: a nightly report of a fixed
+    day must not change because the calendar moved on."""
+    assert end_of("2026-03-10") == datetime(2026, 3, 10, tzinfo=UTC)
+    assert end_of(date(2026, 3, 10)) == end_of("2026-03-10")
+    assert end_of("") == default_end() and end_of(None) == default_end()
+    with pytest.raises(ValueError):
+        end_of("10/03/2026")

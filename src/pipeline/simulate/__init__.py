@@ -18,6 +18,7 @@ from pipeline.simulate.model import (
     TrueCustomer,
     TruePreferences,
     default_end,
+    end_of,
 )
 from pipeline.simulate.population import price_bands
 from pipeline.simulate.retail import simulate
@@ -36,6 +37,7 @@ __all__ = [
     "TrueCustomer",
     "TruePreferences",
     "default_end",
+    "end_of",
     "price_bands",
     "simulate",
 ]

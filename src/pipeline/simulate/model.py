@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import KW_ONLY, asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,16 @@ def default_end() -> datetime:
     """Today at 00:00 UTC: the usual end of a simulated period (reads the clock, so pass it in)."""
     now = datetime.now(UTC)
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def end_of(day: date | str | None) -> datetime:
+    """00:00 UTC of ``day`` (a date or an ISO ``YYYY-MM-DD``) as a simulated period's end;
+    today's when it is empty. A fixed day makes a seeded run the same on every day it runs
+    (the calendar, weekdays and daylight-saving changes shape the traffic)."""
+    if not day:
+        return default_end()
+    when = day if isinstance(day, date) else date.fromisoformat(day)
+    return datetime(when.year, when.month, when.day, tzinfo=UTC)
 
 
 @dataclass(frozen=True)

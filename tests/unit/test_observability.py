@@ -36,6 +36,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def known_metrics() -> StreamMetrics:
     m = StreamMetrics(
         raw_in=120,
+        rekeyed=5,
         valid=110,
         dead_lettered=Counter({"invalid_json": 7, "schema": 3}),
         duplicates_dropped=4,
@@ -61,6 +62,7 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     # any live process stands for the embedded broker's: its series are the broker's process'
     got = samples(exposition(metrics_registry(m, lag=lambda: lag, broker_pid=os.getppid())))
     assert got[("pipeline_raw_in_total", ())] == 120
+    assert got[("pipeline_rekeyed_total", ())] == 5  # read twice: the rules subtract them
     assert got[("pipeline_valid_total", ())] == 110
     assert got[("pipeline_dead_lettered_total", (("reason", "invalid_json"),))] == 7
     assert got[("pipeline_dead_lettered_total", (("reason", "schema"),))] == 3

@@ -31,7 +31,8 @@ warehouse and the metrics. Decisions:
   z-score), and one incident may be reported by several partitions (same id for bucketed
   alerts; the open-alerts view keeps the newest per kind and subject).
 * **Each replica detects over the partitions it owns, in memory.** Baselines are relearned
-  after a restart or rebalance (``min_buckets`` of warm-up). Detectors see time only when
+  after a restart or for a partition new to this replica (``min_buckets`` of warm-up); a
+  partition that comes back resumes where it was, without judging the time away. Detectors see time only when
   traffic flows on their partition: a total outage raises nothing here. The Prometheus
   rules in ``deploy/prometheus/alerts.yml`` catch it: ``PipelineNoInput`` (nothing read
   although the hour had traffic the day before: collectors or producers down),
@@ -225,6 +226,13 @@ class VolumeMonitor:
         slot = bucket % self.params.seasonal_slots
         return self._baselines.get((event_type, source, slot), Ewma())
 
+    def resync(self, now_ms: int) -> None:
+        """Move the clock to ``now_ms`` without judging the time in between, which this
+        monitor did not observe (another replica did): the open bucket's partial counts go,
+        the baselines stay."""
+        self._counts.clear()
+        self._bucket = now_ms // self.params.bucket_ms
+
     def _close(self, bucket: int) -> list[Alert]:
         p = self.params
         slot = bucket % p.seasonal_slots
@@ -297,6 +305,12 @@ class DeadLetterMonitor:
 
     def baseline(self, source: str) -> Ewma:
         return self._baselines.get(source, Ewma())
+
+    def resync(self, now_ms: int) -> None:
+        """As :meth:`VolumeMonitor.resync`: the unobserved time in between is not judged."""
+        self._totals.clear()
+        self._dead.clear()
+        self._bucket = now_ms // self.params.bucket_ms
 
     def _close(self, end_ms: int) -> list[Alert]:
         p = self.params
@@ -476,6 +490,12 @@ class AnomalyDetector:
         """Close buckets while no traffic arrives, so that a source going silent is noticed."""
         return [*self.dead_letters.advance(now_ms), *self.volume.advance(now_ms)]
 
+    def resync(self, now_ms: int) -> None:
+        """Resume at ``now_ms`` after traffic this detector did not see (its partition was
+        another replica's meanwhile): that time is neither silence nor a drop."""
+        self.volume.resync(now_ms)
+        self.dead_letters.resync(now_ms)
+
 
 UNKNOWN_SOURCE = "unknown"
 """The source of a message whose payload does not say (unreadable dead letters)."""
@@ -535,13 +555,19 @@ class PartitionedDetector:
     """An :class:`AnomalyDetector` per input partition, created on its first message.
 
     See the module docstring for why detection runs per partition. A partition revoked from
-    this replica keeps its (bounded) detector until the process ends; it resumes learning if
-    the partition comes back.
+    this replica keeps its (bounded) detector until the process ends. When it comes back, the
+    messages another replica read meanwhile show as a jump in offsets (more than
+    ``OFFSET_SLACK``, which transaction markers and aborted records account for): the
+    detector resumes at the new message's time instead of judging the time it did not watch
+    as silence (spurious drops, then spikes against a decayed baseline).
     """
+
+    OFFSET_SLACK = 64
 
     def __init__(self, params: AnomalyParams | None = None) -> None:
         self.params = params or AnomalyParams()
         self._detectors: dict[int, AnomalyDetector] = {}
+        self._next_offset: dict[int, int] = {}
 
     def detector(self, partition: int) -> AnomalyDetector:
         det = self._detectors.get(partition)
@@ -549,8 +575,16 @@ class PartitionedDetector:
             det = self._detectors[partition] = AnomalyDetector(self.params)
         return det
 
-    def observe(self, partition: int, obs: Observation) -> list[Alert]:
-        return self.detector(partition).observe(obs)
+    def observe(self, partition: int, obs: Observation, offset: int | None = None) -> list[Alert]:
+        """Feed one message of ``partition``; with its ``offset``, a jump past what this
+        replica read resynchronizes the partition's detector first."""
+        det = self.detector(partition)
+        if offset is not None:
+            expected = self._next_offset.get(partition)
+            if expected is not None and offset > expected + self.OFFSET_SLACK:
+                det.resync(obs.received_ms)
+            self._next_offset[partition] = max(offset + 1, expected or 0)
+        return det.observe(obs)
 
     def advance(self, now_ms: int) -> list[Alert]:
         """Close every partition's buckets up to ``now_ms`` (e.g. at shutdown, in tests)."""

@@ -339,6 +339,39 @@ def test_a_record_stamped_in_the_future_counts_as_received_now_and_detection_goe
     assert [a.kind for a in alerts] == ["volume_spike"]
 
 
+def test_a_partition_back_from_another_replica_is_not_judged_for_the_time_away() -> None:
+    """Steady traffic all along, but this replica read the partition's first hour, then
+    another replica read it for three hours (a rebalance), then this one again. The jump in
+    offsets says the gap was not silence; a real outage (no jump) still is a drop."""
+    from collections import Counter
+
+    from pipeline.anomaly import PartitionedDetector
+
+    minute, per_minute = 60_000, 50
+
+    def feed(det: PartitionedDetector, first: int, last: int, offset: int | None) -> list[Alert]:
+        """Steady minutes ``first`` to ``last``; offsets from ``offset`` on (None: unknown)."""
+        out: list[Alert] = []
+        for n, (b, i) in enumerate((b, i) for b in range(first, last) for i in range(per_minute)):
+            t = b * minute + i * (minute // per_minute)
+            obs = Observation("Product Viewed", "web", f"u{i}", t, t)
+            out += det.observe(0, obs, None if offset is None else offset + n)
+        return out
+
+    moved = PartitionedDetector()
+    assert feed(moved, 0, 60, 0) == []
+    assert feed(moved, 240, 300, 12_000) == []  # offsets 3,000 .. 11,999 were not ours
+
+    blind = PartitionedDetector()  # without offsets the time away reads as silence
+    feed(blind, 0, 60, None)
+    kinds = Counter(a.kind for a in feed(blind, 240, 300, None))
+    assert kinds["volume_drop"] >= 1
+
+    outage = PartitionedDetector()  # nothing arrived anywhere: the offsets run on
+    feed(outage, 0, 60, 0)
+    assert any(a.kind == "volume_drop" for a in feed(outage, 240, 241, 3_000))
+
+
 def test_alert_ids_are_deterministic_and_records_carry_them() -> None:
     from pipeline.anomaly import alert_id, alert_record
 

@@ -338,8 +338,11 @@ def build_application(
     # per input partition and in memory: see pipeline.anomaly for why, and what that misses
     detector = PartitionedDetector(settings.anomaly)
 
-    def detect(result: CleanEvent | Failure, received_ms: int, partition: int) -> list[Any]:
-        alerts = detector.observe(partition, observation_of(result, received_ms, _now_ms()))
+    def detect(
+        result: CleanEvent | Failure, received_ms: int, partition: int, offset: int
+    ) -> list[Any]:
+        observed = observation_of(result, received_ms, _now_ms())
+        alerts = detector.observe(partition, observed, offset)
         for a in alerts:
             metrics.alerts[(a.kind, a.severity)] += 1
         return [{**alert_record(a, partition), "kind": KIND_ALERT} for a in alerts]
@@ -432,7 +435,7 @@ def build_application(
         if isinstance(result, Failure):
             metrics.dead_lettered[result.reason] += 1
             failed = {**result.to_dict(), "kind": KIND_DEAD_LETTER}
-            out = [failed, *detect(result, timestamp, ctx.partition)]
+            out = [failed, *detect(result, timestamp, ctx.partition, ctx.offset)]
             cpu["detect"] += thread_time() - parsed_cpu
             return out
         device = result.identity_key
@@ -453,7 +456,7 @@ def build_application(
             metrics.suppressed += 1
             return forgotten_sign_in(result, state, forgotten)
         metrics.valid += 1
-        alerts = detect(result, timestamp, ctx.partition)
+        alerts = detect(result, timestamp, ctx.partition, ctx.offset)
         detected_cpu = thread_time()
         cpu["detect"] += detected_cpu - parsed_cpu
         event = enrich(result, catalog)

@@ -32,12 +32,12 @@ warehouse and the metrics. Decisions:
   alerts; the open-alerts view keeps the newest per kind and subject).
 * **Each replica detects over the partitions it owns, in memory.** Baselines are relearned
   after a restart or for a partition new to this replica (``min_buckets`` of warm-up); a
-  partition that comes back resumes where it was, without judging the time away. Detectors see time only when
-  traffic flows on their partition: a total outage raises nothing here. The Prometheus
-  rules in ``deploy/prometheus/alerts.yml`` catch it: ``PipelineNoInput`` (nothing read
-  although the hour had traffic the day before: collectors or producers down),
-  ``PipelineProcessorStalled`` (lag waits, nothing read), ``PipelineProcessorHung`` (the loop
-  stopped polling) and ``PipelineProcessorAbsent`` (no processor scraped).
+  partition that comes back resumes where it was, without judging the time away. Detectors
+  see time only when traffic flows on their partition: a total outage raises nothing here.
+  The Prometheus rules in ``deploy/prometheus/alerts.yml`` catch it: ``PipelineNoInput``
+  (nothing read although the hour had traffic the day before: collectors or producers
+  down), ``PipelineProcessorStalled`` (lag waits, nothing read), ``PipelineProcessorHung``
+  (the loop stopped polling) and ``PipelineProcessorAbsent`` (no processor scraped).
 """
 
 from __future__ import annotations

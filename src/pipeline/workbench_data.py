@@ -160,21 +160,34 @@ def rates(wh: LocalWarehouse, *, now_ms: int, window_s: int = 10) -> dict[str, f
     }
 
 
-def _latencies(wh: LocalWarehouse, since_ms: int) -> pd.DataFrame:
-    return wh.query(
-        "SELECT stored_ms, stored_ms - ingested_ms AS latency_ms FROM events WHERE stored_ms >= ?",
-        (since_ms,),
+LATENCY_ROWS_MAX = 100_000
+"""Most event rows one latency figure reads: beyond, an even sample by rowid (every k-th)."""
+
+
+def _latencies(wh: LocalWarehouse, since_ms: int) -> tuple[pd.DataFrame, int]:
+    """Storage time and latency of the events stored since ``since_ms``, and the sampling
+    step: a busy hour is millions of rows, which the Live page, refreshed every two seconds,
+    must not load each time (1M rows took 2.3 s); percentiles of an even sample of 100k
+    are within a fraction of a percent of the full ones."""
+    where = "FROM events WHERE stored_ms >= ?"
+    n = int(wh.scalar(f"SELECT COUNT(*) {where}", (since_ms,)))
+    step = max(1, math.ceil(n / LATENCY_ROWS_MAX))
+    sample = "" if step == 1 else f" AND rowid % {step} = 0"
+    frame = wh.query(
+        f"SELECT stored_ms, stored_ms - ingested_ms AS latency_ms {where}{sample}", (since_ms,)
     )
+    return frame, step
 
 
 def latency_summary(wh: LocalWarehouse, *, since_ms: int) -> dict[str, float]:
     """End-to-end latency (broker arrival to readable in the warehouse) percentiles, in ms."""
-    lat = _latencies(wh, since_ms)["latency_ms"]
+    frame, step = _latencies(wh, since_ms)
+    lat = frame["latency_ms"]
     if lat.empty:
         return {"events": 0.0, "p50": math.nan, "p95": math.nan, "p99": math.nan}
     q = lat.quantile([0.5, 0.95, 0.99])
     return {
-        "events": float(len(lat)),
+        "events": float(len(lat) * step),
         "p50": float(q[0.5]),
         "p95": float(q[0.95]),
         "p99": float(q[0.99]),
@@ -199,7 +212,7 @@ def latency_over_time(
 ) -> pd.DataFrame:
     """p50/p95/p99 end-to-end latency (ms) per ``bucket_s`` bucket of storage time."""
     since = now_ms - int(minutes * 60_000)
-    lat = _latencies(wh, since)
+    lat, step = _latencies(wh, since)
     cols = ["time", "events", "p50", "p95", "p99"]
     if lat.empty:
         return pd.DataFrame(columns=cols)
@@ -208,7 +221,7 @@ def latency_over_time(
     grouped = lat.groupby("bucket")["latency_ms"]
     frame = pd.DataFrame(
         {
-            "events": grouped.size(),
+            "events": grouped.size() * step,  # estimated when sampled
             "p50": grouped.quantile(0.5),
             "p95": grouped.quantile(0.95),
             "p99": grouped.quantile(0.99),

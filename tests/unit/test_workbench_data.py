@@ -399,3 +399,29 @@ def test_totals_of_a_store_older_than_some_tables(tmp_path: Path) -> None:
     totals = wd.totals(reader)
     assert (totals["events"], totals["segment_changes"], totals["email_triggers"]) == (1, 0, 0)
     reader.close()
+
+
+def test_live_latency_reads_an_even_sample_of_a_busy_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy window is millions of rows: past LATENCY_ROWS_MAX the Live page reads every
+    k-th, with percentiles close to the full ones and counts scaled back up."""
+    now = wd.now_ms()
+    path = tmp_path / "warehouse.sqlite"
+    with LocalWarehouse(path) as writer:
+        writer.write_events(
+            [make_event(ingested_ms=now - 60_000 + i).to_dict() for i in range(4_000)]
+        )
+    reader = wd.open_warehouse(path)
+    assert reader is not None
+    full = wd.latency_summary(reader, since_ms=now - 3_600_000)
+    monkeypatch.setattr(wd, "LATENCY_ROWS_MAX", 500)
+    sampled = wd.latency_summary(reader, since_ms=now - 3_600_000)
+    _, step = wd._latencies(reader, now - 3_600_000)
+    assert step == 8
+    assert sampled["events"] == full["events"] == 4_000
+    for q in ("p50", "p95", "p99"):
+        assert sampled[q] == pytest.approx(full[q], rel=0.02), q
+    chart = wd.latency_over_time(reader, now_ms=wd.now_ms(), minutes=60)
+    assert chart["events"].sum() == 4_000
+    reader.close()

@@ -140,6 +140,25 @@ def test_a_store_started_over_while_the_workbench_runs_is_read_afresh(
     assert _metric(_run("views/live.py"), "Events stored") == "1"
 
 
+def test_segments_page_with_only_anonymous_visitors_says_so(
+    use_home: pytest.MonkeyPatch, filled_home: Path, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(filled_home / "warehouse.sqlite", home / "warehouse.sqlite")
+    with sqlite3.connect(home / "warehouse.sqlite") as conn:
+        conn.execute("DELETE FROM profiles WHERE is_anonymous = 0")
+    use_home.setenv("PIPELINE_HOME", str(home))
+    at = _run("views/segments.py")
+    assert any("No signed-in customers yet" in i.value for i in at.info)
+    assert not any("pipeline up" in i.value for i in at.info)  # it is not an empty store
+    at.toggle(key="seg_anon").set_value(True).run()
+    assert not at.exception
+    assert len(_frame(at, "score")) > 0
+
+
 def test_segments_page_lists_members_and_exports(
     use_home: pytest.MonkeyPatch, filled_home: Path
 ) -> None:

@@ -21,7 +21,14 @@ include_anonymous = st.toggle("Include anonymous visitors", value=False, key="se
 now = access.bucket(wd.now_ms(), 60)
 members = access.members(path, now, include_anonymous)
 if members.empty:
-    access.show_empty_state()
+    if include_anonymous:
+        access.show_empty_state()
+    else:  # the store has data (data_path said so): only anonymous visitors so far
+        st.info(
+            "No signed-in customers yet: every profile so far is an anonymous visitor. "
+            "Turn on *Include anonymous visitors* to see them.",
+            icon=":material/person_off:",
+        )
     st.stop()
 
 sizes = wd.segment_sizes(members)

@@ -430,8 +430,8 @@ def forget(
 ) -> None:
     """Suppress a customer, delete them from every store and write an audit record.
 
-    Prints the rows left about them as JSON and exits 1 when any are (or, with ``--verify``,
-    when they are not suppressed either), so a scheduled erasure job sees an incomplete one.
+    Prints the rows left about them as JSON and exits 1 when any are left or they are not
+    suppressed, so a scheduled erasure job sees an incomplete one; ``--verify`` only checks.
     """
     from pipeline.gdpr import forget as forget_customer
     from pipeline.gdpr import is_suppressed, load_suppressed, verify_forgotten
@@ -451,7 +451,8 @@ def forget(
     typer.echo(json.dumps({"customer_id": customer_id, "suppressed": suppressed, "rows": left}))
     if any(left.values()) or not suppressed:
         if not verify:  # e.g. BigQuery rows still in the streaming buffer: run it again later
-            console.print(f"[red]rows left about {customer_id}[/red]: run `pipeline forget` again")
+            what = "rows left" if any(left.values()) else "not suppressed"
+            console.print(f"[red]{what}[/red] for {customer_id}: run `pipeline forget` again")
         raise typer.Exit(1)
 
 

@@ -150,7 +150,9 @@ class StreamMetrics:
     # per librdkafka client name: (monotonic time of its statistics, its lag); replaced, never
     # mutated, so a scrape on another thread always reads one whole report
     consumer_lag_reports: dict[str, tuple[float, TopicPartitionLag]] = field(default_factory=dict)
-    last_stats_s: float | None = None  # monotonic time of the newest statistics report
+    # monotonic time of the newest statistics report; from creation on, so that a loop that
+    # hangs before its first report (state recovery, first assignment) shows as hung too
+    last_stats_s: float | None = field(default_factory=time.monotonic)
     _reports_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )

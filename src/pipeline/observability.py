@@ -126,9 +126,10 @@ METRIC_NAMES: frozenset[str] = frozenset(
 class StreamMetricsCollector(Collector):
     """Reads a :class:`StreamMetrics` at each scrape.
 
-    The latency histogram folds in only the samples stored since the previous scrape (the
-    newest ``events_stored`` delta of the bounded sample deque), so a scrape costs O(new
-    samples) and the histogram's own state is one count per bucket.
+    The latency histogram folds in only the samples appended since the previous scrape
+    (:meth:`StreamMetrics.latencies_since`, by their own count: re-attributed copies are
+    stored without one), so a scrape costs O(new samples) and the histogram's own state is
+    one count per bucket.
     """
 
     def __init__(

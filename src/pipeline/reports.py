@@ -169,6 +169,8 @@ def run_report(
     day = date or datetime.now(UTC).date()
     executed, html = report_paths(notebook, Path(output_root), day, name)
     executed.parent.mkdir(parents=True, exist_ok=True)
+    for earlier in (executed, html):  # a retry: a failure must not show the earlier run's
+        earlier.unlink(missing_ok=True)
     params = dict(parameters)
     try:
         with _environment(kernel_env or {}):

@@ -207,13 +207,16 @@ def test_a_run_past_its_time_limit_raises_instead_of_passing_for_finished(
     """A notebook or `pipeline report` must not present a half-processed run as a result."""
     with pipeline_run(settings) as run:
         sim = simulate(SimulationConfig(events=2000, seed=6, end=END, days=2), run.catalog)
-        with pytest.raises(ProcessingTimeout, match=rf"of {len(sim.messages)} raw messages"):
+        with pytest.raises(ProcessingTimeout, match=rf"of {len(sim.messages)} raw") as raised:
             process_until_idle(
                 run,
                 expected_raw=len(sim.messages),
                 feed=lambda: produce_messages(settings, run.address, sim.messages),
                 timeout_s=0.2,
+                idle_s=0.05,
             )
+        consumed = int(str(raised.value).split("consumed ")[1].split(" of")[0])
+        assert consumed < len(sim.messages)  # a real shortfall, not the final idle wait
 
 
 def test_bad_input_yields_typed_dead_letters_and_processing_goes_on(settings: Settings) -> None:

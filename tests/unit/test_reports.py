@@ -93,3 +93,32 @@ def test_the_kernel_gets_relative_paths_made_absolute_against_the_callers_direct
 def test_missing_notebook_is_a_report_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no notebook"):
         run_report(tmp_path / "missing.ipynb", {}, tmp_path / "reports")
+
+
+def test_a_retry_that_fails_before_running_never_shows_the_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry of the same day and name whose kernel never starts must not export the
+    earlier attempt's notebook as "how far it got"."""
+    import nbformat
+    import papermill
+
+    notebook = tmp_path / "n.ipynb"
+    fresh = nbformat.v4.new_notebook()
+    fresh.cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(fresh, notebook)
+    folder = tmp_path / "reports" / "2026-03-01"
+    folder.mkdir(parents=True)
+    earlier = nbformat.v4.new_notebook()
+    earlier.cells = [nbformat.v4.new_markdown_cell("EARLIER RUN")]
+    nbformat.write(earlier, folder / "n.ipynb")
+    (folder / "n.html").write_text("EARLIER RUN")
+
+    def no_kernel(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("No such kernel named python3")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_kernel)
+    with pytest.raises(ReportError, match="RuntimeError: No such kernel") as failed:
+        run_report(notebook, {}, tmp_path / "reports", date=date(2026, 3, 1))
+    assert "see" not in str(failed.value)
+    assert not (folder / "n.ipynb").exists() and not (folder / "n.html").exists()

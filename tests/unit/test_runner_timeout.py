@@ -1,0 +1,60 @@
+"""process_until_idle's time limit: a shortfall raises, a run that only lacks its final quiet
+wait does not (a stand-in for the quixstreams application: this is the watcher's logic)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import runner
+from pipeline.errors import ProcessingTimeout
+from pipeline.metrics import StreamMetrics
+
+
+class _App:
+    """Consumes ``consumed`` raw messages after ``after_s``, then idles until stopped."""
+
+    def __init__(self, metrics: StreamMetrics, consumed: int, after_s: float) -> None:
+        self.metrics, self.consumed, self.after_s = metrics, consumed, after_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        time.sleep(self.after_s)
+        self.metrics.raw_in = self.consumed
+        self.stopped.wait()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, consumed: int, after_s: float) -> None:
+    metrics = StreamMetrics()
+    monkeypatch.setattr(
+        runner, "build_application", lambda *a, **k: _App(metrics, consumed, after_s)
+    )
+    monkeypatch.setattr(runner, "suppression_source", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "close_source", lambda source: None)
+    monkeypatch.setattr(runner, "default_registry", lambda: None)
+    run = SimpleNamespace(
+        settings=None,
+        address="x",
+        catalog=None,
+        warehouse=None,
+        metrics=metrics,
+        extra_warehouses=(),
+    )
+    runner.process_until_idle(run, expected_raw=100, timeout_s=1.0, idle_s=2.0)  # type: ignore[arg-type]
+
+
+def test_everything_consumed_before_the_limit_is_a_finished_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _run(monkeypatch, consumed=100, after_s=0.3)  # the idle wait (2 s) is what the limit cut
+
+
+def test_a_shortfall_at_the_limit_raises_with_the_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ProcessingTimeout, match="consumed 60 of 100 raw messages"):
+        _run(monkeypatch, consumed=60, after_s=0.3)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, ProfileNotFoundError
+from pipeline.errors import PipelineError, ProfileNotFoundError, StoreError
 from pipeline.events import ms_to_iso
 from pipeline.settings import Settings, load_settings
 
@@ -35,6 +35,18 @@ console = Console(stderr=True)
 
 def _settings(home: Path | None) -> Settings:
     return load_settings(home=home) if home is not None else load_settings()
+
+
+def _existing_warehouse(settings: Settings) -> Path:
+    """The home's warehouse; a StoreError when there is none, so that a mistyped home in a
+    scheduled erasure or retention job fails instead of reporting success on a new empty
+    store it would have created."""
+    if not settings.warehouse_path.is_file():
+        raise StoreError(
+            f"no warehouse at {settings.warehouse_path}: check --home / PIPELINE_HOME "
+            "(run `pipeline up` or `pipeline demo` first)"
+        )
+    return settings.warehouse_path
 
 
 HomeOption = Annotated[
@@ -370,7 +382,9 @@ def collect(
     host: Annotated[
         str | None, typer.Option(help="Bind address (default: settings, 127.0.0.1).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: settings, 8088).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port (default: settings, 8088).")
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Run the HTTP collector (Segment tracking API) in front of `pipeline up`'s broker."""
@@ -410,7 +424,7 @@ def retention(home: HomeOption = None) -> None:
 
     settings = _settings(home)
     now = datetime.now(UTC)
-    with LocalWarehouse(settings.warehouse_path) as wh:
+    with LocalWarehouse(_existing_warehouse(settings)) as wh:
         deleted = apply_retention(wh, settings, now)
     console.print(f"local warehouse, rows deleted: {deleted}")
     bq = _bigquery(settings)
@@ -439,7 +453,7 @@ def forget(
 
     settings = _settings(home)
     bq = _bigquery(settings)
-    with LocalWarehouse(settings.warehouse_path) as wh:
+    with LocalWarehouse(_existing_warehouse(settings)) as wh:
         if not verify:
             report = forget_customer(customer_id, settings, warehouse=wh, bigquery=bq)
             console.print(
@@ -475,7 +489,9 @@ def api(
     host: Annotated[
         str | None, typer.Option(help="Bind address (default: settings, 127.0.0.1).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: settings, 8090).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port (default: settings, 8090).")
+    ] = None,
     follow: Annotated[
         bool | None,
         typer.Option(

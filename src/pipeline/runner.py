@@ -6,6 +6,7 @@ Used by the CLI (``pipeline demo``/``up``/``simulate``), the notebooks and the i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from confluent_kafka import Producer
 
 from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
-from pipeline.errors import PipelineError, ProcessingTimeout
+from pipeline.errors import ConfigurationError, PipelineError, ProcessingTimeout
 from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
@@ -157,11 +158,40 @@ def _bigquery(settings: Settings) -> tuple[BigQueryWarehouse, ...]:
     return (bq,)
 
 
+LOCK_FILE = "run.lock"
+
+
+@contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """Hold ``home`` for this run: a second `pipeline up` or `demo` on the same home would
+    reset the first one's stores and state (embedded broker) or share its ports and broker
+    file. The kernel releases the lock when the process ends, however it ends."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigurationError(
+            f"another pipeline run (pid {holder}) is using {home}: stop it, or give this one "
+            "its own PIPELINE_HOME"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 @contextmanager
 def pipeline_run(settings: Settings) -> Iterator[Run]:
-    """Broker (embedded unless configured), topics, catalog and warehouse for one run."""
+    """Broker (embedded unless configured), topics, catalog and warehouse for one run; the
+    home is held for the run (:func:`home_lock`)."""
     catalog = load_catalog(settings.catalog_path)
-    with broker_for(settings) as broker:
+    with home_lock(settings.home), broker_for(settings) as broker:
         settings.home.mkdir(parents=True, exist_ok=True)
         # the store (with its tables) first: whoever finds the broker file finds a store too
         warehouse = LocalWarehouse(settings.warehouse_path)

@@ -7,16 +7,20 @@ Every field can be set as ``PIPELINE_<FIELD>`` (nested fields with ``__``, e.g.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.anomaly import AnomalyParams
 from pipeline.api.config import ApiSettings
 from pipeline.collector.config import CollectorSettings
 from pipeline.delivery.config import DeliverySettings
+from pipeline.errors import ConfigurationError
 from pipeline.scoring import ScoringParams
 from pipeline.triggers import TriggerParams
 
@@ -112,6 +116,9 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         env_file=".env",
         env_file_encoding="utf-8",
+        # a .env shared with other tools (GOOGLE_APPLICATION_CREDENTIALS=...) is fine; an
+        # unknown PIPELINE_* key in it is refused like any unknown setting
+        dotenv_filtering="match_prefix",
         extra="forbid",
         frozen=True,
     )
@@ -256,6 +263,42 @@ class Settings(BaseSettings):
         return conf
 
 
+ENV_PREFIX = "PIPELINE_"
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """``PIPELINE_*`` variables that name no setting, each with the nearest one when there is
+    one (``PIPELINE_BROKERS (PIPELINE_BROKER?)``). pydantic-settings ignores them, so a typo
+    in ``PIPELINE_BROKER`` would silently start the embedded broker instead of the cluster."""
+    fields = {name.upper() for name in Settings.model_fields}
+    out = []
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        head = upper[len(ENV_PREFIX) :].split("__")[0]
+        if head in fields:
+            continue
+        near = difflib.get_close_matches(head, fields, n=1)
+        out.append(f"{key} ({ENV_PREFIX}{near[0]}?)" if near else key)
+    return out
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment, with explicit overrides (tests, CLI flags) on top."""
-    return Settings(**overrides)
+    """Read settings from the environment, with explicit overrides (tests, CLI flags) on top.
+
+    Raises ConfigurationError for a ``PIPELINE_*`` variable that names no setting, and for
+    values that do not validate, in one line per problem (not pydantic's report).
+    """
+    unknown = unknown_settings(os.environ)
+    if unknown:
+        raise ConfigurationError(f"unknown settings in the environment: {', '.join(unknown)}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
+            for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from None

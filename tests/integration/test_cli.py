@@ -106,6 +106,11 @@ def test_demo_json_reports_measured_figures_next_to_truth(tmp_path: Path) -> Non
     assert report["suppressed"] and not any(report["rows"].values()), report
     after = run_cli(home, tmp_path, "forget", customer, "--verify", timeout=60)
     assert after.returncode == 0 and json.loads(after.stdout) == report
+    # a mistyped home in a scheduled erasure fails, instead of "forgetting" in a new store
+    typo = tmp_path / "hmoe"
+    wrong = run_cli(typo, tmp_path, "forget", customer, timeout=60)
+    assert wrong.returncode == 2 and "no warehouse at" in wrong.stderr, wrong.stderr[-2000:]
+    assert not typo.exists()
 
 
 def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path: Path) -> None:
@@ -154,6 +159,13 @@ def test_up_processes_traffic_readable_while_running_and_stops_cleanly(tmp_path:
                     break
             time.sleep(0.5)
         assert stored == expected
+        # a second run on the same home is refused before it touches anything of the first
+        second = run_cli(home, tmp_path, "demo", "--events", "200", timeout=60)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"pid {up.pid}" in second.stderr and "Traceback" not in second.stderr
+        with LocalWarehouse(home / "warehouse.sqlite", read_only=True) as wh:
+            assert wh.counts()["events"] == expected
+        assert (home / "broker.json").exists()
     err = log[0]
     assert up.returncode == 0, err[-3000:]
     assert "stopped" in err

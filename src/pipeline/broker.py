@@ -203,8 +203,7 @@ def wait_until_ready(
         if process is not None and process.poll() is not None:
             raise BrokerError(f"broker process exited with code {process.returncode} during start")
         try:
-            with socket.create_connection(_host_port(address), timeout=0.5):
-                pass
+            _any_reachable(address)
             admin = AdminClient(config or {"bootstrap.servers": address})
             admin.list_topics(timeout=2)
             return
@@ -217,6 +216,19 @@ def wait_until_ready(
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.split(",")[0].rpartition(":")
     return host, int(port)
+
+
+def _any_reachable(address: str) -> None:
+    """Connect to the bootstrap servers in turn until one accepts (a cluster with one broker
+    down, in a rolling restart, is still a cluster); the last OSError when none does."""
+    error: OSError = OSError(f"no bootstrap server in {address!r}")
+    for server in (s.strip() for s in address.split(",") if s.strip()):
+        try:
+            with socket.create_connection(_host_port(server), timeout=0.5):
+                return
+        except (OSError, ValueError) as exc:
+            error = exc if isinstance(exc, OSError) else OSError(str(exc))
+    raise error
 
 
 def ensure_topics(settings: Settings, address: str, *, timeout_s: float = 30.0) -> list[str]:

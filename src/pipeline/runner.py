@@ -271,13 +271,19 @@ def process_until_idle(
         except BaseException as exc:
             errors.append(exc)
         finally:
+            # quixstreams forgets a stop that comes before app.run() reaches its loop (it
+            # resets its run tracker on start): stop again until run() has returned
             app.stop()
+            while not returned.wait(0.2):
+                app.stop()
 
+    returned = threading.Event()
     watcher = threading.Thread(target=watch, name="pipeline-watch", daemon=True)
     watcher.start()
     try:
         app.run()
     finally:
+        returned.set()
         close_source(suppressed)
     watcher.join()
     if errors:
@@ -501,6 +507,9 @@ def serve(
     external cluster's outages are handled by the clients' retries instead.)
     """
     stop_signals = StopSignals()
+    # until quixstreams installs its own handlers (in app.run), SIGTERM would end the process
+    # without unwinding: the embedded broker, in a session of its own, would outlive it
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
 
     def on_broker_death(processor_stopped: bool) -> None:
         if stop_signals.requested.is_set():
@@ -524,7 +533,13 @@ def serve(
             )
             _process_while_broker_lives(run, services=services, on_broker_death=on_broker_death)
     finally:
+        signal.signal(signal.SIGTERM, previous_term)
         stop_signals.close()
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    """SIGTERM as Ctrl-C: unwind, so every context manager stops what it started."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def simulate_for(

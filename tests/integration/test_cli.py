@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -259,6 +260,30 @@ def test_a_stop_signal_while_the_embedded_broker_is_dead_stops_up_instead_of_res
     assert "stopped" in err
     assert err.count("pipeline up: broker") == 1, "a new broker was started"
     assert not up.marker.exists()
+
+
+def test_a_stop_signal_during_start_up_stops_the_embedded_broker_too(tmp_path: Path) -> None:
+    """SIGTERM (a container stop) before the processor took over the signal handlers: `up`
+    must unwind and stop the broker it started, not die and leave it running on its own."""
+    up = RunningUp(tmp_path)
+    broker = up.broker()["embedded_pid"]
+    up.process.send_signal(signal.SIGTERM)
+    up.process.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while _running(broker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(broker), "the embedded broker outlived `pipeline up`"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped) is not running
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    return True
 
 
 def test_up_with_delivery_on_renders_triggered_emails_and_holds_them_for_their_send_time(

@@ -30,10 +30,21 @@ class _App:
         self.stopped.set()
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, consumed: int, after_s: float) -> None:
+class _SlowStartApp(_App):
+    """As quixstreams: run() resets its stop flag when it starts, forgetting earlier stops."""
+
+    def run(self) -> None:
+        time.sleep(self.after_s)
+        self.stopped.clear()
+        self.stopped.wait()
+
+
+def _run(
+    monkeypatch: pytest.MonkeyPatch, consumed: int, after_s: float, app: type[_App] = _App
+) -> None:
     metrics = StreamMetrics()
     monkeypatch.setattr(
-        runner, "build_application", lambda *a, **k: _App(metrics, consumed, after_s)
+        runner, "build_application", lambda *a, **k: app(metrics, consumed, after_s)
     )
     monkeypatch.setattr(runner, "suppression_source", lambda *a, **k: None)
     monkeypatch.setattr(runner, "close_source", lambda source: None)
@@ -58,3 +69,13 @@ def test_everything_consumed_before_the_limit_is_a_finished_run(
 def test_a_shortfall_at_the_limit_raises_with_the_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ProcessingTimeout, match="consumed 60 of 100 raw messages"):
         _run(monkeypatch, consumed=60, after_s=0.3)
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_before_the_application_started_is_not_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limit passes while the application is still starting (the watcher's stop comes
+    first): the run must still end, with the shortfall, not hang."""
+    with pytest.raises(ProcessingTimeout, match="consumed 0 of 100"):
+        _run(monkeypatch, consumed=0, after_s=1.5, app=_SlowStartApp)

@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.anomaly import AlertKind, Severity
+from pipeline.errors import ConfigurationError
 from pipeline.metrics import STEP_BUCKETS_MS, StreamMetrics
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -300,7 +301,13 @@ def start_metrics_server(
     """Serve ``metrics`` on ``http://host:port/metrics`` in a daemon thread (port 0 = any);
     ``broker_pid``: the embedded broker's process, whose CPU and memory are served too."""
     registry = metrics_registry(metrics, lag=lag, broker_pid=broker_pid)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # the port is taken (another replica, another run)
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror}): set PIPELINE_METRICS_PORT "
+            "to a free port, or 0 for any"
+        ) from exc
     return RunningMetricsServer(server, thread, host)
 
 

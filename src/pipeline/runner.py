@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
-from pipeline.errors import ConfigurationError, PipelineError, ProcessingTimeout
+from pipeline.errors import BrokerError, ConfigurationError, PipelineError, ProcessingTimeout
 from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
@@ -99,7 +99,10 @@ def produce_messages(
         producer = make_producer(settings, address)
     topic = settings.topics.raw
     # connect and learn the partitions before a paced run's clock starts
-    producer.list_topics(topic, timeout=30)
+    try:
+        producer.list_topics(topic, timeout=30)
+    except KafkaException as exc:  # a wrong PIPELINE_BROKER, a stale broker.json
+        raise BrokerError(f"cannot reach the broker at {address}: {exc.args[0]}") from exc
     start = time.monotonic()
     for i, msg in enumerate(messages):
         due = offsets_s[i] if offsets_s is not None else i / rate if rate else None

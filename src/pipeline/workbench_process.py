@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ def start_workbench(settings: Settings) -> tuple[Callable[[], None], str]:
     """
     if not WORKBENCH_APP.exists():
         raise ConfigurationError(f"workbench app not found at {WORKBENCH_APP} (a source checkout)")
+    _check_free(settings.workbench_host, settings.workbench_port)
     env = {**os.environ, "PIPELINE_HOME": str(settings.home.resolve())}
     proc = subprocess.Popen(
         [
@@ -52,3 +54,19 @@ def start_workbench(settings: Settings) -> tuple[Callable[[], None], str]:
             proc.wait(timeout=10)
 
     return stop, f"http://{settings.workbench_host}:{settings.workbench_port}"
+
+
+def _check_free(host: str, port: int) -> None:
+    """ConfigurationError when ``host:port`` is taken: Streamlit, detached from our output,
+    would die unseen while `up` announced its URL (answered by whatever holds the port)."""
+    if port == 0:
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve the workbench on {host}:{port} ({exc.strerror}): set "
+                "PIPELINE_WORKBENCH_PORT to a free port, or run `pipeline up --no-workbench`"
+            ) from exc

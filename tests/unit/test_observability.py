@@ -199,3 +199,18 @@ def test_grafana_dashboard_shows_consumer_lag_total_per_partition_and_catch_up_t
     assert series_in(catch_up) == {"pipeline_consumer_lag", "pipeline_raw_in_total"}
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_a_taken_metrics_port_is_one_clear_error() -> None:
+    import socket
+
+    import pytest
+
+    from pipeline.errors import ConfigurationError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigurationError, match="PIPELINE_METRICS_PORT"):
+            start_metrics_server(StreamMetrics(), "127.0.0.1", port)

@@ -514,6 +514,10 @@ def api(
     if overrides:
         settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
     cfg = settings.api
+    if cfg.follow_topics:  # fail here in one line, not in the server's start-up traceback
+        from pipeline.broker import broker_address
+
+        broker_address(settings)
     console.print(
         f"[bold]pipeline api[/]: http://{cfg.host}:{cfg.port}/docs over {settings.warehouse_path}; "
         f"clients: {', '.join(sorted(cfg.api_keys)) or 'none'}"

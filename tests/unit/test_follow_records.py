@@ -242,6 +242,9 @@ def test_a_copy_starts_from_a_snapshot_only_when_it_has_none(
     wh, _, follower = replica
     follower._apply([Message(_event("c1"), 0), Message(_event("c2"), 1)])
     wh.adopt_replica_topics({"events.clean": "id-1"})
+    with pytest.raises(StoreError, match="is a directory"):  # `pipeline snapshot some-dir/`
+        wh.snapshot(tmp_path)
+    assert not list(tmp_path.glob(".*.partial"))
     snapshot = wh.snapshot(tmp_path / "snapshots" / "replica.sqlite")
     copy = tmp_path / "pod" / "warehouse.sqlite"
     assert seed_copy(snapshot, copy)

@@ -523,6 +523,8 @@ class LocalWarehouse:
         transaction, so a replica's rows and its saved positions agree), replacing ``dest``
         only once the copy is whole; returns ``dest``."""
         dest = Path(dest)
+        if dest.is_dir():
+            raise StoreError(f"snapshot: {dest} is a directory; name the file to write")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.partial")
         partial.unlink(missing_ok=True)

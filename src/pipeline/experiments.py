@@ -6,7 +6,6 @@ show one tqdm progress bar (plain text, so it also reads well in executed notebo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +13,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.errors import ProcessingTimeout
 from pipeline.loadgen import LoadGenerator, wire_messages
-from pipeline.metrics import StreamMetrics
+from pipeline.metrics import StreamMetrics, wait_drained
 from pipeline.runner import Run, process_until_idle, produce_messages, summarize
 from pipeline.simulate import RawMessage, Simulation, SimulationConfig, default_end, simulate
 
@@ -68,18 +66,6 @@ class LoadPhase:
     produce_s: float
 
 
-def _wait_for(metrics: StreamMetrics, raw_in: int, timeout_s: float) -> None:
-    """Wait until the processor has read ``raw_in`` raw messages (the warm-up), or raise."""
-    deadline = time.monotonic() + timeout_s
-    while metrics.raw_in < raw_in:
-        if time.monotonic() >= deadline:
-            raise ProcessingTimeout(
-                f"the warm-up did not finish within {timeout_s:.0f} s: "
-                f"read {metrics.raw_in} of {raw_in} raw messages"
-            )
-        time.sleep(0.05)
-
-
 def run_load_phases(
     run: Run,
     rates: Sequence[float],
@@ -115,7 +101,7 @@ def run_load_phases(
     def feed() -> None:
         load.offer(wire_messages(warm.messages), None)  # also warms the sender's producer
         sent = start + len(warm.messages)
-        _wait_for(run.metrics, sent, timeout_s)
+        wait_drained(run.metrics, sent, timeout_s=timeout_s)
         for i, (rate, messages) in enumerate(plans):
             took = load.offer(wire_messages(messages), rate)
             sent += len(messages)
@@ -128,7 +114,7 @@ def run_load_phases(
                     produce_s=took,
                 )
             )
-            _wait_for(run.metrics, sent, timeout_s)
+            wait_drained(run.metrics, sent, timeout_s=timeout_s)
 
     total = len(warm.messages) + sum(len(m) for _, m in plans)
     bar = _bar(total, "processed", enabled=progress)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pipeline.errors import ProcessingTimeout
 from pipeline.lineage import durations
 
 log = logging.getLogger(__name__)
@@ -294,3 +295,25 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_drained(
+    metrics: StreamMetrics, expected_raw: int, *, still_s: float = 0.3, timeout_s: float = 600.0
+) -> None:
+    """Wait until the processor has consumed ``expected_raw`` raw messages and its counters
+    (stored rows included) stopped moving for ``still_s``: everything sent so far is in the
+    stores. Raises ProcessingTimeout past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: tuple[int, ...] = ()
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = metrics.progress()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif metrics.drained(expected_raw) and time.monotonic() - still_since >= still_s:
+            return
+    raise ProcessingTimeout(
+        f"the processor did not drain {expected_raw} raw messages within {timeout_s:.0f} s: "
+        f"consumed {metrics.raw_in - metrics.rekeyed}"
+    )

@@ -78,6 +78,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert phase["start_ms"] <= phase["end_ms"]
         assert 0 <= phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"] <= phase["max_ms"]
         assert phase["processor_cpu_s_per_1k"] > 0 and phase["broker_cpu_s_per_1k"] > 0
+        achieved = phase["events"] / phase["produce_s"]
+        assert phase["achieved_eps"] == pytest.approx(achieved, rel=1e-3)
+        assert phase["kept_pace"] == (achieved >= 0.98 * phase["offered_eps"])
 
     collector = report["collector"]
     assert collector["events"] > 0 and collector["requests"] > 0

@@ -154,6 +154,20 @@ def _report_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _report(
+    tmp_path: Path, *args: str, timeout: float = 110, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pipeline report ARGS` run from ``tmp_path`` as a scheduler would, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", *args],
+        cwd=tmp_path,
+        env=env if env is not None else _report_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _utc_days() -> set[str]:
     return {datetime.now(UTC).date().isoformat()}
 
@@ -162,29 +176,13 @@ def _utc_days() -> set[str]:
 def test_pipeline_report_writes_dated_notebook_and_html(tmp_path: Path) -> None:
     notebook = REPO / "notebooks" / "03_scoring_lab.ipynb"
     days = _utc_days()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "report",
-            str(notebook),
-            "-p",
-            "events",
-            "800",
-            "-p",
-            "affinity_half_lives",
-            "[7.0, 30.0]",
-            "-p",
-            "source",
-            "simulation",
-            "--output-dir",
-            "reports",
-        ],
-        cwd=tmp_path,
-        env=_report_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
+    done = _report(
+        tmp_path,
+        str(notebook),
+        *("-p", "events", "800"),
+        *("-p", "affinity_half_lives", "[7.0, 30.0]"),
+        *("-p", "source", "simulation"),
+        *("--output-dir", "reports"),
         timeout=280,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,14 +208,7 @@ def test_pipeline_report_of_a_failing_run_keeps_the_html_and_exits_nonzero(
     tmp_path: Path,
 ) -> None:
     notebook = REPO / "notebooks" / "03_scoring_lab.ipynb"
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "report", str(notebook), "-p", "source", "nowhere"],
-        cwd=tmp_path,
-        env=_report_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
+    done = _report(tmp_path, str(notebook), "-p", "source", "nowhere")
     assert done.returncode == 2
     assert "ValueError" in done.stderr
     assert list((tmp_path / "reports").glob("*/03_scoring_lab.html"))
@@ -246,14 +237,7 @@ def test_a_reports_kernel_sees_the_callers_home_and_env_file(tmp_path: Path) -> 
         "PIPELINE_HOME=.pipeline\nPIPELINE_LOG_LEVEL=ERROR\nPIPELINE_CATALOG_PATH=data/c.csv\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "report", str(notebook), *DATED_AND_NAMED],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
+    done = _report(tmp_path, str(notebook), *DATED_AND_NAMED, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "reports" / "2026-03-01"  # the scheduler's day, e.g. Airflow's {{ ds }}
     assert (folder / "seen-run.ipynb").is_file() and (folder / "seen-run.html").is_file()
@@ -277,14 +261,7 @@ def test_a_report_whose_kernel_dies_exits_2_with_one_line_and_keeps_what_ran(
         nbformat.v4.new_code_cell("print('never')"),
     ]
     nbformat.write(nb, notebook)
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "report", str(notebook)],
-        cwd=tmp_path,
-        env=_report_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
+    done = _report(tmp_path, str(notebook))
     assert done.returncode == 2, done.stderr[-3000:]
     assert "DeadKernelError" in done.stderr and "Traceback" not in done.stderr, done.stderr
     [html] = list((tmp_path / "reports").glob("*/dies.html"))

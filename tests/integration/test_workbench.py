@@ -274,6 +274,10 @@ def test_email_page_previews_a_customer(use_home: pytest.MonkeyPatch, filled_hom
     at.text_input(key="email_campaign").input("spring_sale").run()
     _assert_preview(at, chosen, "spring_sale")
     assert "utm_campaign=spring_sale" in _email_frame(at)
+    assert any("delivery key pl-" in c.value for c in at.caption)  # one per customer
+    at.text_input(key="email_campaign").input("cart_abandonment").run()
+    _assert_preview(at, chosen, "cart_abandonment")  # sent under each trigger's own key
+    assert any("delivery key one per trigger occurrence" in c.value for c in at.caption)
 
     at.text_input(key="email_search").input("no-such-customer").run()
     assert not at.exception

@@ -11,6 +11,7 @@ import streamlit as st
 from pipeline import workbench_data as wd
 from pipeline.emails import RenderedEmail
 from pipeline.errors import ProfileNotFoundError
+from pipeline.triggers import TRIGGER_KINDS
 
 EMAIL_HEIGHT_PX = 900
 
@@ -49,10 +50,16 @@ def show_preview(path: str, customer_id: str, campaign_id: str) -> None:
     st.header(email.subject)
     st.caption(f"Preheader: {email.preheader}")
     as_of = datetime.fromtimestamp(email.snapshot["as_of_ms"] / 1000, UTC)
+    # a triggered email is sent under its trigger's key (one per cart or browse abandoned)
+    key = (
+        "one per trigger occurrence"
+        if email.campaign_id in TRIGGER_KINDS
+        else rendered.idempotency_key
+    )
     st.caption(
         f"To {rendered.to or 'no e-mail address'} · customer {email.customer_id} · campaign "
         f"{email.campaign_id} · rendered as of {as_of:%Y-%m-%d %H:%M:%S} UTC · delivery key "
-        f"{rendered.idempotency_key}"
+        f"{key}"
     )
     local, utc = send.local_time, send.send_at
     row = st.columns(4)

@@ -518,6 +518,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             msgs[config.warmup_events + i * config.phase_events :][: config.phase_events]
             for i in range(n_phases)
         ]
+        # the paced sender starts (imports, connects: seconds of CPU) before anything is
+        # measured: an empty offer returns once it is ready
+        load = LoadGenerator(run.address, work, topic=bench_settings.topics.raw)
+        load.offer([], None)
         produce_messages(bench_settings, run.address, backlog)
         keyed = sum(1 for msg in backlog if msg.key is not None)
         report["floor"] = floor_throughput(bench_settings, run.address, keyed)
@@ -526,8 +530,6 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         phases: list[Phase] = []
         measured: dict[str, float] = {}
         step_cpu: dict[str, float] = {}  # per step, over the backlog
-
-        load = LoadGenerator(run.address, work, topic=bench_settings.topics.raw)
 
         def offer(messages: Sequence[RawMessage], rate: float) -> float:
             """Paced load from a child process, as remote senders would offer it (see loadgen)."""

@@ -281,6 +281,15 @@ def test_campaign_render_for_a_segment(client: httpx.Client) -> None:
         assert segment in email["snapshot"]["segments"]
         assert email["snapshot"]["campaign_id"] == "spring"
         assert email["idempotency_key"].startswith("pl-")
+    # a triggered campaign's emails are keyed per trigger occurrence, when they are sent
+    triggered = client.post(
+        "/api/campaigns/cart_abandonment/render", json={"segment": segment, "limit": 5}
+    )
+    assert triggered.status_code == 200
+    assert [e["idempotency_key"] for e in triggered.json()["emails"]] == [None] * len(
+        triggered.json()["emails"]
+    )
+    assert triggered.json()["emails"]
     missing = client.post("/api/campaigns/spring/render", json={"segment": "no_such_segment"})
     assert missing.status_code == 404
     assert missing.json()["error"] == "segment_not_found"

@@ -11,7 +11,6 @@ import streamlit as st
 from pipeline import workbench_data as wd
 from pipeline.emails import RenderedEmail
 from pipeline.errors import ProfileNotFoundError
-from pipeline.triggers import TRIGGER_KINDS
 
 EMAIL_HEIGHT_PX = 900
 
@@ -50,12 +49,7 @@ def show_preview(path: str, customer_id: str, campaign_id: str) -> None:
     st.header(email.subject)
     st.caption(f"Preheader: {email.preheader}")
     as_of = datetime.fromtimestamp(email.snapshot["as_of_ms"] / 1000, UTC)
-    # a triggered email is sent under its trigger's key (one per cart or browse abandoned)
-    key = (
-        "one per trigger occurrence"
-        if email.campaign_id in TRIGGER_KINDS
-        else rendered.idempotency_key
-    )
+    key = rendered.idempotency_key or "one per trigger occurrence"
     st.caption(
         f"To {rendered.to or 'no e-mail address'} · customer {email.customer_id} · campaign "
         f"{email.campaign_id} · rendered as of {as_of:%Y-%m-%d %H:%M:%S} UTC · delivery key "

@@ -85,7 +85,10 @@ class RenderedCampaignEmail(BaseModel):
     subject: str
     preheader: str
     send_at_ms: int
-    idempotency_key: str
+    idempotency_key: str | None = Field(
+        description="One per (campaign, customer); null for a triggered campaign, whose "
+        "emails are keyed per trigger occurrence when they are sent."
+    )
     snapshot: dict[str, Any]
 
 

@@ -29,6 +29,7 @@ from pipeline.segments import SegmentRule, evaluate, load_segments
 from pipeline.sendtime import SendTime, best_send_time, population_prior
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
+from pipeline.triggers import TRIGGER_KINDS
 
 
 def wall_clock_ms() -> int:
@@ -60,11 +61,12 @@ class CustomerView:
 
 @dataclass(frozen=True, slots=True)
 class CampaignEmail:
-    """One rendered email of a campaign, its recipient and delivery key."""
+    """One rendered email of a campaign, its recipient and delivery key (None for a triggered
+    campaign: each trigger occurrence is sent under a key of its own, made at delivery)."""
 
     to: str | None
     send_time: SendTime
-    idempotency_key: str
+    idempotency_key: str | None
     email: RenderedEmail
 
 
@@ -249,7 +251,11 @@ class PersonalizationService:
         return CampaignEmail(
             to=to if isinstance(to, str) else None,
             send_time=send_time,
-            idempotency_key=idempotency_key(campaign_id, profile.customer_id),
+            idempotency_key=(
+                None
+                if campaign_id in TRIGGER_KINDS
+                else idempotency_key(campaign_id, profile.customer_id)
+            ),
             email=email,
         )
 

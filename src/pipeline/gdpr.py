@@ -33,7 +33,7 @@ from collections.abc import Iterable, Set
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from confluent_kafka import (
@@ -51,8 +51,10 @@ from pipeline.identity import anonymous_customer_id
 from pipeline.identity import is_suppressed as is_suppressed  # where callers expect it
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
-from pipeline.stores.bigquery import BigQueryWarehouse
 from pipeline.stores.local import LocalWarehouse
+
+if TYPE_CHECKING:  # the processor never imports the BigQuery client unless it writes there
+    from pipeline.stores.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
 

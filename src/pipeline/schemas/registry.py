@@ -16,8 +16,6 @@ from typing import Any, Literal
 
 import fastjsonschema
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError as JsonSchemaDefinitionError
 
 from pipeline.errors import IncompatibleSchemaError, SchemaError
 from pipeline.schemas.compatibility import backward_incompatibilities
@@ -65,8 +63,12 @@ class SchemaRegistry:
         self._compiled: dict[tuple[str, int], Validator] = {}
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> SchemaRegistry:
-        """Read every schema file under ``directory`` (default: the packaged schemas)."""
+    def load(cls, directory: Path | None = None, *, check: bool = True) -> SchemaRegistry:
+        """Read every schema file under ``directory`` (default: the packaged schemas).
+
+        ``check=False`` skips the meta-schema check, for the packaged schemas only: a test checks
+        them, and importing jsonschema's format checkers costs every process a second.
+        """
         root = directory if directory is not None else SCHEMA_DIR
         if not root.is_dir():
             raise SchemaError(f"schema directory {root} does not exist")
@@ -86,17 +88,20 @@ class SchemaRegistry:
             for version in sorted(found[name]):
                 path = found[name][version]
                 try:
-                    registry.register(name, version, schemas[path])
+                    registry.register(name, version, schemas[path], check=check)
                 except IncompatibleSchemaError as exc:
                     raise IncompatibleSchemaError(f"{path}: {exc}") from exc
                 except SchemaError as exc:
                     raise SchemaError(f"{path}: {exc}") from exc
         return registry
 
-    def register(self, name: str, version: int, schema: Mapping[str, Any]) -> None:
+    def register(
+        self, name: str, version: int, schema: Mapping[str, Any], *, check: bool = True
+    ) -> None:
         """Add ``schema`` as ``version`` of ``name``; refuse it if it breaks older data.
 
-        Versions only grow; re-registering an identical schema is a no-op.
+        Versions only grow; re-registering an identical schema is a no-op. ``check`` validates
+        the schema against the JSON Schema meta-schema (see :meth:`load`).
         """
         if not name or name == "track":
             raise SchemaError(f"{name!r} cannot be a schema name")
@@ -104,12 +109,8 @@ class SchemaRegistry:
             raise SchemaError(f"{name!r}: version must be a positive integer, got {version!r}")
         if not isinstance(schema, Mapping):
             raise SchemaError(f"{name!r} v{version}: a schema must be a JSON object")
-        try:
-            Draft202012Validator.check_schema(schema)
-        except JsonSchemaDefinitionError as exc:
-            raise SchemaError(
-                f"{name!r} v{version} is not a valid JSON Schema: {exc.message}"
-            ) from exc
+        if check:
+            _check_meta_schema(name, version, schema)
         owned = copy.deepcopy(dict(schema))
         existing = self._schemas.get(name, {})
         if version in existing:
@@ -228,7 +229,18 @@ class SchemaRegistry:
 @functools.cache
 def default_registry() -> SchemaRegistry:
     """The registry of the packaged schemas, loaded and compiled once per process."""
-    return SchemaRegistry.load()
+    return SchemaRegistry.load(check=False)
+
+
+def _check_meta_schema(name: str, version: int, schema: Mapping[str, Any]) -> None:
+    """Refuse a schema that is not valid JSON Schema 2020-12 (jsonschema imported only here)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError as JsonSchemaDefinitionError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except JsonSchemaDefinitionError as exc:
+        raise SchemaError(f"{name!r} v{version} is not a valid JSON Schema: {exc.message}") from exc
 
 
 def _read_schema_file(root: Path, path: Path) -> tuple[str, int, dict[str, Any]]:

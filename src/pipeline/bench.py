@@ -18,14 +18,16 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import orjson
@@ -107,7 +109,41 @@ def timed(call: Callable[[], object], repeats: int, warmup: int = 50) -> list[fl
     return samples
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+_FRAME = " │|╭╮╰╯─"
+
+
+@contextmanager
+def _http_server(
+    command: Sequence[str], port: int, env: Mapping[str, str], cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``pipeline`` HTTP server child, healthy on ``port`` until the block ends.
+
+    Its stderr goes to a file so that a server that dies at start-up is reported with its own
+    last words instead of a bare "did not start".
+    """
+    with tempfile.TemporaryFile() as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *command],
+            env=dict(env),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            _wait_http(f"http://127.0.0.1:{port}", server, stderr)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=10)
+
+
+def _wait_http(
+    url: str, process: subprocess.Popen[bytes], stderr: IO[bytes], timeout_s: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -115,18 +151,15 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60
                 return
         except httpx.TransportError:
             pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise PipelineError(f"the server for {url} did not start")
+        exited = process.poll()
+        if time.monotonic() > deadline or exited is not None:
+            stderr.seek(0)
+            lines = stderr.read().decode(errors="replace").splitlines()
+            said = [text for line in lines if (text := line.strip(_FRAME))]  # rich's boxes
+            how = "did not answer in time" if exited is None else f"exited with {exited}"
+            last = f": {said[-1]}" if said else ""
+            raise PipelineError(f"the server for {url} {how}{last}")
         time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -204,24 +237,14 @@ def collector_throughput(
     )
     if home is not None:
         env["PIPELINE_HOME"] = str(home)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "collect"],
-        env=env,
-        cwd=home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url, server)
+    with _http_server(["collect"], port, env, cwd=home) as server:
         asyncio.run(_post_load(url, batch, connections, min(1.0, seconds)))
         cpu_before = cpu_seconds(server.pid)
         started = time.monotonic()
         events, latencies = asyncio.run(_post_load(url, batch, connections, seconds))
         elapsed = time.monotonic() - started
         cpu_s = cpu_seconds(server.pid) - cpu_before
-    finally:
-        _stop(server)
     ack = percentiles(latencies)
     return {
         "batch": batch,
@@ -248,27 +271,18 @@ def api_http_latencies(
         "PIPELINE_HOME": str(home),
         "PIPELINE_API__API_KEYS": json.dumps({"bench": BENCH_API_KEY}),
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(base, server)
-        with httpx.Client(base_url=base, headers={"X-API-Key": BENCH_API_KEY}) as client:
-            picks = iter(list(customers) * (requests // max(1, len(customers)) + 2))
+    with (
+        _http_server(["api", "--host", "127.0.0.1", "--port", str(port)], port, env),
+        httpx.Client(base_url=base, headers={"X-API-Key": BENCH_API_KEY}) as client,
+    ):
+        picks = iter(list(customers) * (requests // max(1, len(customers)) + 2))
 
-            def call() -> None:
-                response = client.get(
-                    f"/api/customers/{next(picks)}/recommendations", params={"k": k}
-                )
-                response.raise_for_status()
+        def call() -> None:
+            response = client.get(f"/api/customers/{next(picks)}/recommendations", params={"k": k})
+            response.raise_for_status()
 
-            return timed(call, requests, warmup=min(50, requests))
-    finally:
-        _stop(server)
+        return timed(call, requests, warmup=min(50, requests))
 
 
 class _Stopwatch:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench import _http_server
+from pipeline.broker import free_port
+from pipeline.errors import PipelineError
 from pipeline.metrics import CPU_STEPS
 
 pytestmark = pytest.mark.integration
@@ -97,3 +100,14 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert json_path.parent == home / "bench"
     assert json.loads(json_path.read_text())["processor"] == proc
     assert "plotly" in chart_path.read_text()
+
+
+def test_a_server_that_dies_at_start_up_is_reported_with_its_own_last_words() -> None:
+    """The collector and API phases start real servers; one that fails says why, not just that."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    port = free_port()
+    with pytest.raises(PipelineError) as caught, _http_server(["no-such-command"], port, env):
+        pass
+    message = str(caught.value)
+    assert f"http://127.0.0.1:{port} exited with 2" in message
+    assert "No such command 'no-such-command'" in message

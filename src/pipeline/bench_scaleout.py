@@ -8,22 +8,28 @@ time from the first message read to the last event stored (every replica's clock
 ``time.monotonic``), as in ``pipeline bench``'s full-path figure. A run ends when every valid
 event the simulator knows of is stored and the group's counters are drained and still.
 
-Then the per-customer results of every run are compared with the first run's. What is compared
-is what the pipeline promises whatever the arrival order, since Kafka orders records only within
-a partition: a customer's devices reach the profile stage through different partitions, and a
-device's records switch partition when its key changes from anonymousId to userId at login, so
-even two runs of one replica interleave them differently. Compared exactly: the set of events per
-customer; the set of live profiles (not merged into another); per profile the counts, the
-version (one per applied record: a lost or doubly applied event changes it), event-time
-bookkeeping (first/last seen, last order/cart/view), devices, provenance of merged devices and
-identify traits (newest wins by event time). Compared to 1e-9: the decayed sums and the score,
-which are order-independent sums (see :mod:`pipeline.scoring`) whose floating-point rounding is
-not. Left out, each for the reason in :data:`ORDER_DEPENDENT`: wall-clock stamps and the fields
-that by design depend on arrival order; how many customers differ in those is reported too.
+A run that stalls (nothing moves for a minute before it is done) or whose replica dies is
+recorded with its error, naming what each stage misses and which partitions lag, and the other
+replica counts are still measured; the report counts such runs in ``failed_runs``.
+
+Then the per-customer results of every completed run are compared with the first one's. What is
+compared is what the pipeline promises whatever the arrival order, since Kafka orders records
+only within a partition: a customer's devices reach the profile stage through different
+partitions, and a device's records switch partition when its key changes from anonymousId to
+userId at login, so even two runs of one replica interleave them differently. Compared exactly:
+the set of events per customer; the set of live profiles (not merged into another); per profile
+the counts, the version (one per applied record: a lost or doubly applied event changes it),
+event-time bookkeeping (first/last seen, last order/cart/view), devices, provenance of merged
+devices and identify traits (newest wins by event time). Compared to 1e-9: the decayed sums and
+the score, which are order-independent sums (see :mod:`pipeline.scoring`) whose floating-point
+rounding is not. Left out, each for the reason in :data:`ORDER_DEPENDENT`: wall-clock stamps and
+the fields that by design depend on arrival order; how many customers differ in those is
+reported too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import sqlite3
@@ -40,6 +46,8 @@ from pipeline.metrics import cpu_seconds
 from pipeline.replicas import ReplicaError, aggregate, spawn_replicas, stop_replicas
 from pipeline.settings import Settings, TopicNames
 from pipeline.stores.local import LocalWarehouse
+
+log = logging.getLogger(__name__)
 
 PROFILE_FIELDS_EXACT = (
     "is_anonymous",
@@ -167,6 +175,10 @@ def _stored_events(path: Path, opened: list[LocalWarehouse]) -> int:
         return 0  # the file exists, its tables not yet
 
 
+class ScaleoutStalled(PipelineError):
+    """A replica run stopped making progress before every expected event was stored."""
+
+
 def measure_replicas(
     settings: Settings,
     count: int,
@@ -175,11 +187,14 @@ def measure_replicas(
     expected_raw: int,
     expected_stored: int,
     idle_s: float = 1.5,
+    stall_s: float = 60.0,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Run ``count`` replicas over the backlog at ``address`` until drained (see module doc).
 
-    ``settings.home`` must be this run's own directory; it is emptied first.
+    ``settings.home`` must be this run's own directory; it is emptied first. A run whose
+    counters and store stay still for ``stall_s`` before it is done raises
+    :class:`ScaleoutStalled`, naming what each stage is missing and the partitions that lag.
     """
     home = settings.home
     shutil.rmtree(home, ignore_errors=True)
@@ -221,12 +236,14 @@ def measure_replicas(
             now = (*group.progress(), stored)
             if now != last:
                 last, still_since = now, time.monotonic()
-            elif (
-                stored >= expected_stored
-                and group.drained(expected_raw)
-                and time.monotonic() - still_since >= idle_s
-            ):
-                break
+            elif stored >= expected_stored and group.drained(expected_raw):
+                if time.monotonic() - still_since >= idle_s:
+                    break
+            elif time.monotonic() - still_since >= stall_s:
+                raise ScaleoutStalled(
+                    f"{count} replicas made no progress for {stall_s:.0f}s: "
+                    + stall_diagnosis(statuses, expected_raw, stored, expected_stored)
+                )
     finally:
         codes = stop_replicas(children)
         for f in logs.values():
@@ -269,6 +286,34 @@ def measure_replicas(
         ],
         "_results": results,
     }
+
+
+def stall_diagnosis(
+    statuses: Sequence[Mapping[str, Any] | None],
+    expected_raw: int,
+    stored: int,
+    expected_stored: int,
+) -> str:
+    """What a still group is missing, stage by stage, and which partitions lag on which replica.
+
+    No lagging partition while a stage misses records means they were skipped, not waiting.
+    """
+    group = aggregate([s for s in statuses if s is not None])
+    missing = [
+        ("raw messages read", group.raw_in - group.rekeyed, expected_raw),
+        ("attributed records read by stage 2", group.attributed_in, group.attributed_out),
+        ("events stored", stored, expected_stored),
+        ("profiles stored", group.profiles_stored, group.profile_updates),
+    ]
+    parts = [f"{what} {have:,} of {want:,}" for what, have, want in missing if have < want]
+    lags = [
+        f"{partition} {n:,} ({s.get('instance_id')})"
+        for s in statuses
+        if s is not None
+        for partition, n in (s.get("lag") or {}).items()
+    ]
+    parts.append("lagging: " + ", ".join(lags) if lags else "no partition lags (skipped?)")
+    return "; ".join(parts)
 
 
 def _own_topics(topics: TopicNames, prefix: str) -> TopicNames:
@@ -325,29 +370,40 @@ def scaleout(
                 }
             )
             broker_before = _broker_cpu_s(run)
-            measured = measure_replicas(
-                run_settings,
-                count,
-                run.address,
-                expected_raw=len(sim.messages),
-                expected_stored=sum(truth.values()),
-                timeout_s=timeout_s,
-            )
+            try:
+                measured = measure_replicas(
+                    run_settings,
+                    count,
+                    run.address,
+                    expected_raw=len(sim.messages),
+                    expected_stored=sum(truth.values()),
+                    timeout_s=timeout_s,
+                )
+            except ConfigurationError:
+                raise
+            except PipelineError as exc:  # recorded: the other counts still measure something
+                log.error("%s failed: %s", name, exc)
+                runs.append({"replicas": count, "events": len(sim.messages), "error": str(exc)})
+                continue
             broker_after = _broker_cpu_s(run)
             if broker_before is not None and broker_after is not None:
                 # replicas' start-up and shut-down included: an upper bound for the backlog
                 measured["broker_cpu_s"] = round(broker_after - broker_before, 3)
             runs.append(measured)
-    results = [r.pop("_results") for r in runs]
-    for r, res in zip(runs, results, strict=True):
+    failed = [r for r in runs if "error" in r]
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        raise PipelineError(f"every replica run failed; the first: {failed[0]['error']}")
+    results = [r.pop("_results") for r in done]
+    for r, res in zip(done, results, strict=True):
         r["matches_truth"] = _event_counts(res) == dict(truth)
-    first = runs[0]
+    first = done[0]
     per_count: dict[str, list[float]] = {}
-    for r in runs:
+    for r in done:
         per_count.setdefault(str(r["replicas"]), []).append(r["events_per_s"])
     eps = {n: round(statistics.median(values), 1) for n, values in per_count.items()}
     per_cpu: dict[str, list[float]] = {}
-    for r in runs:
+    for r in done:
         if r["events_per_cpu_s"] is not None:
             per_cpu.setdefault(str(r["replicas"]), []).append(r["events_per_cpu_s"])
     report: dict[str, Any] = {
@@ -359,6 +415,7 @@ def scaleout(
         "produce_s": round(produce_s, 3),
         "rounds": rounds,
         "runs": runs,
+        "failed_runs": len(failed),
         "events_per_s": eps,
         "speedup": {n: round(v / eps[str(first["replicas"])], 3) for n, v in eps.items()},
         "events_per_cpu_s": {n: round(statistics.median(v), 1) for n, v in per_cpu.items()},
@@ -370,7 +427,7 @@ def scaleout(
         report["ratio_2_to_1"] = round(eps["2"] / eps["1"], 3)
     differing: dict[str, list[str]] = {}
     comparisons = []
-    for r, res in zip(runs[1:], results[1:], strict=True):
+    for r, res in zip(done[1:], results[1:], strict=True):
         diff = differences(results[0], res)
         differing.update(diff)
         comparisons.append(
@@ -407,9 +464,11 @@ def scaleout_summary(report: Mapping[str, Any]) -> str:
         for n, eps in report["events_per_s"].items()
     )
     speedup = ", ".join(f"{n}/1 = {v}" for n, v in report["speedup"].items() if n != "1")
+    failed = [r for r in report["runs"] if "error" in r]
+    failures = "".join(f"; {r['replicas']} replicas FAILED: {r['error']}" for r in failed)
     return (
         f"replicas {counts}; {speedup or 'one count'}; per-customer results identical: "
-        f"{report['identical']}"
+        f"{report['identical']}{failures}"
     )
 
 

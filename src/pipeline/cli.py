@@ -638,6 +638,8 @@ def bench(
         typer.echo(json.dumps(out, indent=2) if as_json else scaleout_summary(out))
         if not as_json:
             typer.echo(f"written: {path}")
+        if out["failed_runs"]:
+            raise typer.Exit(1)
         return
     from pipeline.bench import BenchConfig, run_bench, write_results
 

@@ -216,6 +216,8 @@ def _metrics_snapshot(metrics: StreamMetrics) -> dict[str, Any]:
             }
         elif isinstance(value, int | float) or value is None:
             snap[f.name] = value
+    # partitions behind their high watermark, for whoever must tell a stuck group from a slow one
+    snap["lag"] = {f"{t}[{p}]": n for (t, p), n in sorted(metrics.consumer_lag().items()) if n}
     return snap
 
 

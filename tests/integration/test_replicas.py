@@ -15,9 +15,16 @@ from typing import Any
 import pytest
 from cli_helpers import cli_env, pipeline_cmd, run_cli, stop_up
 
-from pipeline.bench_scaleout import scaleout
+from pipeline import bench_scaleout
+from pipeline.bench_scaleout import (
+    ScaleoutStalled,
+    measure_replicas,
+    scaleout,
+    scaleout_summary,
+    stall_diagnosis,
+)
 from pipeline.catalog import load_catalog
-from pipeline.runner import simulate_for
+from pipeline.runner import pipeline_run, produce_messages, simulate_for
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
 
@@ -57,6 +64,91 @@ def test_two_replicas_split_the_work_and_store_the_same_customer_results(
         "1": one["events_per_cpu_s"],
         "2": two["events_per_cpu_s"],
     }
+
+
+def test_a_run_that_cannot_finish_is_reported_as_stalled_with_what_it_misses(
+    settings: Settings,
+) -> None:
+    """A group that stops moving before it is done fails in ``stall_s`` with a diagnosis.
+
+    One event more is expected than the simulation can store: the replica drains everything,
+    then sits still, so the diagnosis names the one missing stored event and no lagging partition.
+    """
+    with pipeline_run(settings) as run:
+        sim = simulate_for(settings, 400, 5, run.catalog)
+        produce_messages(settings, run.address, sim.messages)
+        stored = sum(sim.ground_truth.expected_event_counts.values())
+        own = settings.model_copy(update={"home": settings.home / "stall"})
+        started = time.monotonic()
+        with pytest.raises(ScaleoutStalled) as caught:
+            measure_replicas(
+                own,
+                1,
+                run.address,
+                expected_raw=len(sim.messages),
+                expected_stored=stored + 1,
+                stall_s=3.0,
+            )
+    message = str(caught.value)
+    assert message.startswith("1 replicas made no progress for 3s: ")
+    assert f"events stored {stored:,} of {stored + 1:,}" in message
+    assert "raw messages read" not in message and "attributed records" not in message
+    assert "no partition lags (skipped?)" in message
+    assert time.monotonic() - started < 120
+    status = json.loads((own.home / "replicas" / "0-0.json").read_text())
+    assert status["lag"] == {}  # read in full: the status names lagging partitions only
+
+
+def test_stall_diagnosis_names_each_short_stage_and_the_lagging_partitions() -> None:
+    statuses = [
+        {
+            "instance_id": "0-0",
+            "raw_in": 600,
+            "attributed_out": 640,
+            "attributed_in": 600,
+            "profile_updates": 600,
+            "profiles_stored": 600,
+            "lag": {"events.attributed[3]": 40},
+        },
+        {
+            "instance_id": "0-1",
+            "raw_in": 300,
+            "attributed_out": 310,
+            "attributed_in": 310,
+            "profile_updates": 310,
+            "profiles_stored": 300,
+            "lag": {},
+        },
+        None,  # a replica that has not written its status yet
+    ]
+    assert stall_diagnosis(statuses, 1000, 870, 900) == (
+        "raw messages read 900 of 1,000; attributed records read by stage 2 910 of 950; "
+        "events stored 870 of 900; profiles stored 900 of 910; "
+        "lagging: events.attributed[3] 40 (0-0)"
+    )
+
+
+def test_a_failed_replica_count_is_recorded_and_the_others_still_measured(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2-replica run fails (as one stalled on a 16-core machine); 1 is still measured."""
+    real = bench_scaleout.measure_replicas
+
+    def two_stall(s: Settings, count: int, address: str, **kw: Any) -> dict[str, Any]:
+        if count == 2:
+            raise ScaleoutStalled("2 replicas made no progress for 60s: events stored 1 of 2")
+        return real(s, count, address, **kw)
+
+    monkeypatch.setattr(bench_scaleout, "measure_replicas", two_stall)
+    report = scaleout(settings, 600, (1, 2), seed=3)
+    one, two = report["runs"]
+    assert one["replicas"] == 1 and one["matches_truth"], one
+    assert two == {"replicas": 2, "events": 600, "error": two["error"]}
+    assert "events stored 1 of 2" in two["error"]
+    assert report["failed_runs"] == 1
+    assert report["events_per_s"] == {"1": one["events_per_s"]}
+    assert report["comparisons"] == []
+    assert "2 replicas FAILED: 2 replicas made no progress" in scaleout_summary(report)
 
 
 def test_bench_scaleout_only_writes_its_report(tmp_path: Path) -> None:

@@ -453,6 +453,19 @@ class Phase:
     # the broker serves many small requests, so it costs far more per event than in a backlog
     processor_cpu_s_per_1k: float | None = None
     broker_cpu_s_per_1k: float | None = None
+    # share of the phase's wall time (start until drained) the processing loop spent in
+    # checkpoint commits, and their mean duration: time in which no message is processed
+    checkpoint_share: float | None = None
+    checkpoint_ms: float | None = None
+
+
+def _checkpoints(m: StreamMetrics, since: tuple[int, float], seconds: float) -> dict[str, Any]:
+    """The loop's checkpoint commits since ``since`` (count, seconds), over ``seconds``."""
+    count, spent = m.checkpoints - since[0], m.checkpoint_s - since[1]
+    return {
+        "checkpoint_share": round(spent / seconds, 3) if seconds > 0 else None,
+        "checkpoint_ms": round(spent / count * 1000, 1) if count else None,
+    }
 
 
 def _latency_of(warehouse: Any, phase: Phase) -> dict[str, Any]:
@@ -570,6 +583,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             if m.first_in_cpu_s is not None and m.last_stored_cpu_s is not None:
                 measured["cpu_s"] = m.last_stored_cpu_s - m.first_in_cpu_s
             step_cpu.update(m.step_cpu_s)
+            measured.update(_checkpoints(m, (0, 0.0), seconds))
             if broker_pid is not None:
                 measured["broker_cpu_s"] = cpu_seconds(broker_pid) - broker_cpu_before
             expected = len(backlog)
@@ -580,6 +594,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             for fraction, messages in zip(config.load_fractions, phase_slices, strict=True):
                 rate = fraction * measured["eps"]
                 cpu_before, broker_before = time.process_time(), _broker_cpu()
+                commits_before, started = (m.checkpoints, m.checkpoint_s), time.monotonic()
                 start_ms = _now_ms()
                 produce_s = offer(messages, rate)
                 end_ms = _now_ms()
@@ -599,6 +614,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                         None
                         if broker_after is None or broker_before is None
                         else round((broker_after - broker_before) * per_1k, 3),
+                        **_checkpoints(m, commits_before, time.monotonic() - started),
                     )
                 )
 
@@ -636,6 +652,9 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             },
             "dead_lettered": int(measured["dead_lettered"]),
             "duplicates_dropped": int(measured["duplicates_dropped"]),
+            # the loop's checkpoint commits over the backlog (from its first message on)
+            "checkpoint_share": measured.get("checkpoint_share"),
+            "checkpoint_ms": measured.get("checkpoint_ms"),
         }
         report["latency"] = [_latency_of(run.warehouse, phase) for phase in phases]
         customers = [

@@ -673,6 +673,12 @@ def bench(
             f"  load {p['load_fraction']:.0%} ({p['offered_eps']:,.0f} ev/s): "
             f"p50 {p['p50_ms']} · p95 {p['p95_ms']} · p99 {p['p99_ms']} ms · CPU-s per 1k "
             f"events: processor {p['processor_cpu_s_per_1k']}, broker {p['broker_cpu_s_per_1k']}"
+            + (
+                f" · loop committing {p['checkpoint_share']:.0%} of the time"
+                f" ({p['checkpoint_ms']} ms a commit)"
+                if p.get("checkpoint_share") is not None and p.get("checkpoint_ms") is not None
+                else ""
+            )
             + ("" if p["kept_pace"] else f" · [yellow]sent only {p['achieved_eps']:,.0f}[/]")
         )
     if scaleout:

@@ -129,6 +129,11 @@ class StreamMetrics:
     erasures: int = 0  # erasure requests carried out by stage 1 (one per device or user key)
     profiles_erased: int = 0  # profiles deleted by stage 2 and cleared from the warehouse
     rekeyed: int = 0  # raw messages sent round again under their device key
+    # checkpoints the processing loop committed, and the wall seconds it spent in them (sinks
+    # and producer flushed, transaction committed, state flushed): in an exactly-once loop
+    # that is where it waits on the broker, and no message is processed meanwhile
+    checkpoints: int = 0
+    checkpoint_s: float = 0.0
     events_stored: int = 0
     profiles_stored: int = 0
     dead_letters_stored: int = 0

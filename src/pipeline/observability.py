@@ -87,6 +87,13 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("suppressed", "pipeline_suppressed", "Events of forgotten customers dropped."),
     ("erasures", "pipeline_erasures", "Erasure requests carried out on stage-1 state."),
     ("profiles_erased", "pipeline_profiles_erased", "Profiles erased from state and warehouse."),
+    ("checkpoints", "pipeline_checkpoints", "Checkpoints committed by the processing loop."),
+    (
+        "checkpoint_s",
+        "pipeline_checkpoint_seconds",
+        "Wall-clock seconds the processing loop spent committing checkpoints (no message is"
+        " processed meanwhile): over rate() of the count, the mean commit time.",
+    ),
 )
 
 EMBEDDED_BROKER = "pipeline_embedded_broker"

@@ -69,6 +69,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         per_event["total"], abs=0.5
     )
     assert per_event["total"] == pytest.approx(1e6 / proc["events_per_cpu_s"], rel=0.01)
+    # the loop committed checkpoints and spent part (not all) of its wall time in them
+    assert 0 < proc["checkpoint_share"] < 1
+    assert 0 < proc["checkpoint_ms"] < 1000 * proc["seconds"]
 
     phases = report["latency"]
     assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]
@@ -81,6 +84,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert phase["start_ms"] <= phase["end_ms"]
         assert 0 <= phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"] <= phase["max_ms"]
         assert phase["processor_cpu_s_per_1k"] > 0 and phase["broker_cpu_s_per_1k"] > 0
+        assert 0 < phase["checkpoint_share"] < 1 and phase["checkpoint_ms"] > 0
         achieved = phase["events"] / phase["produce_s"]
         assert phase["achieved_eps"] == pytest.approx(achieved, rel=1e-3)
         assert phase["kept_pace"] == (achieved >= 0.98 * phase["offered_eps"])

@@ -277,7 +277,7 @@ def new_application(
     if session_ms:
         consumer_config["session.timeout.ms"] = session_ms
         consumer_config["heartbeat.interval.ms"] = max(100, session_ms // 6)
-    return Application(
+    app = Application(
         broker_address=ConnectionConfig.from_librdkafka_dict(client_config(settings, address)),
         consumer_group=consumer_group or settings.consumer_group,
         auto_offset_reset="earliest",
@@ -296,6 +296,32 @@ def new_application(
         ),
         loglevel=settings.log_level,
     )
+    _time_checkpoints(app, metrics)
+    return app
+
+
+def _time_checkpoints(app: Application, metrics: StreamMetrics) -> None:
+    """Count each checkpoint the loop commits and the wall time it blocks the loop for.
+
+    quixstreams has no hook for it: its processing context's ``commit_checkpoint`` (called
+    every loop iteration, committing only when the interval expired) is wrapped on this
+    instance. A commit is recognised by the new checkpoint object it leaves behind; closing an
+    empty checkpoint (nothing read since the last) is not one.
+    """
+    context = app._processing_context  # no public handle on the checkpoint
+    commit = context.commit_checkpoint
+
+    def timed(force: bool = False, revoking: bool = False) -> None:
+        before = context._checkpoint
+        started = time.monotonic()
+        try:
+            commit(force=force, revoking=revoking)
+        finally:
+            if context._checkpoint is not before and before is not None and not before.empty():
+                metrics.checkpoints += 1
+                metrics.checkpoint_s += time.monotonic() - started
+
+    context.commit_checkpoint = timed  # type: ignore[method-assign]
 
 
 def build_application(

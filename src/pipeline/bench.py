@@ -38,6 +38,7 @@ from quixstreams.kafka.configuration import ConnectionConfig
 
 from pipeline import lineage
 from pipeline.broker import client_config, free_port
+from pipeline.children import terminate
 from pipeline.errors import PipelineError
 from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics, cpu_per_event, cpu_seconds, wait_drained
@@ -133,12 +134,7 @@ def _http_server(
             _wait_http(f"http://127.0.0.1:{port}", server, stderr)
             yield server
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=10)
+            terminate(server, timeout_s=30)
 
 
 def _wait_http(

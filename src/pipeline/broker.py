@@ -24,6 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from pipeline.children import terminate
 from pipeline.errors import BrokerError, PipelineError
 from pipeline.settings import Settings
 
@@ -173,13 +174,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the broker process (SIGTERM, then SIGKILL) and remove its working directory."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout_s)
+        terminate(self.process, timeout_s)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedBroker:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.children import terminate
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
 
@@ -46,12 +47,7 @@ def start_workbench(settings: Settings) -> tuple[Callable[[], None], str]:
     )
 
     def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
 
     return stop, f"http://{settings.workbench_host}:{settings.workbench_port}"
 

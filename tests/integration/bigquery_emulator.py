@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.children import terminate
+
 
 def _serve(port: int) -> None:
     from bqemulator.api.routes import upload
@@ -82,12 +84,7 @@ def running_emulator(timeout_s: float = 60.0) -> Iterator[str]:
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
 

@@ -21,6 +21,7 @@ import pytest
 from browser import CHROMIUM, CHROMIUM_ARGS
 
 from pipeline.broker import free_port
+from pipeline.children import terminate
 from pipeline.stores.local import LocalWarehouse
 
 APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
@@ -75,16 +76,6 @@ def _charts_drawn(page: Any, at_least: int, timeout_s: float = 60) -> None:
     """Wait until ``at_least`` plotly charts are drawn (the plotly bundle loads lazily)."""
     drawn = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot')
     _wait(f"{at_least} drawn charts", lambda: drawn.count() >= at_least, timeout_s)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_live_numbers_move_and_a_customer_opens(tmp_path: Path) -> None:
@@ -234,7 +225,7 @@ def test_live_numbers_move_and_a_customer_opens(tmp_path: Path) -> None:
         )
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            terminate(proc, timeout_s=15)
         for log in logs:
             log.close()
     assert {p.name for p in shots.iterdir()} >= {"live_first.png", "customer.png", "email.png"}

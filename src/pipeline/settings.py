@@ -190,6 +190,13 @@ class Settings(BaseSettings):
     state_block_cache_mb: int = Field(
         16, ge=1, description="RocksDB block cache per state store (quixstreams' default 1024)."
     )
+    consumer_fetch_wait_max_ms: int = Field(
+        20,
+        ge=0,
+        le=500,
+        description="Longest the broker holds a consumer's fetch open waiting for data: a floor "
+        "under each hop's latency when a partition is idle, against more fetch requests.",
+    )
     consumer_session_timeout_ms: int | None = Field(
         None,
         ge=1000,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 from quixstreams.models import SerializationContext
 
 from pipeline.broker import KEPT_FOREVER, table_topic_config, topic_config, topic_extra_config
+from pipeline.metrics import StreamMetrics
 from pipeline.settings import Settings
 from pipeline.stream.stages import KIND_ERASED, KIND_LINK, KIND_PROFILE, KIND_UNLINKED
-from pipeline.stream.topology import TombstoneSerializer
+from pipeline.stream.topology import TombstoneSerializer, new_application
 
 WEEK_MS = 7 * 86_400_000
 
@@ -50,3 +53,15 @@ def test_a_devices_erasure_is_a_tombstone_on_the_links_topic() -> None:
     assert orjson.loads(serialize(link, ctx)) == link
     unlinked = {"kind": KIND_UNLINKED, "anonymous_id": "d1", "requested_at": None}
     assert serialize(unlinked, ctx) is None
+
+
+def test_the_processor_application_takes_its_commit_and_fetch_settings(tmp_path: Path) -> None:
+    """Built without a broker: the settings reach quixstreams' config, defaults included."""
+    metrics = StreamMetrics()
+    default = new_application(Settings(home=tmp_path / "a"), "127.0.0.1:9", metrics)
+    assert default.config.commit_interval == 0.5
+    assert default.config.consumer_extra_config["fetch.wait.max.ms"] == 20
+    tuned = Settings(home=tmp_path / "b", commit_interval_s=2.0, consumer_fetch_wait_max_ms=5)
+    app = new_application(tuned, "127.0.0.1:9", metrics)
+    assert app.config.commit_interval == 2.0
+    assert app.config.consumer_extra_config["fetch.wait.max.ms"] == 5

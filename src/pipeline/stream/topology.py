@@ -269,7 +269,7 @@ def new_application(
         producer_extra["transactional.id"] = f"{group}-{settings.instance_id}"
     # librdkafka statistics every second feed the consumer-lag gauge
     consumer_config: dict[str, Any] = {
-        "fetch.wait.max.ms": 20,
+        "fetch.wait.max.ms": settings.consumer_fetch_wait_max_ms,
         "isolation.level": settings.consumer_isolation,
         **consumer_stats_config(metrics),
     }

@@ -653,9 +653,11 @@ def bench(
             settings, config.events, counts, seed=config.seed, rounds=1 if config.quick else 2
         )
     json_path, html_path = write_results(report, settings.home)
+    # a replica run that failed is in the report; the exit code says so too (schedulers)
+    failed = 1 if scaleout and report["scaleout"]["failed_runs"] else 0
     if as_json:
         typer.echo(json.dumps(report, indent=2))
-        return
+        raise typer.Exit(failed)
     floor, proc = report["floor"], report["processor"]
     console.print(
         f"floor {floor['events_per_s']:,.0f} ev/s · full path {proc['events_per_s']:,.0f} ev/s "
@@ -686,6 +688,7 @@ def bench(
 
         console.print("  " + scaleout_summary(report["scaleout"]))
     console.print(f"written: {json_path}\n         {html_path}")
+    raise typer.Exit(failed)
 
 
 @app.command()

@@ -60,10 +60,15 @@ def consumer_lag_from_stats(stats: Mapping[str, Any]) -> TopicPartitionLag:
     watermark rather than the last stable offset is the end, so a transaction that never ends
     (which blocks read_committed readers) shows as growing lag, not as none.
 
+    A partition that has handed over nothing and has no committed offset counts from its fetch
+    position (``next_offset``) while nothing is prefetched for it (``fetchq_cnt`` 0): one paused
+    from its assignment on (state recovery that never ends, say) shows its whole backlog as lag
+    instead of no lag at all.
+
     Left out: partition -1 (librdkafka's unassigned-messages queue), partitions this client
     does not fetch (``fetch_state`` none/stopping/stopped: not assigned, or revoked), and
-    partitions whose lag is unknown (no high watermark yet, or no message handed over and no
-    committed offset yet).
+    partitions whose lag is unknown (no high watermark yet, or nothing handed over, no committed
+    offset and messages prefetched: where the application's position is, is not reported).
     """
     lags: TopicPartitionLag = {}
     topics = stats.get("topics")
@@ -87,7 +92,10 @@ def consumer_lag_from_stats(stats: Mapping[str, Any]) -> TopicPartitionLag:
             offsets = [p.get(k) for k in ("app_offset", "committed_offset", "stored_offset")]
             known = [o for o in offsets if type(o) is int and o >= 0]
             if not known:
-                continue
+                fetch_at, queued = p.get("next_offset"), p.get("fetchq_cnt")
+                if type(fetch_at) is not int or fetch_at < 0 or queued != 0:
+                    continue
+                known = [fetch_at]
             lags[(str(topic), partition)] = max(0, hi - max(known))
     return lags
 

@@ -29,6 +29,8 @@ def partition_stats(
     hi: int = INVALID,
     lag: int = -1,
     lag_stored: int = -1,
+    next_offset: int | None = None,
+    fetchq_cnt: int | None = None,
 ) -> dict[str, Any]:
     """One ``topics.<t>.partitions.<p>`` object with every field librdkafka 2.x writes."""
     return {
@@ -41,11 +43,11 @@ def partition_stats(
         "msgq_bytes": 0,
         "xmit_msgq_cnt": 0,
         "xmit_msgq_bytes": 0,
-        "fetchq_cnt": 12 if fetch_state == "active" else 0,
+        "fetchq_cnt": (12 if fetch_state == "active" else 0) if fetchq_cnt is None else fetchq_cnt,
         "fetchq_size": 3640 if fetch_state == "active" else 0,
         "fetch_state": fetch_state,
         "query_offset": -2,
-        "next_offset": max(hi, 0),
+        "next_offset": max(hi, 0) if next_offset is None else next_offset,
         "app_offset": app,
         "stored_offset": stored,
         "stored_leader_epoch": -1,
@@ -190,6 +192,21 @@ def test_position_is_the_newest_of_handed_over_committed_and_stored() -> None:
     assert lag(stored=80, app=75) == 20
     assert lag(app=60, committed=90) == 10  # another member committed further
     assert lag(app=130) == 0  # a high watermark older than the position is no negative lag
+
+
+def test_a_partition_that_handed_over_nothing_counts_from_its_fetch_position() -> None:
+    """Paused from its assignment on (measured: librdkafka reports it active, next_offset 0, no
+    app offset): its backlog is lag. With messages prefetched, the position is unknown."""
+
+    def lag(**fields: int) -> int | None:
+        stats = {"topics": {"t": {"partitions": {"0": partition_stats(0, hi=100, **fields)}}}}
+        return consumer_lag_from_stats(stats).get(("t", 0))
+
+    assert lag(next_offset=0, fetchq_cnt=0) == 100
+    assert lag(next_offset=40, fetchq_cnt=0) == 60
+    assert lag(next_offset=100, fetchq_cnt=12) is None  # prefetched, not handed over: unknown
+    assert lag(next_offset=INVALID, fetchq_cnt=0) is None  # no position yet
+    assert lag(next_offset=0, fetchq_cnt=0, app=90) == 10  # a handed-over offset wins
 
 
 def test_unknown_high_watermark_or_missing_sections_give_no_lag() -> None:

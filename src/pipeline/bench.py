@@ -453,6 +453,21 @@ class Phase:
     # checkpoint commits, and their mean duration: time in which no message is processed
     checkpoint_share: float | None = None
     checkpoint_ms: float | None = None
+    # the processor's requests to the broker per 1,000 events, by "client type:Kafka API"
+    # (librdkafka statistics, reported every second, so the window is a second coarse)
+    requests_per_1k: dict[str, float] | None = None
+
+
+def _requests(m: StreamMetrics, since: dict[tuple[str, str], int], events: int) -> dict[str, float]:
+    """The processor's broker requests since ``since`` per 1,000 of ``events``, by
+    ``client type:API``, the most frequent first; APIs it did not send are left out."""
+    now = m.broker_requests()
+    per = {
+        f"{client}:{api}": round((count - since.get((client, api), 0)) * 1000 / events, 1)
+        for (client, api), count in now.items()
+        if count > since.get((client, api), 0)
+    }
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def _checkpoints(m: StreamMetrics, since: tuple[int, float], seconds: float) -> dict[str, Any]:
@@ -552,6 +567,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
 
         phases: list[Phase] = []
         measured: dict[str, float] = {}
+        backlog_requests: dict[str, float] = {}  # per 1,000 events, by client type:API
         step_cpu: dict[str, float] = {}  # per step, over the backlog
 
         def offer(messages: Sequence[RawMessage], rate: float) -> float:
@@ -576,6 +592,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             measured.update(
                 dead_lettered=m.dead_lettered_total, duplicates_dropped=m.duplicates_dropped
             )
+            backlog_requests.update(_requests(m, {}, raw) if raw else {})
             if m.first_in_cpu_s is not None and m.last_stored_cpu_s is not None:
                 measured["cpu_s"] = m.last_stored_cpu_s - m.first_in_cpu_s
             step_cpu.update(m.step_cpu_s)
@@ -590,6 +607,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             for fraction, messages in zip(config.load_fractions, phase_slices, strict=True):
                 rate = fraction * measured["eps"]
                 cpu_before, broker_before = time.process_time(), _broker_cpu()
+                requests_before = m.broker_requests()
                 commits_before, started = (m.checkpoints, m.checkpoint_s), time.monotonic()
                 start_ms = _now_ms()
                 produce_s = offer(messages, rate)
@@ -611,6 +629,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                         if broker_after is None or broker_before is None
                         else round((broker_after - broker_before) * per_1k, 3),
                         **_checkpoints(m, commits_before, time.monotonic() - started),
+                        requests_per_1k=_requests(m, requests_before, len(messages)),
                     )
                 )
 
@@ -651,6 +670,8 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             # the loop's checkpoint commits over the backlog (from its first message on)
             "checkpoint_share": measured.get("checkpoint_share"),
             "checkpoint_ms": measured.get("checkpoint_ms"),
+            # from the first statistics report to the newest, over the backlog and its lead-in
+            "requests_per_1k": backlog_requests,
         }
         report["latency"] = [_latency_of(run.warehouse, phase) for phase in phases]
         customers = [

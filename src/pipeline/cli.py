@@ -683,6 +683,12 @@ def bench(
             )
             + ("" if p["kept_pace"] else f" · [yellow]sent only {p['achieved_eps']:,.0f}[/]")
         )
+        if p.get("requests_per_1k"):
+            top = list(p["requests_per_1k"].items())[:4]
+            console.print(
+                "    broker requests per 1k events: "
+                + ", ".join(f"{name} {count:,.0f}" for name, count in top)
+            )
     if scaleout:
         from pipeline.bench_scaleout import scaleout_summary
 

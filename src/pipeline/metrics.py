@@ -51,6 +51,29 @@ TopicPartitionLag = dict[tuple[str, int], int]
 _NOT_FETCHING = frozenset({"none", "stopping", "stopped"})
 
 
+def broker_requests_from_stats(stats: Mapping[str, Any]) -> dict[str, int]:
+    """Requests one client has sent to the brokers since it started, by Kafka API (``Fetch``,
+    ``Produce``, ``EndTxn``, ...), summed over its broker connections (librdkafka's per-broker
+    ``req``; the coordinator's connection included). APIs never sent are left out.
+
+    On the embedded broker each request costs about a millisecond of broker CPU, an idle
+    long-poll fetch too, so requests per event tell why paced traffic costs it more per
+    event than a backlog, which it serves in large batches.
+    """
+    brokers = stats.get("brokers")
+    totals: Counter[str] = Counter()
+    if not isinstance(brokers, Mapping):
+        return {}
+    for broker in brokers.values():
+        requests = broker.get("req") if isinstance(broker, Mapping) else None
+        if not isinstance(requests, Mapping):
+            continue
+        for api, count in requests.items():
+            if isinstance(count, int) and count > 0:
+                totals[str(api)] += count
+    return dict(totals)
+
+
 def consumer_lag_from_stats(stats: Mapping[str, Any]) -> TopicPartitionLag:
     """Messages behind the high watermark per (topic, partition) of one statistics object.
 
@@ -167,6 +190,9 @@ class StreamMetrics:
     # monotonic time of the newest statistics report; from creation on, so that a loop that
     # hangs before its first report (state recovery, first assignment) shows as hung too
     last_stats_s: float | None = field(default_factory=time.monotonic)
+    # per librdkafka client name: its type ("consumer", "producer") and the requests it has
+    # sent by Kafka API (broker_requests_from_stats); replaced, never mutated, like the lag
+    request_reports: dict[str, tuple[str, dict[str, int]]] = field(default_factory=dict)
     _reports_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
@@ -187,6 +213,7 @@ class StreamMetrics:
             stats = orjson.loads(stats_json)
             client = str(stats.get("name", ""))
             lag = consumer_lag_from_stats(stats)
+            requests = broker_requests_from_stats(stats)
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             log.warning("ignoring unreadable librdkafka statistics: %s", exc)
             return
@@ -194,7 +221,30 @@ class StreamMetrics:
         with self._reports_lock:  # consumers of several replicas may report at once
             reports = {**self.consumer_lag_reports, client: (now, lag)}
             self.consumer_lag_reports = reports
+            self.request_reports = {**self.request_reports, client: ("consumer", requests)}
             self.last_stats_s = now  # the loop polled: it is alive, whatever the lag
+
+    def on_producer_stats(self, stats_json: str) -> None:
+        """librdkafka ``stats_cb`` of a producer: record the requests it has sent. Never
+        raises (it runs inside the producer's ``poll()``)."""
+        try:
+            stats = orjson.loads(stats_json)
+            client = str(stats.get("name", ""))
+            requests = broker_requests_from_stats(stats)
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            log.warning("ignoring unreadable librdkafka statistics: %s", exc)
+            return
+        with self._reports_lock:
+            self.request_reports = {**self.request_reports, client: ("producer", requests)}
+
+    def broker_requests(self) -> dict[tuple[str, str], int]:
+        """Requests sent to the brokers per (client type, Kafka API), summed over this
+        process's clients as of their newest statistics (cumulative, like a counter)."""
+        totals: Counter[tuple[str, str]] = Counter()
+        for client_type, requests in self.request_reports.values():
+            for api, count in requests.items():
+                totals[(client_type, api)] += count
+        return dict(totals)
 
     def consumer_lag(self, now_s: float | None = None) -> TopicPartitionLag:
         """Lag per (topic, partition) from every client that reported recently."""
@@ -300,6 +350,14 @@ def consumer_stats_config(metrics: StreamMetrics, interval_ms: int = 1000) -> di
     if interval_ms <= 0:
         raise ValueError(f"statistics interval must be positive, got {interval_ms} ms")
     callback: Callable[[str], None] = metrics.on_consumer_stats
+    return {"statistics.interval.ms": interval_ms, "stats_cb": callback}
+
+
+def producer_stats_config(metrics: StreamMetrics, interval_ms: int = 1000) -> dict[str, Any]:
+    """The producer config entries that report its broker requests into ``metrics``."""
+    if interval_ms <= 0:
+        raise ValueError(f"statistics interval must be positive, got {interval_ms} ms")
+    callback: Callable[[str], None] = metrics.on_producer_stats
     return {"statistics.interval.ms": interval_ms, "stats_cb": callback}
 
 

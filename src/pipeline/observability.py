@@ -122,6 +122,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pipeline_step_cpu_seconds_total",
         *_PROCESS_SERIES,  # prometheus_client's ProcessCollector (Linux)
         "pipeline_consumer_lag",
+        "pipeline_broker_requests_total",
         "pipeline_seconds_since_last_store",
         "pipeline_seconds_since_consumer_poll",
         # the embedded broker's process, beside a processor that started one (`pipeline up`)
@@ -201,6 +202,16 @@ class StreamMetricsCollector(Collector):
         for (topic, partition), value in sorted(current.items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
+        requests = CounterMetricFamily(
+            "pipeline_broker_requests",
+            "Requests this process's Kafka clients sent to the brokers, by client type and Kafka"
+            " API, as of their newest statistics report (every second): per event, what the"
+            " processor costs the broker.",
+            labels=["client", "request"],
+        )
+        for (client, api), count in sorted(m.broker_requests().items()):
+            requests.add_metric([client, api], count)
+        yield requests
         if m.last_stored_s is not None:
             yield GaugeMetricFamily(
                 "pipeline_seconds_since_last_store",

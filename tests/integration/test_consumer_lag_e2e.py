@@ -120,6 +120,12 @@ def test_lag_equals_produced_minus_consumed_before_and_after_commit(
     finally:
         consumer.close()
 
+    # the same statistics count the requests it sent, read off librdkafka's own counters
+    brokers = raw[-1]["brokers"].values()
+    fetches = sum(b["req"].get("Fetch", 0) for b in brokers)
+    assert fetches > 0
+    assert metrics.broker_requests()[("consumer", "Fetch")] == fetches
+    assert metrics.broker_requests()[("consumer", "OffsetCommit")] >= 1  # the commit above
     lines = exposition(metrics_registry(metrics)).splitlines()
     for p in PARTITIONS:
         value = float(PRODUCED - consumed[p])

@@ -11,8 +11,10 @@ import pytest
 from pipeline.metrics import (
     CONSUMER_LAG_STALE_S,
     StreamMetrics,
+    broker_requests_from_stats,
     consumer_lag_from_stats,
     consumer_stats_config,
+    producer_stats_config,
 )
 from pipeline.observability import exposition, metrics_registry
 
@@ -273,3 +275,52 @@ def test_gauge_exports_the_reported_lag() -> None:
     assert 'pipeline_consumer_lag{partition="1",topic="events.raw"} 30.0' in lines
     assert 'pipeline_consumer_lag{partition="0",topic="events.attributed"} 5.0' in lines
     assert not any('partition="-1"' in line or 'partition="2"' in line for line in lines)
+
+
+def with_requests(stats: dict[str, Any], **per_broker: dict[str, int]) -> dict[str, Any]:
+    """``stats`` with a ``brokers`` object: per broker name, its ``req`` counts by Kafka API."""
+    stats["brokers"] = {
+        name: {"name": name, "nodeid": 1, "state": "UP", "req": req}
+        for name, req in per_broker.items()
+    }
+    return stats
+
+
+def test_requests_are_summed_over_broker_connections_and_zeros_left_out() -> None:
+    stats = with_requests(
+        consumer_stats(),
+        **{
+            "127.0.0.1:9092/1": {"Fetch": 120, "Produce": 0, "Heartbeat": 9},
+            "GroupCoordinator": {"Fetch": 0, "Heartbeat": 3, "OffsetFetch": 1},
+            ":0/internal": {},
+        },
+    )
+    assert broker_requests_from_stats(stats) == {"Fetch": 120, "Heartbeat": 12, "OffsetFetch": 1}
+    assert broker_requests_from_stats({"name": "x"}) == {}
+    assert broker_requests_from_stats({"brokers": {"b": {"req": "?"}, "c": 3}}) == {}
+
+
+def test_requests_of_consumers_and_producers_add_up_by_client_type() -> None:
+    m = StreamMetrics()
+    m.on_consumer_stats(json.dumps(with_requests(consumer_stats(), b={"Fetch": 10})))
+    other = with_requests(consumer_stats("rdkafka#consumer-5"), b={"Fetch": 5, "JoinGroup": 1})
+    m.on_consumer_stats(json.dumps(other))
+    producer = {"name": "rdkafka#producer-2", "type": "producer"}
+    producer_stats_config(m)["stats_cb"](
+        json.dumps(with_requests(producer, b={"Produce": 7, "EndTxn": 2}))
+    )
+    # a newer report of the same client replaces its totals (they are cumulative)
+    m.on_consumer_stats(json.dumps(with_requests(consumer_stats(), b={"Fetch": 30})))
+    assert m.broker_requests() == {
+        ("consumer", "Fetch"): 35,
+        ("consumer", "JoinGroup"): 1,
+        ("producer", "Produce"): 7,
+        ("producer", "EndTxn"): 2,
+    }
+    lines = exposition(metrics_registry(m)).splitlines()
+    assert 'pipeline_broker_requests_total{client="consumer",request="Fetch"} 35.0' in lines
+    assert 'pipeline_broker_requests_total{client="producer",request="EndTxn"} 2.0' in lines
+    with pytest.raises(ValueError, match="positive"):
+        producer_stats_config(m, interval_ms=0)
+    m.on_producer_stats("{not json")  # logged, never raised
+    assert m.broker_requests()[("producer", "Produce")] == 7

@@ -53,6 +53,7 @@ def known_metrics() -> StreamMetrics:
     m.last_stats_s = 40.0
     m.step_cpu_s["parse"] += 0.25
     m.stored_cpu(0.5)
+    m.request_reports = {"rdkafka#producer-1": ("producer", {"Produce": 12, "EndTxn": 3})}
     return m
 
 
@@ -75,6 +76,10 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
     assert got[("pipeline_step_cpu_seconds_total", (("step", "parse"),))] == 0.25
     assert got[("pipeline_step_cpu_seconds_total", (("step", "store"),))] == 0.5
     assert got[("pipeline_step_cpu_seconds_total", (("step", "fold"),))] == 0  # from zero
+    assert (
+        got[("pipeline_broker_requests_total", (("client", "producer"), ("request", "EndTxn")))]
+        == 3
+    )
     assert got[("process_cpu_seconds_total", ())] > 0  # this test process's own CPU
     assert got[("pipeline_embedded_broker_process_resident_memory_bytes", ())] > 0
     assert {name for name, _ in got} == METRIC_NAMES

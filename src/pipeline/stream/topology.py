@@ -42,7 +42,7 @@ from pipeline.broker import client_config, topic_config, topic_extra_config
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import CleanEvent, Failure, FailureReason
 from pipeline.gdpr import CONTROL_HEADER, ERASE, SuppressedIds, is_suppressed, nobody_suppressed
-from pipeline.metrics import StreamMetrics, consumer_stats_config
+from pipeline.metrics import StreamMetrics, consumer_stats_config, producer_stats_config
 from pipeline.parsing import ParseLimits, parse_event
 from pipeline.schemas import SchemaRegistry
 from pipeline.segments import load_segments
@@ -261,6 +261,7 @@ def new_application(
     producer_extra: dict[str, Any] = {
         "linger.ms": settings.producer_linger_ms,
         "compression.type": "lz4",
+        **producer_stats_config(metrics),
     }
     if exactly_once:
         # A stable transactional.id lets a restarted replica fence and abort its predecessor's

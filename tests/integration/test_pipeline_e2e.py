@@ -61,8 +61,13 @@ def outcome(
     """The whole simulation processed once per processing guarantee; every test below holds
     for both (at-least-once replays nothing here: no restart, see test_fault_injection)."""
     home = tmp_path_factory.mktemp("e2e") / "home"
+    # stage 2's outputs in bursts (the default sends them one by one: other e2e tests)
     settings = Settings(
-        home=home, partitions=4, commit_interval_s=0.3, processing_guarantee=request.param
+        home=home,
+        partitions=4,
+        commit_interval_s=0.3,
+        processing_guarantee=request.param,
+        outputs_max_delay_ms=100,
     )
     with pipeline_run(settings) as run:
         sim = simulate(SimulationConfig(events=6000, seed=11, end=END, days=10), run.catalog)
@@ -170,6 +175,28 @@ def test_top_category_affinity_matches_hidden_preference(outcome: Outcome) -> No
         true_top3 = sorted(prefs[cid], key=prefs[cid].get, reverse=True)[:3]
         hits[top in true_top3] += 1
     assert hits[True] >= 0.8 * len(active)
+
+
+def test_output_topics_hold_what_the_warehouse_holds(outcome: Outcome) -> None:
+    """Stage 2 sends its outputs in bursts (settings.outputs_max_delay_ms): readers of
+    events.clean get every clean event, and readers of profiles.updates, a table, the newest
+    version of every profile, in fewer records than there were updates."""
+    run = outcome.run
+    wh, settings = run.warehouse, run.settings
+    clean = [orjson.loads(v) for _, v in read_topic(settings, run.address, settings.topics.clean)]
+    assert len(clean) == run.metrics.clean_out  # a re-attributed copy is a clean event too
+    assert {e["message_id"] for e in clean} == set(
+        wh.query("SELECT message_id FROM events")["message_id"]
+    )
+    updates = read_topic(settings, run.address, settings.topics.profiles)
+    newest: dict[str, int] = {}
+    for key, value in updates:
+        assert key is not None and value is not None  # no erasure in this run
+        version = orjson.loads(value)["version"]
+        newest[key.decode()] = max(newest.get(key.decode(), 0), version)
+    stored = wh.query("SELECT customer_id, version FROM profiles")
+    assert newest == dict(zip(stored["customer_id"], stored["version"], strict=True))
+    assert len(updates) < run.metrics.profile_updates  # the newest per checkpoint only
 
 
 def test_stage_2_reads_stage_1_output_before_its_transaction_commits(settings: Settings) -> None:

@@ -26,7 +26,7 @@ negative weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from typing import Any, Literal
@@ -545,8 +545,12 @@ def merge_provenance(
         profile.anonymous_ids[anonymous_id] = {"linked_ms": linked_ms, "via": via_message_id}
 
 
-def profile_to_dict(p: Profile) -> dict[str, Any]:
-    """A JSON-safe dict of the profile (containers copied), for state stores and topics."""
+def profile_to_dict(p: Profile, *, copy: bool = True) -> dict[str, Any]:
+    """A JSON-safe dict of the profile, for state stores and topics: its containers copied, or
+    with ``copy=False`` shared with ``p`` (for a caller that serializes it or never changes
+    ``p`` again, as the stream's fold does: a state store serializes the value it is given)."""
+    if not copy:
+        return {name: getattr(p, name) for name in _FIELDS}
     return {
         "customer_id": p.customer_id,
         "is_anonymous": p.is_anonymous,
@@ -588,9 +592,19 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
     }
 
 
-def profile_from_dict(d: dict[str, Any]) -> Profile:
-    """Inverse of :func:`profile_to_dict`; fields missing from older state get their defaults."""
+_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Profile))
+_FIELD_SET = frozenset(_FIELDS)
+
+
+def profile_from_dict(d: dict[str, Any], *, copy: bool = True) -> Profile:
+    """Inverse of :func:`profile_to_dict`; fields missing from older state get their defaults.
+
+    ``copy=False`` takes ``d``'s containers over instead of copying them, for a ``d`` nobody
+    else holds (a value just read from a state store, which deserializes it afresh).
+    """
     g = d.get
+    if not copy and d.keys() >= _FIELD_SET:
+        return Profile(**{name: d[name] for name in _FIELDS})
     return Profile(
         customer_id=d["customer_id"],
         is_anonymous=d["is_anonymous"],

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import orjson
+
 from pipeline.enrich import ProductLookup, enrich
 from pipeline.events import ALIAS_EVENT, IDENTIFY_EVENT, PAGE_EVENT, CleanEvent, Failure
 from pipeline.identity import is_anonymous
@@ -52,7 +54,10 @@ class MemoryState:
     """Dict-backed stand-in for quixstreams' per-key ``State``, with event-time TTL.
 
     ``timestamp_ms`` plays the record timestamp: entries set with a ``ttl`` vanish from reads
-    once a later record's timestamp passes their expiry, as in quixstreams.
+    once a later record's timestamp passes their expiry, as in quixstreams. Values are kept
+    serialized, as quixstreams keeps them (JSON, on ``set``), so each ``get`` returns a value
+    of its own and a step that changes what it read, or stores what JSON cannot hold, fails
+    here as it would in the stream.
     """
 
     def __init__(self, store: dict[Any, tuple[Any, int | None]], prefix: str) -> None:
@@ -67,11 +72,11 @@ class MemoryState:
         value, expires = found
         if expires is not None and self.timestamp_ms >= expires:
             return default
-        return value
+        return orjson.loads(value)
 
     def set(self, key: Any, value: Any, ttl: timedelta | None = None) -> None:
         expires = None if ttl is None else self.timestamp_ms + int(ttl.total_seconds() * 1000)
-        self._store[(self._prefix, key)] = (value, expires)
+        self._store[(self._prefix, key)] = (orjson.dumps(value), expires)
 
     def delete(self, key: Any) -> None:
         self._store.pop((self._prefix, key), None)

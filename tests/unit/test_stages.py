@@ -7,9 +7,11 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from pipeline.events import CleanEvent
 from pipeline.pii import sha256_hex
-from pipeline.scoring import ScoringParams
+from pipeline.scoring import ScoringParams, profile_from_dict, profile_to_dict
 from pipeline.stream.stages import (
     KIND_CRM,
     KIND_ERASE,
@@ -408,3 +410,31 @@ def test_the_clock_moves_time_dependent_segments_without_events_and_never_back()
     gone = MemoryState(store, "cus_gone")
     assert fold({**tick, "customer_id": "cus_gone"}, gone, config, now_ms=T0_MS) == []
     assert gone.get("profile") is None
+
+
+def test_memory_state_hands_out_values_of_their_own_as_quixstreams_does() -> None:
+    """The stages may change what they read (the fold takes a profile's containers over):
+    that is safe only because the state serializes on set, which the stand-in mirrors."""
+    state = MemoryState({}, "cus_1")
+    value = {"cart": {"P1": 1}, "views": ["P1"]}
+    state.set("profile", value)
+    value["cart"]["P2"] = 1  # the caller's object is not the stored one
+    first = state.get("profile")
+    first["views"].append("P9")
+    assert state.get("profile") == {"cart": {"P1": 1}, "views": ["P1"]}
+    with pytest.raises(TypeError):
+        state.set("bad", {1, 2})  # JSON cannot hold a set: neither can quixstreams' state
+
+
+def test_a_profile_folded_from_state_equals_one_folded_from_copies() -> None:
+    store: dict[Any, Any] = {}
+    cust = MemoryState(store, "cus_1")
+    for i, name in enumerate(["Product Viewed", "Product Added", "Order Completed"]):
+        record = {**make_event(name, ts=T0_MS + i * 1000).to_dict(), "kind": KIND_EVENT}
+        record["seq"] = [0, i, 0]
+        fold(record, cust, CONFIG, now_ms=T0_MS + i * 1000)
+    stored = cust.get("profile")
+    taken = profile_from_dict(cust.get("profile"), copy=False)
+    copied = profile_from_dict(stored)
+    assert taken == copied and taken.event_count == 3
+    assert profile_to_dict(taken, copy=False) == profile_to_dict(copied)

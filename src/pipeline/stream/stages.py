@@ -262,12 +262,14 @@ def _load(state: KeyValueState, customer_id: str) -> tuple[Profile, dict[str, li
     stored = state.get(_PROFILE)
     if stored is None:
         return new_profile(customer_id, is_anonymous=identity.is_anonymous(customer_id)), {}
-    return profile_from_dict(stored), stored.get(_APPLIED) or {}
+    # the state store deserialized it afresh: the profile can take its containers over
+    return profile_from_dict(stored, copy=False), stored.get(_APPLIED) or {}
 
 
 def _store(state: KeyValueState, profile: Profile, applied: dict[str, list[int]]) -> dict[str, Any]:
     """Save the profile with its applied positions; returns the profile record to emit."""
-    stored = profile_to_dict(profile)
+    # shared, not copied: the state serializes it now, and the profile is not changed again
+    stored = profile_to_dict(profile, copy=False)
     emitted = {**stored, "kind": KIND_PROFILE}
     if applied:
         stored[_APPLIED] = applied
@@ -398,7 +400,7 @@ def _tick(
     stored = state.get(_PROFILE)
     if stored is None:
         return []
-    profile, applied = profile_from_dict(stored), stored.get(_APPLIED) or {}
+    profile, applied = profile_from_dict(stored, copy=False), stored.get(_APPLIED) or {}
     at_ms = int(record["at_ms"])
     if not segments_due(profile, config, at_ms):
         return []  # a repeated or stale tick, or an event got there first

@@ -8,6 +8,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -246,6 +247,38 @@ def test_a_replica_whose_disk_fills_up_keeps_retrying_and_loses_nothing(
                     lambda: f"replica {_counts(path)} != {processed}",
                 )
                 assert follower.dropped == 0
+
+
+def test_a_replica_closed_mid_write_finishes_it_then_releases_its_consumer(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() gives up waiting after CLOSE_WAIT_S; the write in hand still ends well, and
+    only then does the thread close the consumer and run on_close (it used to be closed under
+    the write, which then failed on a closed handle)."""
+    monkeypatch.setattr(StoreFollower, "CLOSE_WAIT_S", 0.2)
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    with pipeline_run(settings) as run:
+        _process(run, SimulationConfig(events=200, seed=6, end=END_OF_DAY, days=2))
+        released = threading.Event()
+        in_write, go_on = threading.Event(), threading.Event()
+        with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
+            follower = StoreFollower(settings, run.address, wh, on_close=[released.set])
+            apply_records = follower._apply_records
+
+            def held(*args: Any) -> Any:
+                in_write.set()
+                assert go_on.wait(30)
+                return apply_records(*args)
+
+            monkeypatch.setattr(follower, "_apply_records", held)
+            follower.start()
+            assert in_write.wait(30)
+            follower.close()  # returns after 0.2 s, the write still held
+            assert not released.is_set()
+            go_on.set()
+            assert released.wait(30)
+            assert follower.applied > 0 and failures == []
 
 
 def test_a_replica_started_again_goes_on_from_where_it_was(

@@ -149,16 +149,34 @@ class StoreFollower:
         # set once a read found nothing more: the copy has what the topics had at its start
         self.caught_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-follower", daemon=True)
+        self._exit_lock = threading.Lock()  # guards the two fields below
+        self._finished = False  # the thread has left its loop
+        self._release_on_exit = False  # close() gave up waiting: the thread releases
 
     def start(self) -> StoreFollower:
         self._thread.start()
         return self
 
+    CLOSE_WAIT_S = 10.0
+
     def close(self) -> None:
-        """Stop reading (after the batch in hand), release the consumer, run ``on_close``."""
+        """Stop reading (after the batch in hand), release the consumer, run ``on_close``.
+
+        A thread still inside a write after ``CLOSE_WAIT_S`` (a locked store, a slow disk)
+        keeps the consumer and releases everything itself when that write ends: closing the
+        consumer under it would make it fail on a closed handle.
+        """
         self._closed.set()
         if self._thread.ident is not None:  # started
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=self.CLOSE_WAIT_S)
+            with self._exit_lock:
+                if not self._finished:
+                    log.warning("store follower: still writing; it closes when the write ends")
+                    self._release_on_exit = True
+                    return
+        self._release()
+
+    def _release(self) -> None:
         self._consumer.close()
         for release in self._on_close:
             release()
@@ -239,6 +257,16 @@ class StoreFollower:
         return ids
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            with self._exit_lock:
+                self._finished = True
+                release = self._release_on_exit
+            if release:
+                self._release()
+
+    def _follow(self) -> None:
         next_look = 0.0
         messages: list[Any] = []  # read, not yet written (kept while the store refuses them)
         while not self._closed.is_set():

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -700,8 +701,9 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
 
 
 def chart(report: dict[str, Any]) -> go.Figure:
-    """Latency percentiles against offered load, throughput bars, latency per step, and the
-    CPU that the processor and the broker spend per 1,000 events, backlog and paced."""
+    """Latency percentiles against offered load, throughput bars, latency per step, the CPU
+    that the processor and the broker spend per 1,000 events, backlog and paced, where a
+    processor core goes, and the requests the processor sends the broker per 1,000 events."""
     fig = make_subplots(
         rows=2,
         cols=3,
@@ -711,6 +713,7 @@ def chart(report: dict[str, Any]) -> go.Figure:
             "Where the time goes (p50 per step)",
             "CPU-seconds per 1,000 events",
             "Where a processor core goes (backlog, µs per event)",
+            "Broker requests per 1,000 events",
         ),
     )
     loads = [p["offered_eps"] for p in report["latency"]]
@@ -781,7 +784,23 @@ def chart(report: dict[str, Any]) -> go.Figure:
         row=2,
         col=2,
     )
+    request_rows = [("backlog", proc.get("requests_per_1k") or {})] + [
+        (name, p.get("requests_per_1k") or {})
+        for name, p in zip(names, report["latency"], strict=True)
+    ]
+    series = _top_requests([counts for _, counts in request_rows])
+    for api in series:
+        fig.add_trace(
+            go.Bar(
+                x=[row for row, _ in request_rows],
+                y=[_request_count(counts, api, series) for _, counts in request_rows],
+                name=api,
+            ),
+            row=2,
+            col=3,
+        )
     fig.update_layout(barmode="stack", height=900)
+    fig.update_yaxes(title_text="requests per 1k events", row=2, col=3)
     fig.update_xaxes(title_text="load (share of max)", row=2, col=1)
     fig.update_yaxes(title_text="CPU-s per 1k events", row=2, col=1)
     fig.update_xaxes(title_text="CPU µs per raw event", row=2, col=2)
@@ -794,6 +813,25 @@ def chart(report: dict[str, Any]) -> go.Figure:
         f"(full path / floor = {report['processor']['ratio_to_floor']})",
     )
     return fig
+
+
+_OTHER_REQUESTS = "other requests"
+
+
+def _top_requests(rows: list[dict[str, float]], n: int = 4) -> list[str]:
+    """The ``n`` most frequent ``client:API`` over ``rows``, then the rest as one series."""
+    totals: Counter[str] = Counter()
+    for counts in rows:
+        totals.update(counts)
+    top = [name for name, _ in totals.most_common(n)]
+    return top + ([_OTHER_REQUESTS] if len(totals) > n else [])
+
+
+def _request_count(counts: dict[str, float], name: str, series: list[str]) -> float:
+    """One series' requests per 1,000 events; "other requests" sums those of no series."""
+    if name != _OTHER_REQUESTS:
+        return counts.get(name, 0.0)
+    return round(sum(v for k, v in counts.items() if k not in series), 1)
 
 
 def write_results(report: dict[str, Any], home: Path) -> tuple[Path, Path]:

@@ -72,6 +72,10 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     # the loop committed checkpoints and spent part (not all) of its wall time in them
     assert 0 < proc["checkpoint_share"] < 1
     assert 0 < proc["checkpoint_ms"] < 1000 * proc["seconds"]
+    # the processor's requests to the broker by client and API, from its statistics reports
+    requests = proc["requests_per_1k"]
+    assert requests and all(v > 0 for v in requests.values()), requests
+    assert {name.split(":")[0] for name in requests} <= {"consumer", "producer"}
 
     phases = report["latency"]
     assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]

@@ -359,12 +359,15 @@ def test_broker_down_answers_503_with_retry_after(tmp_path: Path) -> None:
             down = http.post("/v1/batch", content=orjson.dumps({"batch": [_event()]}))
             waited = time.monotonic() - started
             health = http.get("/health")
+            alive = http.get("/livez")
         assert down.status_code == 503, down.text
         assert _error(down)["code"] in ("delivery_timeout", "delivery_failed", "queue_full")
         assert down.headers["Retry-After"] == str(settings.collector.retry_after_s)
         assert waited < settings.collector.ack_timeout_s + 3
         assert health.status_code == 503
         assert health.json()["broker"] is False
+        # not ready, but alive: a restart would not bring the broker back
+        assert alive.status_code == 200 and alive.json() == {"status": "alive"}
     finally:
         own.stop()
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import orjson
+import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from pipeline.collector.app import create_app
 from pipeline.collector.config import CollectorSettings
-from pipeline.collector.publish import MemoryPublisher
+from pipeline.collector.publish import KafkaPublisher, MemoryPublisher
 from pipeline.settings import Settings
 
 KEY = "wk_unit"
@@ -43,10 +45,34 @@ def test_unavailable_broker_is_503_with_retry_after() -> None:
     with TestClient(app) as http:
         response = http.post("/v1/track", json=_event(), auth=(KEY, ""))
         health = http.get("/health")
+        alive = http.get("/livez")
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "7"
     assert response.json()["error"]["code"] == "delivery_timeout"
     assert health.status_code == 503
+    assert alive.status_code == 200  # not ready, but a restart would not mend the broker
+
+
+def test_livez_is_503_once_the_delivery_report_thread_is_dead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class FailingPoll:
+        """A producer whose poll fails: the thread that serves acknowledgements dies."""
+
+        def poll(self, timeout: float) -> int:
+            raise RuntimeError("poll failed")
+
+        def flush(self, timeout: float) -> int:
+            return 0
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    publisher = KafkaPublisher(FailingPoll(), ack_timeout_s=1)  # type: ignore[arg-type]
+    publisher._poller.join(5)
+    with TestClient(create_app(_settings(), lambda: publisher)) as http:
+        alive = http.get("/livez")
+    assert alive.status_code == 503 and alive.json() == {"status": "dead"}
+    assert len(died) == 1
 
 
 def test_empty_batch_is_a_success_without_messages() -> None:

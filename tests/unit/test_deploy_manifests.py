@@ -450,3 +450,36 @@ def test_dockerignore_keeps_local_state_out_and_the_copied_sources_in() -> None:
     for src in sources:
         assert (REPO / src).exists(), f"COPY {src}: missing"
         assert not _ignored(src.rstrip("/"), patterns), f"COPY {src}: excluded by .dockerignore"
+
+
+def _probe_paths(container: Container) -> set[str]:
+    return {
+        container.spec[probe]["httpGet"]["path"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe")
+        if "httpGet" in container.spec.get(probe, {})
+    }
+
+
+def test_every_http_probe_of_the_collector_and_the_api_is_a_route_they_serve(
+    tmp_path: Path,
+) -> None:
+    """A probe on a path the app does not serve fails forever: the pod never gets ready, or
+    is restarted in a loop. The collector's liveness must not be its readiness (a broker
+    outage would restart every collector)."""
+    from pipeline.api.app import create_app as create_api
+    from pipeline.collector.app import create_app as create_collector
+    from pipeline.collector.publish import MemoryPublisher
+
+    settings = Settings(home=tmp_path)
+    apps = {
+        "pipeline-collector/collector": create_collector(settings, MemoryPublisher),
+        "pipeline-api/api": create_api(settings),
+    }
+    probed = {c.id: _probe_paths(c) for c in _containers() if c.id in apps}
+    assert set(probed) == set(apps), probed
+    for name, served in apps.items():
+        routes = {getattr(route, "path", None) for route in served.routes}
+        assert probed[name] and probed[name] <= routes, (name, probed[name])
+    collector = next(c for c in _containers() if c.id == "pipeline-collector/collector")
+    assert collector.spec["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert collector.spec["readinessProbe"]["httpGet"]["path"] == "/health"

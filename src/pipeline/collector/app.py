@@ -212,10 +212,18 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        """200 when the broker answers, 503 otherwise."""
+        """200 when the broker answers, 503 otherwise: readiness (take no traffic meanwhile)."""
         ok = bool(publishers) and await publishers[0].healthy()
         body = {"status": "ok" if ok else "unavailable", "broker": ok, "topic": topic}
         return _json(200 if ok else 503, body)
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        """200 while this process can serve once the broker answers, whether or not it does
+        now: liveness, so that a broker outage does not restart every collector (a restart
+        cannot mend the broker), while a dead delivery-report thread does."""
+        ok = bool(publishers) and publishers[0].alive()
+        return _json(200 if ok else 503, {"status": "alive" if ok else "dead"})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -35,6 +35,11 @@ class Publisher(Protocol):
         """Whether the broker answers right now."""
         ...
 
+    def alive(self) -> bool:
+        """Whether this publisher could deliver once the broker answers (nothing in this
+        process that a restart would mend has failed)."""
+        ...
+
     def close(self) -> None:
         """Deliver what is in flight (bounded wait) and release the connection."""
         ...
@@ -152,6 +157,10 @@ class KafkaPublisher:
 
         return await asyncio.to_thread(probe)
 
+    def alive(self) -> bool:
+        """The delivery-report thread runs: without it no request would ever be answered."""
+        return self._poller.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         self._poller.join(timeout=1.0)
@@ -175,6 +184,9 @@ class MemoryPublisher:
 
     async def healthy(self) -> bool:
         return self.available
+
+    def alive(self) -> bool:
+        return not self.closed
 
     def close(self) -> None:
         self.closed = True

@@ -325,6 +325,8 @@ class ProcessorScrape:
     process_cpu_s: float | None = None  # the whole process's CPU (None: not exported)
     # the embedded broker's resident memory (None: a real cluster, or not exported)
     broker_memory_bytes: int | None = None
+    # requests the processor's clients sent the brokers, per (client type, Kafka API)
+    broker_requests: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def consumer_lag_total(self) -> int:
@@ -336,6 +338,21 @@ class ProcessorScrape:
         per = cpu_per_event(self.step_cpu_s, self.raw_in, self.process_cpu_s)
         rows = [(part, us) for part, us in per.items() if part != "total"]
         return pd.DataFrame(rows, columns=["step", "us_per_event"])
+
+    def requests_table(self) -> pd.DataFrame:
+        """Requests to the brokers per 1,000 raw events since the processor started, by client
+        and Kafka API, the most frequent first (empty before the first event)."""
+        columns = ["client", "request", "per_1k_events"]
+        if not self.raw_in:
+            return pd.DataFrame([], columns=columns)
+        rows = sorted(
+            (
+                (c, api, round(n * 1000 / self.raw_in, 1))
+                for (c, api), n in self.broker_requests.items()
+            ),
+            key=lambda row: -row[2],
+        )
+        return pd.DataFrame(rows, columns=columns)
 
     def lag_table(self) -> pd.DataFrame:
         """Lag per topic and partition, in topic then partition order."""
@@ -365,9 +382,12 @@ def parse_processor_scrape(text: str) -> ProcessorScrape:
     cpu: dict[str, float] = {}
     process_cpu: float | None = None
     broker_memory: int | None = None
+    requests: dict[tuple[str, str], int] = {}
     for name, labels, value in _samples(text):
         if name == "pipeline_step_cpu_seconds_total":
             cpu[labels.get("step", "")] = value
+        elif name == "pipeline_broker_requests_total":
+            requests[(labels.get("client", ""), labels.get("request", ""))] = int(value)
         elif name == "process_cpu_seconds_total":
             process_cpu = value
         elif name == EMBEDDED_BROKER_MEMORY:
@@ -384,6 +404,7 @@ def parse_processor_scrape(text: str) -> ProcessorScrape:
         step_cpu_s=cpu,
         process_cpu_s=process_cpu,
         broker_memory_bytes=broker_memory,
+        broker_requests=requests,
         **counters,
     )
 

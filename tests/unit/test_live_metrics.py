@@ -32,6 +32,10 @@ def processor_text() -> str:
     )
     m.step_cpu_s["parse"] += 0.06  # 50 us per event
     m.stored_cpu(0.012)  # 10 us per event
+    m.request_reports = {
+        "rdkafka#consumer-1": ("consumer", {"Fetch": 240, "Heartbeat": 6}),
+        "rdkafka#producer-2": ("producer", {"Produce": 900}),
+    }
     lag = {("events.raw", 1): 12, ("events.raw", 0): 30, ("events.attributed", 3): 1}
     return exposition(metrics_registry(m, lag=lambda: lag))
 
@@ -54,6 +58,12 @@ def test_processor_scrape_reads_counters_lag_and_dead_letters() -> None:
     # the rest of this (test) process's CPU, per event; never below zero
     assert scrape.process_cpu_s is not None and scrape.process_cpu_s > 0
     assert cpu["framework"] == pytest.approx(max(0.0, scrape.process_cpu_s - 0.072) / 1200 * 1e6)
+    # broker requests per 1,000 raw events, the most frequent first
+    assert scrape.requests_table().values.tolist() == [
+        ["producer", "Produce", 750.0],
+        ["consumer", "Fetch", 200.0],
+        ["consumer", "Heartbeat", 5.0],
+    ]
 
 
 def _rss_bytes(pid: int) -> int:
@@ -82,6 +92,7 @@ def test_processor_scrape_of_a_fresh_processor_is_all_zero() -> None:
     assert (scrape.raw_in, scrape.dead_lettered, scrape.consumer_lag) == (0, {}, {})
     assert set(scrape.step_cpu_s.values()) == {0.0}
     assert scrape.cpu_table().empty  # no events: no per-event figure
+    assert scrape.requests_table().empty
     assert scrape.lag_table().empty and list(scrape.lag_table().columns) == [
         "topic",
         "partition",

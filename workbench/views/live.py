@@ -76,6 +76,14 @@ def processor_panel() -> None:
                 "the stream framework, Kafka client and serialization (in `pipeline up` the "
                 "collector and API share the process)."
             )
+        requests = scrape.requests_table()
+        if not requests.empty:
+            st.dataframe(requests.head(6), hide_index=True)
+            st.caption(
+                "Requests the processor sent the brokers per 1,000 raw events since it started: "
+                "paced traffic takes about one produce request per output partition an event "
+                "touches, and each costs the broker CPU whatever it carries."
+            )
     collector_url = access.collector_metrics_url()
     collector = access.collector_scrape(collector_url) if collector_url else None
     if collector is None:

@@ -375,6 +375,7 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
         "topics": {
             "events.raw": {"partitions": {"0": partition(0, 90, 100), "1": partition(1, 40, 47)}}
         },
+        "brokers": {"127.0.0.1:9092/1": {"req": {"Fetch": 500, "Heartbeat": 20}}},
     }
     metrics = StreamMetrics(
         raw_in=2000,
@@ -422,6 +423,10 @@ def test_live_page_reads_the_processor_and_collector_metrics_endpoints(
     assert _frame(at, "code").to_dict("records") == [
         {"status": 401, "code": "invalid_write_key", "requests": 2},
         {"status": 429, "code": "rate_limited", "requests": 1},
+    ]
+    assert _frame(at, "per_1k_events").to_dict("records") == [
+        {"client": "consumer", "request": "Fetch", "per_1k_events": 250.0},
+        {"client": "consumer", "request": "Heartbeat", "per_1k_events": 10.0},
     ]
     assert not any("not reachable" in c.value for c in at.caption)
     [cpu_chart] = [c for c in at.get("plotly_chart") if "CPU" in c.proto.spec]

@@ -205,12 +205,12 @@ class BurstProducer(BaseSink):
 
     librdkafka sends a produce request per partition for each linger window with records in
     it, so paced traffic spread over a stage's output partitions makes nearly a request per
-    record, and each costs the broker CPU whatever it carries (on the embedded broker about
-    a millisecond: at 25% load its CPU per event was more than the processor's). In a burst,
+    record, and each costs the broker CPU whatever it carries (at 25% load the embedded
+    broker spent more CPU per event than the processor). In a burst,
     a partition's records go in one request. Records of the kinds in ``newest_only``
     (profiles: their topic is a table, the newest per customer) are sent once per key and
     burst, the newest. Only at the checkpoint would make each commit, during which the loop
-    processes nothing, produce and wait for a whole interval's records (85 -> 150 ms a
+    processes nothing, produce and wait for a whole interval's records (90 -> 150 ms a
     commit on a backlog): bursts spread that work over the interval. It still stalls the loop
     while a burst goes, which is why it is off by default (``outputs_max_delay_ms``: fewer
     requests for the brokers against a longer latency tail).

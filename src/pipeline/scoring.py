@@ -441,12 +441,30 @@ def adopt_timezone(profile: Profile, tz: str, at_ms: int) -> None:
     must not land hours off depending on whether they arrived before the zone did."""
     if profile.timezone is None and profile.hour_of_week:
         offset = datetime.fromtimestamp(at_ms / 1000, _zone(tz)).utcoffset()
-        hours = round(offset.total_seconds() / 3600) if offset is not None else 0
-        if hours:
-            profile.hour_of_week = {
-                str((int(k) + hours) % HOURS_PER_WEEK): v for k, v in profile.hour_of_week.items()
-            }
+        seconds = offset.total_seconds() if offset is not None else 0.0
+        profile.hour_of_week = shift_hours(profile.hour_of_week, seconds / 3600)
     profile.timezone = tz
+
+
+def shift_hours(histogram: dict[str, float], hours: float) -> dict[str, float]:
+    """An hour-of-week histogram moved ``hours`` later (a zone's UTC offset, in hours).
+
+    A whole number of hours moves each bin; a fraction (India +5:30, Nepal +5:45,
+    Newfoundland -3:30) splits each bin between the two local hours it overlaps, in proportion
+    (UTC 10:00-10:59 is 15:30-16:29 in India: half in 15, half in 16), since the minute of
+    each count is gone. Rounding instead put half of those counts an hour off.
+    """
+    whole = math.floor(hours)
+    later = hours - whole  # the share that spills into the next local hour
+    if later < 1e-9:
+        later = 0.0
+    moved: dict[str, float] = {}
+    for key, value in histogram.items():
+        first = (int(key) + whole) % HOURS_PER_WEEK
+        for b, share in ((first, 1.0 - later), ((first + 1) % HOURS_PER_WEEK, later)):
+            if share > 0:
+                moved[str(b)] = moved.get(str(b), 0.0) + value * share
+    return moved
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from pipeline.scoring import (
     new_profile,
     profile_from_dict,
     profile_to_dict,
+    shift_hours,
 )
 from pipeline.testing import T0_MS, make_event
 
@@ -689,3 +690,34 @@ def test_email_opens_seen_before_the_zone_was_known_are_read_in_it() -> None:
         for events in ([visit, *opens], [*opens, visit])
     }
     assert len(times) == 1, times
+
+
+def test_a_histogram_moves_whole_hours_and_splits_at_half_and_quarter_hour_offsets() -> None:
+    """UTC 10:00-10:59 is 15:30-16:29 in India (+5:30): half of a count in 15, half in 16;
+    Nepal (+5:45) 15:45-16:44: a quarter in 15, three quarters in 16; Newfoundland (-3:30)
+    06:30-07:29: half in 6, half in 7. Whole hours move a bin; totals are kept; the week wraps."""
+    assert shift_hours({"10": 4.0}, 9) == {"19": 4.0}
+    assert shift_hours({"10": 4.0}, 5.5) == {"15": 2.0, "16": 2.0}
+    assert shift_hours({"10": 4.0}, 5.75) == {"15": 1.0, "16": 3.0}
+    assert shift_hours({"10": 4.0}, -3.5) == {"6": 2.0, "7": 2.0}
+    assert shift_hours({"167": 2.0, "0": 1.0}, 1) == {"0": 2.0, "1": 1.0}
+    assert shift_hours({"1": 2.0}, -5) == {"164": 2.0}
+    moved = shift_hours({"3": 1.0, "80": 2.5, "167": 0.5}, 5.5)
+    assert sum(moved.values()) == pytest.approx(4.0)
+
+
+def test_opens_counted_before_a_half_hour_zone_land_where_they_would_after_it() -> None:
+    """Two email opens in the same UTC hour, at :15 and :45, binned in UTC before the profile
+    learns it is in Asia/Kolkata: moved to local hours they weigh what the same opens counted
+    after the zone would, summed over the two local hours they fall in."""
+    opens = [
+        make_event("Email Opened", utc_ms(2024, 1, 8, 10, 15)),
+        make_event("Email Opened", utc_ms(2024, 1, 8, 10, 45)),
+    ]
+    visit = make_event("Page Viewed", utc_ms(2024, 1, 9, 9, 0), timezone="Asia/Kolkata")
+    before = fold([*opens, visit]).hour_of_week
+    after = fold([visit, *opens]).hour_of_week
+    # Monday 15:45 and 16:15 IST: bins 15 and 16 carry the opens' weight either way
+    assert before["15"] + before["16"] == pytest.approx(after["15"] + after["16"])
+    assert before["15"] == pytest.approx(before["16"])  # split evenly, not all in one hour
+    assert after["15"] == pytest.approx(after["16"])

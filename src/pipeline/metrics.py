@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -33,6 +33,7 @@ from pipeline.errors import ProcessingTimeout
 from pipeline.lineage import durations
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 LATENCY_SAMPLES = 500_000
 STEP_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000)
@@ -209,14 +210,12 @@ class StreamMetrics:
         Runs on the thread that polls the consumer; it never raises, since an exception
         here would surface from ``poll()`` and stop the processor.
         """
-        try:
-            stats = orjson.loads(stats_json)
-            client = str(stats.get("name", ""))
-            lag = consumer_lag_from_stats(stats)
-            requests = broker_requests_from_stats(stats)
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
-            log.warning("ignoring unreadable librdkafka statistics: %s", exc)
+        read = _read_stats(
+            stats_json, lambda s: (consumer_lag_from_stats(s), broker_requests_from_stats(s))
+        )
+        if read is None:
             return
+        client, (lag, requests) = read
         now = time.monotonic()
         with self._reports_lock:  # consumers of several replicas may report at once
             reports = {**self.consumer_lag_reports, client: (now, lag)}
@@ -227,13 +226,10 @@ class StreamMetrics:
     def on_producer_stats(self, stats_json: str) -> None:
         """librdkafka ``stats_cb`` of a producer: record the requests it has sent. Never
         raises (it runs inside the producer's ``poll()``)."""
-        try:
-            stats = orjson.loads(stats_json)
-            client = str(stats.get("name", ""))
-            requests = broker_requests_from_stats(stats)
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
-            log.warning("ignoring unreadable librdkafka statistics: %s", exc)
+        read = _read_stats(stats_json, broker_requests_from_stats)
+        if read is None:
             return
+        client, requests = read
         with self._reports_lock:
             self.request_reports = {**self.request_reports, client: ("producer", requests)}
 
@@ -339,6 +335,17 @@ class StreamMetrics:
             self.profiles_stored,
             self.dead_letters_stored,
         )
+
+
+def _read_stats(stats_json: str, read: Callable[[Mapping[str, Any]], _T]) -> tuple[str, _T] | None:
+    """The client's name and what ``read`` takes from one librdkafka statistics report, or
+    None (logged) for a report that cannot be read: a ``stats_cb`` must never raise."""
+    try:
+        stats = orjson.loads(stats_json)
+        return str(stats.get("name", "")), read(stats)
+    except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+        log.warning("ignoring unreadable librdkafka statistics: %s", exc)
+        return None
 
 
 def consumer_stats_config(metrics: StreamMetrics, interval_ms: int = 1000) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from pipeline import lineage
 from pipeline.broker import client_config, free_port
 from pipeline.children import terminate
 from pipeline.errors import PipelineError
+from pipeline.gc_pauses import tuned_for_streaming
 from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import StreamMetrics, cpu_per_event, cpu_seconds, wait_drained
 from pipeline.settings import Settings
@@ -298,8 +299,12 @@ class _Stopwatch:
         if self.seen == self.expected:
             self.done.set()
 
-    def run(self, app: Application, what: str, timeout_s: float) -> dict[str, Any]:
-        """Run ``app`` until the count is reached (or ``timeout_s``); the figures."""
+    def run(
+        self, app: Application, what: str, timeout_s: float, gc_young_threshold: int
+    ) -> dict[str, Any]:
+        """Run ``app`` until the count is reached (or ``timeout_s``); the figures. The
+        garbage collector is tuned as for the processor, so that the ratios compare like
+        with like."""
         finished = threading.Event()
 
         def stop_when_done() -> None:
@@ -310,7 +315,8 @@ class _Stopwatch:
         stopper = threading.Thread(target=stop_when_done, name="bench-floor-stop", daemon=True)
         stopper.start()
         try:
-            app.run()
+            with tuned_for_streaming(gc_young_threshold):
+                app.run()
         finally:
             finished.set()
             self.done.set()
@@ -370,7 +376,7 @@ def floor_throughput(
         return n
 
     app.dataframe(topic).filter(_keyed, metadata=True).apply(count, stateful=True)
-    return watch.run(app, "floor counter", timeout_s)
+    return watch.run(app, "floor counter", timeout_s, settings.gc_young_threshold)
 
 
 def topology_floor_throughput(
@@ -433,7 +439,7 @@ def topology_floor_throughput(
         .apply(stage_2, stateful=True, expand=True)
         .to_topic(lambda record, *_: clean if record["kind"] == "event" else profiles)
     )
-    return watch.run(app, "topology floor", timeout_s)
+    return watch.run(app, "topology floor", timeout_s, settings.gc_young_threshold)
 
 
 @dataclass(frozen=True)
@@ -457,6 +463,20 @@ class Phase:
     # the processor's requests to the broker per 1,000 events, by "client type:Kafka API"
     # (librdkafka statistics, reported every second, so the window is a second coarse)
     requests_per_1k: dict[str, float] | None = None
+    # the garbage collector's pauses in the processor's process over the same window: their
+    # share of the wall time and the longest (the loop stops for each)
+    gc_share: float | None = None
+    gc_longest_ms: float | None = None
+
+
+def _gc(m: StreamMetrics, since_s: float, seconds: float) -> dict[str, Any]:
+    """The collector's pauses since its total was ``since_s``, over ``seconds`` of wall time,
+    and the longest since the previous call."""
+    spent = m.gc.total()[1] - since_s
+    return {
+        "gc_share": round(spent / seconds, 4) if seconds > 0 else None,
+        "gc_longest_ms": round(m.gc.take_longest_s() * 1000, 1),
+    }
 
 
 def _requests(m: StreamMetrics, since: dict[tuple[str, str], int], events: int) -> dict[str, float]:
@@ -598,6 +618,8 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 measured["cpu_s"] = m.last_stored_cpu_s - m.first_in_cpu_s
             step_cpu.update(m.step_cpu_s)
             measured.update(_checkpoints(m, (0, 0.0), seconds))
+            # (from the loop's start: its first seconds are the backlog's)
+            measured.update(_gc(m, 0.0, seconds))
             if broker_pid is not None:
                 measured["broker_cpu_s"] = cpu_seconds(broker_pid) - broker_cpu_before
             expected = len(backlog)
@@ -610,6 +632,8 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 cpu_before, broker_before = time.process_time(), _broker_cpu()
                 requests_before = m.broker_requests()
                 commits_before, started = (m.checkpoints, m.checkpoint_s), time.monotonic()
+                gc_before = m.gc.total()[1]
+                m.gc.take_longest_s()  # a new window
                 start_ms = _now_ms()
                 produce_s = offer(messages, rate)
                 end_ms = _now_ms()
@@ -630,6 +654,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                         if broker_after is None or broker_before is None
                         else round((broker_after - broker_before) * per_1k, 3),
                         **_checkpoints(m, commits_before, time.monotonic() - started),
+                        **_gc(m, gc_before, time.monotonic() - started),
                         requests_per_1k=_requests(m, requests_before, len(messages)),
                     )
                 )
@@ -671,6 +696,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             # the loop's checkpoint commits over the backlog (from its first message on)
             "checkpoint_share": measured.get("checkpoint_share"),
             "checkpoint_ms": measured.get("checkpoint_ms"),
+            # the garbage collector's pauses (pipeline.gc_pauses; settings.gc_young_threshold)
+            "gc_young_threshold": bench_settings.gc_young_threshold,
+            "gc_share": measured.get("gc_share"),
+            "gc_longest_ms": measured.get("gc_longest_ms"),
             # from the first statistics report to the newest, over the backlog and its lead-in
             "requests_per_1k": backlog_requests,
         }

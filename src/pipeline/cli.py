@@ -681,6 +681,11 @@ def bench(
                 if p.get("checkpoint_share") is not None and p.get("checkpoint_ms") is not None
                 else ""
             )
+            + (
+                f" · GC pauses {p['gc_share']:.1%} of the time (longest {p['gc_longest_ms']} ms)"
+                if p.get("gc_share") is not None
+                else ""
+            )
             + ("" if p["kept_pace"] else f" · [yellow]sent only {p['achieved_eps']:,.0f}[/]")
         )
         if p.get("requests_per_1k"):

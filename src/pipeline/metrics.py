@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from pipeline.errors import ProcessingTimeout
+from pipeline.gc_pauses import GcPauses
 from pipeline.lineage import durations
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ class StreamMetrics:
     # per librdkafka client name: its type ("consumer", "producer") and the requests it has
     # sent by Kafka API (broker_requests_from_stats); replaced, never mutated, like the lag
     request_reports: dict[str, tuple[str, dict[str, int]]] = field(default_factory=dict)
+    # the cyclic garbage collector's pauses while the processing loop runs (it stops for each)
+    gc: GcPauses = field(default_factory=GcPauses, repr=False, compare=False)
     _reports_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )

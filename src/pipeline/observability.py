@@ -13,6 +13,7 @@ prometheus_client's own metrics in a registry per app, so several apps in one pr
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.anomaly import AlertKind, Severity
 from pipeline.errors import ConfigurationError
+from pipeline.gc_pauses import GC_BUCKETS_S, GENERATIONS
 from pipeline.metrics import STEP_BUCKETS_MS, StreamMetrics
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -120,6 +122,9 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pipeline_step_latency_seconds_sum",
         "pipeline_step_latency_seconds_count",
         "pipeline_step_cpu_seconds_total",
+        "pipeline_gc_pause_seconds_bucket",
+        "pipeline_gc_pause_seconds_sum",
+        "pipeline_gc_pause_seconds_count",
         *_PROCESS_SERIES,  # prometheus_client's ProcessCollector (Linux)
         "pipeline_consumer_lag",
         "pipeline_broker_requests_total",
@@ -183,6 +188,7 @@ class StreamMetricsCollector(Collector):
         yield alerts
         yield self._latency()
         yield self._step_latency()
+        yield self._gc_pauses()
         cpu = CounterMetricFamily(
             "pipeline_step_cpu_seconds",
             "CPU seconds the processor spent in each of its own steps (pipeline.metrics."
@@ -267,6 +273,27 @@ class StreamMetricsCollector(Collector):
                 running += count
                 cumulative.append((_le(bound), float(running)))
             family.add_metric([step], cumulative, sum_value=m.step_sum_ms.get(step, 0.0) / 1000)
+        return family
+
+    def _gc_pauses(self) -> HistogramMetricFamily:
+        """The cyclic garbage collector's pauses while the processing loop runs, per
+        generation (2 = a full collection): the loop stops for each."""
+        pauses = self._metrics.gc
+        family = HistogramMetricFamily(
+            "pipeline_gc_pause_seconds",
+            "Pauses of Python's cyclic garbage collector in the processor while its loop runs, "
+            "by generation (2: a full collection); no message is processed meanwhile.",
+            labels=["generation"],
+        )
+        bounds = (*GC_BUCKETS_S, float("inf"))
+        for generation in GENERATIONS:
+            cumulative = [
+                (_le(bound), float(running))
+                for bound, running in zip(
+                    bounds, itertools.accumulate(pauses.buckets[generation]), strict=True
+                )
+            ]
+            family.add_metric([str(generation)], cumulative, sum_value=pauses.seconds[generation])
         return family
 
 

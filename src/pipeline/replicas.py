@@ -38,6 +38,7 @@ from pydantic import BaseModel, SecretStr
 
 from pipeline.broker import client_config, ensure_topics, wait_until_ready
 from pipeline.errors import BrokerError, ConfigurationError, PipelineError
+from pipeline.gc_pauses import around_stream_loop
 from pipeline.metrics import StreamMetrics
 from pipeline.settings import Settings
 
@@ -361,7 +362,8 @@ def run_replica(
                     pass
             if not stopping.is_set():
                 report("running")
-                app.run()  # installs its own SIGINT/SIGTERM handlers: a clean stop
+                with around_stream_loop(metrics.gc, settings.gc_young_threshold):
+                    app.run()  # installs its own SIGINT/SIGTERM handlers: a clean stop
             state = "stopped"
         finally:
             done.set()

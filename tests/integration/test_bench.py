@@ -14,6 +14,7 @@ from pipeline.bench import _http_server
 from pipeline.broker import free_port
 from pipeline.errors import PipelineError
 from pipeline.metrics import CPU_STEPS
+from pipeline.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +77,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     requests = proc["requests_per_1k"]
     assert requests and all(v > 0 for v in requests.values()), requests
     assert {name.split(":")[0] for name in requests} <= {"consumer", "producer"}
+    # the garbage collector's pauses in the processor, tuned as the settings say
+    assert proc["gc_young_threshold"] == Settings().gc_young_threshold
+    assert 0 <= proc["gc_share"] < 1 and proc["gc_longest_ms"] >= 0
 
     phases = report["latency"]
     assert [p["load_fraction"] for p in phases] == report["config"]["load_fractions"]
@@ -89,6 +93,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert 0 <= phase["p50_ms"] <= phase["p95_ms"] <= phase["p99_ms"] <= phase["max_ms"]
         assert phase["processor_cpu_s_per_1k"] > 0 and phase["broker_cpu_s_per_1k"] > 0
         assert 0 < phase["checkpoint_share"] < 1 and phase["checkpoint_ms"] > 0
+        assert 0 <= phase["gc_share"] < 1 and phase["gc_longest_ms"] >= 0
         achieved = phase["events"] / phase["produce_s"]
         assert phase["achieved_eps"] == pytest.approx(achieved, rel=1e-3)
         assert phase["kept_pace"] == (achieved >= 0.98 * phase["offered_eps"])

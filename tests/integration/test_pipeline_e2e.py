@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gc
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -86,6 +87,19 @@ def _valid_unique_ids(sim: Simulation) -> set[str]:
 
 def test_every_raw_message_was_consumed(outcome: Outcome) -> None:
     assert outcome.run.metrics.raw_in == len(outcome.sim.messages)
+
+
+def test_the_loop_ran_with_the_collector_tuned_and_its_pauses_counted(
+    outcome: Outcome,
+) -> None:
+    pauses = outcome.run.metrics.gc
+    # young collections ran while 6,000 events went through (the tuned threshold is 10,000
+    # net allocations: a few events' worth), each recorded with its duration
+    assert pauses.counts[0] > 0 and pauses.seconds[0] > 0
+    assert sum(pauses.buckets[0]) == pauses.counts[0]
+    # and the collector is as it was once the loop ended
+    assert gc.get_threshold() != (outcome.run.settings.gc_young_threshold, 20, 100)
+    assert gc.get_freeze_count() == 0
 
 
 def test_each_event_counts_once_in_the_latency_figures(outcome: Outcome) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.bench import _OTHER_REQUESTS, _request_count, _requests, _top_requests
+from pipeline.bench import _OTHER_REQUESTS, _gc, _request_count, _requests, _top_requests
 from pipeline.metrics import StreamMetrics
 
 
@@ -35,3 +35,16 @@ def test_the_chart_shows_the_top_requests_and_the_rest_as_one_series() -> None:
     assert [_request_count(rows[1], s, series) for s in series] == [2.0, 8.0, 0.0, 0.8]
     assert _request_count(rows[0], _OTHER_REQUESTS, series) == pytest.approx(1.0)
     assert _top_requests([{"a": 1.0}], n=3) == ["a"]  # no "other" when nothing is left out
+
+
+def test_gc_pauses_of_a_window_as_a_share_of_its_wall_time_and_the_longest() -> None:
+    m = StreamMetrics()
+    m.gc.record(2, 0.2)  # before the window: not its share, nor its longest
+    m.gc.take_longest_s()
+    since = m.gc.total()[1]
+    m.gc.record(0, 0.01)
+    m.gc.record(1, 0.03)
+    got = _gc(m, since, 2.0)
+    assert got == {"gc_share": 0.02, "gc_longest_ms": 30.0}
+    assert _gc(m, m.gc.total()[1], 1.0) == {"gc_share": 0.0, "gc_longest_ms": 0.0}
+    assert _gc(m, 0.0, 0.0)["gc_share"] is None

@@ -54,6 +54,9 @@ def known_metrics() -> StreamMetrics:
     m.step_cpu_s["parse"] += 0.25
     m.stored_cpu(0.5)
     m.request_reports = {"rdkafka#producer-1": ("producer", {"Produce": 12, "EndTxn": 3})}
+    m.gc.record(0, 0.002)
+    m.gc.record(0, 0.0005)
+    m.gc.record(2, 0.2)  # a full collection: 200 ms with the loop stopped
     return m
 
 
@@ -80,6 +83,14 @@ def test_counters_per_stage_and_dead_letters_by_reason() -> None:
         got[("pipeline_broker_requests_total", (("client", "producer"), ("request", "EndTxn")))]
         == 3
     )
+    gc_bucket = "pipeline_gc_pause_seconds_bucket"
+    assert got[(gc_bucket, (("generation", "0"), ("le", "0.001")))] == 1
+    assert got[(gc_bucket, (("generation", "0"), ("le", "0.0025")))] == 2
+    assert got[(gc_bucket, (("generation", "2"), ("le", "0.1")))] == 0
+    assert got[(gc_bucket, (("generation", "2"), ("le", "0.25")))] == 1
+    assert got[(gc_bucket, (("generation", "2"), ("le", "+Inf")))] == 1
+    assert got[("pipeline_gc_pause_seconds_count", (("generation", "1"),))] == 0  # from zero
+    assert got[("pipeline_gc_pause_seconds_sum", (("generation", "0"),))] == 0.0025
     assert got[("process_cpu_seconds_total", ())] > 0  # this test process's own CPU
     assert got[("pipeline_embedded_broker_process_resident_memory_bytes", ())] > 0
     assert {name for name, _ in got} == METRIC_NAMES

@@ -50,7 +50,7 @@ def _run(
     monkeypatch.setattr(runner, "close_source", lambda source: None)
     monkeypatch.setattr(runner, "default_registry", lambda: None)
     run = SimpleNamespace(
-        settings=None,
+        settings=SimpleNamespace(gc_young_threshold=0),  # the collector left alone
         address="x",
         catalog=None,
         warehouse=None,

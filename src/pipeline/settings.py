@@ -134,7 +134,15 @@ class Settings(BaseSettings):
     sasl_password: SecretStr | None = None
     ssl_ca_location: Path | None = None
     topics: TopicNames = TopicNames()
-    partitions: int = Field(4, ge=1, le=1024)
+    partitions: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Partitions of every topic: the unit of scale-out (replicas beyond it sit "
+        "idle). One processor on the embedded broker may take 1: in six interleaved bench "
+        "pairs the broker's CPU over a backlog fell by about 45% and a half-load checkpoint "
+        "commit by a third, while throughput and the half-load p50 stayed the same.",
+    )
     replication_factor: int = Field(1, ge=1)
     topic_retention_ms: int = Field(7 * 86_400_000, ge=-1)
     replica_seed: Path | None = Field(

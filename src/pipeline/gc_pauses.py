@@ -27,9 +27,9 @@ GC_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 """Upper bounds of the pause histogram (``pipeline_gc_pause_seconds``), in seconds."""
 GENERATIONS = (0, 1, 2)
 
-# generation 1 and 2 thresholds beside a raised young one: a full collection after 20 x 100
-# young-generation batches at most (and CPython's own rule: not before the long-lived objects
-# grew by a quarter since the last one)
+# generation 1 and 2 thresholds beside a raised young one: at most one full collection per
+# 20 x 100 young collections (and, CPython's own rule, none before the long-lived objects grew
+# by a quarter since the last one)
 _OLDER_THRESHOLDS = (20, 100)
 
 

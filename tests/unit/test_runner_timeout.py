@@ -3,6 +3,7 @@ wait does not (a stand-in for the quixstreams application: this is the watcher's
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from types import SimpleNamespace
@@ -39,9 +40,24 @@ class _SlowStartApp(_App):
         self.stopped.wait()
 
 
+class _CollectorWatchingApp(_App):
+    """Notes how the garbage collector is set while the loop runs, and makes a collection."""
+
+    seen: tuple[tuple[int, int, int], int] | None = None
+
+    def run(self) -> None:
+        _CollectorWatchingApp.seen = (gc.get_threshold(), gc.get_freeze_count())
+        gc.collect(0)
+        super().run()
+
+
 def _run(
-    monkeypatch: pytest.MonkeyPatch, consumed: int, after_s: float, app: type[_App] = _App
-) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+    consumed: int,
+    after_s: float,
+    app: type[_App] = _App,
+    gc_young_threshold: int = 0,
+) -> StreamMetrics:
     metrics = StreamMetrics()
     monkeypatch.setattr(
         runner, "build_application", lambda *a, **k: app(metrics, consumed, after_s)
@@ -50,7 +66,7 @@ def _run(
     monkeypatch.setattr(runner, "close_source", lambda source: None)
     monkeypatch.setattr(runner, "default_registry", lambda: None)
     run = SimpleNamespace(
-        settings=SimpleNamespace(gc_young_threshold=0),  # the collector left alone
+        settings=SimpleNamespace(gc_young_threshold=gc_young_threshold),
         address="x",
         catalog=None,
         warehouse=None,
@@ -58,6 +74,22 @@ def _run(
         extra_warehouses=(),
     )
     runner.process_until_idle(run, expected_raw=100, timeout_s=1.0, idle_s=2.0)  # type: ignore[arg-type]
+    return metrics
+
+
+def test_the_loop_runs_with_the_collector_tuned_and_its_pauses_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = gc.get_threshold()
+    metrics = _run(
+        monkeypatch, consumed=100, after_s=0.1, app=_CollectorWatchingApp, gc_young_threshold=5000
+    )
+    assert _CollectorWatchingApp.seen is not None
+    threshold, frozen = _CollectorWatchingApp.seen
+    assert threshold == (5000, 20, 100)
+    assert frozen > 0
+    assert metrics.gc.counts[0] >= 1  # the loop's own collection, recorded
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0  # restored
 
 
 def test_everything_consumed_before_the_limit_is_a_finished_run(

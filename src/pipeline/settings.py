@@ -217,8 +217,8 @@ class Settings(BaseSettings):
         ge=0,
         description="While the processor runs, the objects alive once it is built are frozen "
         "out of Python's cyclic garbage collector and its thresholds are (this, 20, 100) "
-        "instead of (700, 10, 10): full collections, which stop the loop for 175-250 ms in the "
-        "bench's process, become rare (pipeline.gc_pauses). Four interleaved bench pairs: "
+        "instead of (700, 10, 10): full collections, which stop the loop for about 210 ms each "
+        "in the bench's process, become rare (pipeline.gc_pauses). Four interleaved bench pairs: "
         "the loop's time in pauses over the backlog 7.8-8.1% -> 1.6-2.1%, the longest pause "
         "203-211 -> 21-33 ms, events per CPU-s +0.4, +9, +17, +19%. 0 = leave the collector "
         "as Python sets it.",

@@ -43,7 +43,13 @@ from pipeline.children import terminate
 from pipeline.errors import PipelineError
 from pipeline.gc_pauses import tuned_for_streaming
 from pipeline.loadgen import LoadGenerator, wire_messages
-from pipeline.metrics import StreamMetrics, cpu_per_event, cpu_seconds, wait_drained
+from pipeline.metrics import (
+    StreamMetrics,
+    cpu_per_event,
+    cpu_seconds,
+    wait_drained,
+    wait_first_in,
+)
 from pipeline.settings import Settings
 from pipeline.simulate import RawMessage
 from pipeline.stream.topology import new_application, processor_topic_config
@@ -596,13 +602,16 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             return load.offer(wire_messages(messages), rate)
 
         broker_pid = run.broker.embedded.process.pid if run.broker.embedded else None
-        broker_cpu_before = cpu_seconds(broker_pid) if broker_pid is not None else 0.0
 
         def _broker_cpu() -> float | None:
             return cpu_seconds(broker_pid) if broker_pid is not None else None
 
         def feed() -> None:
             m = run.metrics
+            # the broker's CPU from the processor's first message on, the window of its own CPU
+            # (its start-up before that, group join and topic checks, is not the backlog's)
+            wait_first_in(m)
+            broker_cpu_before = _broker_cpu()
             wait_drained(m, len(backlog))
             if m.first_in_s is None or m.last_stored_s is None:
                 raise PipelineError("the processor stored nothing from the backlog")
@@ -620,8 +629,9 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             measured.update(_checkpoints(m, (0, 0.0), seconds))
             # (from the loop's start: its first seconds are the backlog's)
             measured.update(_gc(m, 0.0, seconds))
-            if broker_pid is not None:
-                measured["broker_cpu_s"] = cpu_seconds(broker_pid) - broker_cpu_before
+            broker_cpu_after = _broker_cpu()
+            if broker_cpu_after is not None and broker_cpu_before is not None:
+                measured["broker_cpu_s"] = broker_cpu_after - broker_cpu_before
             expected = len(backlog)
             # a warm-up at the lowest load: caches, connections and batches are in steady state
             offer(warmup, config.load_fractions[0] * measured["eps"])

@@ -378,6 +378,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_first_in(metrics: StreamMetrics, *, timeout_s: float = 120.0) -> None:
+    """Wait until the processor has read its first raw message (its start-up is behind it).
+    Raises ProcessingTimeout past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while metrics.first_in_s is None:
+        if time.monotonic() >= deadline:
+            raise ProcessingTimeout(f"the processor read no raw message within {timeout_s:.0f} s")
+        time.sleep(0.001)
+
+
 def wait_drained(
     metrics: StreamMetrics, expected_raw: int, *, still_s: float = 0.3, timeout_s: float = 600.0
 ) -> None:

@@ -1,11 +1,15 @@
-"""The bench's broker requests per 1,000 events: the window arithmetic and the chart's series."""
+"""The bench's window arithmetic (broker requests, collector pauses), its wait for the first
+raw message, and the chart's series of requests."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 from pipeline.bench import _OTHER_REQUESTS, _gc, _request_count, _requests, _top_requests
-from pipeline.metrics import StreamMetrics
+from pipeline.errors import ProcessingTimeout
+from pipeline.metrics import StreamMetrics, wait_first_in
 
 
 def test_requests_since_a_snapshot_per_1000_events_most_frequent_first() -> None:
@@ -48,3 +52,17 @@ def test_gc_pauses_of_a_window_as_a_share_of_its_wall_time_and_the_longest() -> 
     assert got == {"gc_share": 0.02, "gc_longest_ms": 30.0}
     assert _gc(m, m.gc.total()[1], 1.0) == {"gc_share": 0.0, "gc_longest_ms": 0.0}
     assert _gc(m, 0.0, 0.0)["gc_share"] is None
+
+
+def test_waiting_for_the_first_raw_message_returns_once_it_is_read() -> None:
+    m = StreamMetrics()
+    reader = threading.Timer(0.05, m.saw_raw)  # the processor's first message, 50 ms on
+    reader.start()
+    wait_first_in(m, timeout_s=5.0)
+    assert m.first_in_s is not None
+    reader.join()
+
+
+def test_a_processor_that_reads_nothing_is_a_timeout_not_a_hang() -> None:
+    with pytest.raises(ProcessingTimeout, match="no raw message within"):
+        wait_first_in(StreamMetrics(), timeout_s=0.05)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.scoring import DAY_MS, HOUR_MS, Profile, _zone, hour_of_week_bin
+from pipeline.scoring import Profile, _zone
 
 BINS = 168
 MINUTE_MS = 60_000
@@ -146,11 +146,33 @@ def posterior(counts: Sequence[float], prior: Sequence[float], alpha: float) -> 
     return [(c + alpha * p) / (n + alpha) for c, p in zip(counts, prior, strict=True)]
 
 
-def _first_local_hour_after(at_ms: int, tz: str) -> int:
-    """The first UTC instant strictly after ``at_ms`` that starts a local hour in ``tz``."""
-    offset = datetime.fromtimestamp(at_ms / 1000, _zone(tz)).utcoffset()
-    offset_ms = int(offset.total_seconds() * 1000) if offset is not None else 0
-    return at_ms + HOUR_MS - (at_ms + offset_ms) % HOUR_MS
+def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int]]:
+    """The starts of the next ``hours`` local hours in ``tz`` strictly after ``after_ms``:
+    ``(UTC ms, local hour-of-week bin)`` each, in order.
+
+    Walked on the local wall clock, not in steps of an hour of UTC: after a daylight-saving
+    change of half an hour (Australia/Lord_Howe) UTC steps would land on local half-hours. A
+    local hour that begins in a spring-forward gap starts at its first instant that exists
+    (Lord Howe's 02:00 at 02:30); one wholly inside a gap (02:00 where clocks jump to 03:00)
+    does not exist and is left out; a repeated hour after a fall-back counts once.
+    """
+    zone = _zone(tz)
+    wall = datetime.fromtimestamp(after_ms / 1000, zone).replace(
+        tzinfo=None, minute=0, second=0, microsecond=0, fold=0
+    )
+    step = timedelta(hours=1)
+    starts: list[tuple[int, int]] = []
+    previous = after_ms
+    while len(starts) < hours:
+        wall += step
+        # a wall time in a gap maps (fold=0) onto the instant the clocks jumped at
+        ms = round(wall.replace(tzinfo=zone).timestamp() * 1000)
+        local = datetime.fromtimestamp(ms / 1000, zone)
+        if local.hour != wall.hour or ms <= previous:
+            continue  # wholly in a gap: that instant starts the next hour
+        starts.append((ms, local.weekday() * 24 + local.hour))
+        previous = ms
+    return starts
 
 
 def best_send_time(
@@ -168,13 +190,11 @@ def best_send_time(
     n = math.fsum(counts)
     theta = posterior(counts, prior, params.alpha)
     tz = profile.timezone or params.default_timezone
-    start = _first_local_hour_after(at_ms + params.min_lead_minutes * MINUTE_MS, tz)
-    slots = params.horizon_days * DAY_MS // HOUR_MS
-    best_ms = start
-    best_bin = hour_of_week_bin(start, tz)
-    for k in range(1, slots):
-        t = start + k * HOUR_MS
-        b = hour_of_week_bin(t, tz)
+    slots = local_hour_starts(
+        at_ms + params.min_lead_minutes * MINUTE_MS, tz, params.horizon_days * HOURS_PER_DAY
+    )
+    best_ms, best_bin = slots[0]
+    for t, b in slots[1:]:
         if theta[b] > theta[best_bin]:
             best_ms, best_bin = t, b
     return SendTime(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +18,7 @@ from pipeline.sendtime import (
     best_send_time,
     default_prior,
     histogram,
+    local_hour_starts,
     population_prior,
     posterior,
 )
@@ -76,6 +79,105 @@ def test_half_hour_zone_slots_start_on_the_local_hour() -> None:
     # Tuesday 06:00 in Kolkata (UTC+5:30) is Tuesday 00:30 UTC.
     assert sent.send_at_ms == T0_MS + DAY_MS + 30 * 60_000
     assert sent.local_time.minute == 0
+
+
+def _ms(text: str) -> int:
+    return round(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def test_after_lord_howes_half_hour_shift_slots_still_start_on_the_local_hour() -> None:
+    # Lord Howe Island: UTC+10:30, +11 from 02:00 local on Sunday 6 October 2024 (02:00 ->
+    # 02:30); a Saturday evening as-of time, the best hour Sunday 20:00, after the change
+    zone = ZoneInfo("Australia/Lord_Howe")
+    at = _ms("2024-10-05T18:10:00+10:30")
+    sent = best_send_time(
+        customer({str(6 * 24 + 20): 5.0}, "Australia/Lord_Howe"), UNIFORM, at_ms=at
+    )
+    assert sent.send_at_ms == _ms("2024-10-06T20:00:00+11:00")
+    assert (sent.local_time.hour, sent.local_time.minute) == (20, 0)
+    # every slot of the week starts on a local hour but the one the gap cut short, which
+    # starts where its hour begins to exist: 02:30
+    starts = local_hour_starts(at, "Australia/Lord_Howe", 7 * 24)
+    local = [datetime.fromtimestamp(ms / 1000, zone) for ms, _ in starts]
+    assert [t.strftime("%a %H:%M") for t in local[5:9]] == [
+        "Sun 00:00",
+        "Sun 01:00",
+        "Sun 02:30",
+        "Sun 03:00",
+    ]
+    assert [t.minute for i, t in enumerate(local) if i != 7] == [0] * (len(local) - 1)
+    assert [b for _, b in starts] == [t.weekday() * 24 + t.hour for t in local]
+
+
+def test_after_lord_howes_half_hour_fall_back_no_slot_lands_on_a_half_hour() -> None:
+    # Sunday 7 April 2024, 02:00 +11 -> 01:30 +10:30: local 01:00 lasts ninety minutes
+    starts = local_hour_starts(_ms("2024-04-06T23:00:00+11:00"), "Australia/Lord_Howe", 6)
+    zone = ZoneInfo("Australia/Lord_Howe")
+    local = [datetime.fromtimestamp(ms / 1000, zone) for ms, _ in starts]
+    assert [t.strftime("%H:%M") for t in local] == [
+        "00:00",
+        "01:00",
+        "02:00",
+        "03:00",
+        "04:00",
+        "05:00",
+    ]
+    assert starts[2][0] - starts[1][0] == 90 * 60_000
+
+
+def test_an_hour_the_clocks_skip_is_no_slot_and_a_repeated_one_counts_once() -> None:
+    # Paris, Sunday 31 March 2024: 02:00 -> 03:00; Sunday 27 October: 03:00 -> 02:00
+    spring = local_hour_starts(_ms("2024-03-31T00:30:00+01:00"), "Europe/Paris", 3)
+    assert [ms for ms, _ in spring] == [
+        _ms("2024-03-31T01:00:00+01:00"),
+        _ms("2024-03-31T03:00:00+02:00"),
+        _ms("2024-03-31T04:00:00+02:00"),
+    ]
+    assert [b % 24 for _, b in spring] == [1, 3, 4]
+    autumn = local_hour_starts(_ms("2024-10-27T00:30:00+02:00"), "Europe/Paris", 4)
+    assert [ms for ms, _ in autumn] == [
+        _ms("2024-10-27T01:00:00+02:00"),
+        _ms("2024-10-27T02:00:00+02:00"),  # the first of the two 02:00s
+        _ms("2024-10-27T03:00:00+01:00"),
+        _ms("2024-10-27T04:00:00+01:00"),
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    at=st.integers(min_value=T0_MS, max_value=T0_MS + 3 * 365 * DAY_MS),
+    tz=st.sampled_from(
+        [
+            "UTC",
+            "Europe/Paris",
+            "America/New_York",
+            "Asia/Kolkata",
+            "Asia/Kathmandu",
+            "Australia/Lord_Howe",
+            "Pacific/Chatham",
+            "America/St_Johns",
+        ]
+    ),
+)
+def test_every_slot_starts_a_local_hour_after_the_as_of_time(at: int, tz: str) -> None:
+    starts = local_hour_starts(at, tz, 48)
+    assert len(starts) == 48
+    instants = [ms for ms, _ in starts]
+    assert instants[0] > at and instants == sorted(set(instants))
+    zone = ZoneInfo(tz)
+    for ms, b in starts:
+        local = datetime.fromtimestamp(ms / 1000, zone)
+        assert b == hour_of_week_bin(ms, tz)
+        # on the hour, or the first instant of an hour a gap cut short
+        before = datetime.fromtimestamp((ms - 1) / 1000, zone)
+        assert local.minute == 0 or before.hour != local.hour
+    # no local hour start between the as-of time and the last slot is missed (15-min grid)
+    first = at - at % (15 * 60_000) + 15 * 60_000
+    grid = range(first, instants[-1], 15 * 60_000)
+    on_the_hour = {t for t in grid if datetime.fromtimestamp(t / 1000, zone).minute == 0}
+    assert on_the_hour <= set(instants) | {
+        t for t in on_the_hour if datetime.fromtimestamp(t / 1000, zone).fold == 1
+    }
 
 
 def test_a_passed_slot_moves_to_next_week() -> None:

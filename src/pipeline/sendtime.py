@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.scoring import Profile, _zone
+from pipeline.scoring import DAY_MS, HOUR_MS, Profile, _zone
 
 BINS = 168
 MINUTE_MS = 60_000
@@ -146,6 +146,11 @@ def posterior(counts: Sequence[float], prior: Sequence[float], alpha: float) -> 
     return [(c + alpha * p) / (n + alpha) for c, p in zip(counts, prior, strict=True)]
 
 
+def _offset_ms(at_ms: int, zone: tzinfo) -> int:
+    offset = datetime.fromtimestamp(at_ms / 1000, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
 def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int]]:
     """The starts of the next ``hours`` local hours in ``tz`` strictly after ``after_ms``:
     ``(UTC ms, local hour-of-week bin)`` each, in order.
@@ -157,21 +162,29 @@ def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int
     does not exist and is left out; a repeated hour after a fall-back counts once.
     """
     zone = _zone(tz)
-    wall = datetime.fromtimestamp(after_ms / 1000, zone).replace(
-        tzinfo=None, minute=0, second=0, microsecond=0, fold=0
-    )
-    step = timedelta(hours=1)
+    offset_ms = _offset_ms(after_ms, zone)
+    wall_ms = after_ms + offset_ms  # local wall time, as ms since the epoch read as UTC
+    wall_ms -= wall_ms % HOUR_MS  # the start of the local hour after_ms is in
     starts: list[tuple[int, int]] = []
     previous = after_ms
     while len(starts) < hours:
-        wall += step
-        # a wall time in a gap maps (fold=0) onto the instant the clocks jumped at
-        ms = round(wall.replace(tzinfo=zone).timestamp() * 1000)
-        local = datetime.fromtimestamp(ms / 1000, zone)
-        if local.hour != wall.hour or ms <= previous:
-            continue  # wholly in a gap: that instant starts the next hour
-        starts.append((ms, local.weekday() * 24 + local.hour))
-        previous = ms
+        wall_ms += HOUR_MS
+        at_ms = wall_ms - offset_ms
+        # 1970-01-01 was a Thursday (weekday 3)
+        weekday, hour = (wall_ms // DAY_MS + 3) % 7, wall_ms // HOUR_MS % HOURS_PER_DAY
+        local = datetime.fromtimestamp(at_ms / 1000, zone)
+        if local.minute or local.hour != hour or local.weekday() != weekday:
+            # the offset changed since the last slot: let the zone place this wall time (in a
+            # gap, fold=0 maps it onto the instant the clocks jumped at)
+            wall = datetime.fromtimestamp(wall_ms / 1000, UTC).replace(tzinfo=zone, fold=0)
+            at_ms = round(wall.timestamp() * 1000)
+            offset_ms = _offset_ms(at_ms, zone)
+            if (at_ms + offset_ms) // HOUR_MS != wall_ms // HOUR_MS:
+                continue  # wholly in a gap: that instant starts the next hour
+        if at_ms <= previous:
+            continue
+        starts.append((at_ms, weekday * HOURS_PER_DAY + hour))
+        previous = at_ms
     return starts
 
 

@@ -125,6 +125,17 @@ def test_after_lord_howes_half_hour_fall_back_no_slot_lands_on_a_half_hour() -> 
     assert starts[2][0] - starts[1][0] == 90 * 60_000
 
 
+def test_a_day_the_clocks_skip_has_no_slots() -> None:
+    # Samoa moved across the date line: Thursday 29 December 2011, 23:59 -10:00 was followed
+    # by Saturday 31 December, 00:00 +14:00
+    starts = local_hour_starts(_ms("2011-12-29T22:30:00-10:00"), "Pacific/Apia", 3)
+    assert starts == [
+        (_ms("2011-12-29T23:00:00-10:00"), 3 * 24 + 23),
+        (_ms("2011-12-31T00:00:00+14:00"), 5 * 24),
+        (_ms("2011-12-31T01:00:00+14:00"), 5 * 24 + 1),
+    ]
+
+
 def test_an_hour_the_clocks_skip_is_no_slot_and_a_repeated_one_counts_once() -> None:
     # Paris, Sunday 31 March 2024: 02:00 -> 03:00; Sunday 27 October: 03:00 -> 02:00
     spring = local_hour_starts(_ms("2024-03-31T00:30:00+01:00"), "Europe/Paris", 3)

@@ -34,6 +34,7 @@ import httpx
 import orjson
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from prometheus_client.parser import text_string_to_metric_families
 from quixstreams import Application
 from quixstreams.kafka.configuration import ConnectionConfig
 
@@ -41,7 +42,7 @@ from pipeline import lineage
 from pipeline.broker import client_config, free_port
 from pipeline.children import terminate
 from pipeline.errors import PipelineError
-from pipeline.gc_pauses import tuned_for_streaming
+from pipeline.gc_pauses import GC_BUCKETS_S, GENERATIONS, tuned_for_streaming
 from pipeline.loadgen import LoadGenerator, wire_messages
 from pipeline.metrics import (
     StreamMetrics,
@@ -171,6 +172,51 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def server_gc(url: str) -> tuple[list[float], list[list[float]]]:
+    """An HTTP server's garbage-collector pauses so far, from its ``/metrics``
+    (``pipeline_gc_pause_seconds``): seconds per generation and, per generation, the
+    cumulative bucket counts over :data:`~pipeline.gc_pauses.GC_BUCKETS_S` and +Inf."""
+    seconds = [0.0] * len(GENERATIONS)
+    buckets = [[0.0] * (len(GC_BUCKETS_S) + 1) for _ in GENERATIONS]
+    bounds = [*GC_BUCKETS_S, float("inf")]
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name != "pipeline_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            generation = int(sample.labels["generation"])
+            if sample.name.endswith("_sum"):
+                seconds[generation] = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets[generation][bounds.index(float(sample.labels["le"]))] = sample.value
+    return seconds, buckets
+
+
+def gc_window(
+    before: tuple[list[float], list[list[float]]],
+    after: tuple[list[float], list[list[float]]],
+    seconds: float,
+) -> dict[str, Any]:
+    """What a server's collector did between two :func:`server_gc` readings ``seconds`` apart:
+    the share of the time in pauses, collections per generation, and the smallest histogram
+    bound the longest pause stayed under (a histogram keeps no maximum)."""
+    spent = sum(after[0]) - sum(before[0])
+    counts = [int(a[-1] - b[-1]) for a, b in zip(after[1], before[1], strict=True)]
+    longest_under: float | None = None
+    if sum(counts):
+        within = [
+            sum(a[i] - b[i] for a, b in zip(after[1], before[1], strict=True))
+            for i in range(len(GC_BUCKETS_S) + 1)
+        ]
+        first = next(i for i, n in enumerate(within) if n == sum(counts))
+        longest_under = GC_BUCKETS_S[first] * 1000 if first < len(GC_BUCKETS_S) else None
+    return {
+        "gc_share": round(spent / seconds, 4) if seconds > 0 else None,
+        "gc_collections": counts,
+        "gc_longest_under_ms": longest_under,
+    }
+
+
 def _bench_batch(n: int) -> bytes:
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     events = [
@@ -225,14 +271,17 @@ def collector_throughput(
     connections: int = 8,
     seconds: float = 10.0,
     home: Path | None = None,
+    gc_young_threshold: int = Settings.model_fields["gc_young_threshold"].default,
 ) -> dict[str, Any]:
     """Run ``pipeline collect`` (its own process) against the broker at ``address`` and post
     batches from ``connections`` concurrent connections for ``seconds``, after a warm-up.
 
-    Returns events/s accepted (200 = broker acknowledged), ack latency and collector CPU use.
+    Returns events/s accepted (200 = broker acknowledged), ack latency, collector CPU use and
+    its garbage collector's pauses over the timed load (:func:`gc_window`).
     """
     port = free_port()
     env = _clean_env(
+        PIPELINE_GC_YOUNG_THRESHOLD=str(gc_young_threshold),
         PIPELINE_BROKER=address,
         PIPELINE_COLLECTOR__PORT=str(port),
         PIPELINE_COLLECTOR__WRITE_KEYS=json.dumps({"bench": BENCH_WRITE_KEY}),
@@ -244,11 +293,12 @@ def collector_throughput(
     url = f"http://127.0.0.1:{port}"
     with _http_server(["collect"], port, env, cwd=home) as server:
         asyncio.run(_post_load(url, batch, connections, min(1.0, seconds)))
-        cpu_before = cpu_seconds(server.pid)
+        cpu_before, gc_before = cpu_seconds(server.pid), server_gc(url)
         started = time.monotonic()
         events, latencies = asyncio.run(_post_load(url, batch, connections, seconds))
         elapsed = time.monotonic() - started
         cpu_s = cpu_seconds(server.pid) - cpu_before
+        gc = gc_window(gc_before, server_gc(url), elapsed)
     ack = percentiles(latencies)
     return {
         "batch": batch,
@@ -261,19 +311,27 @@ def collector_throughput(
         "ack_ms_p99": ack["p99_ms"],
         "collector_cpu_share": round(cpu_s / elapsed, 2),
         "events_per_collector_cpu_s": round(events / cpu_s, 1) if cpu_s > 0 else None,
+        **gc,
     }
 
 
 def api_http_latencies(
-    home: Path, customers: Sequence[str], *, k: int, requests: int
-) -> list[float]:
+    home: Path,
+    customers: Sequence[str],
+    *,
+    k: int,
+    requests: int,
+    gc_young_threshold: int = Settings.model_fields["gc_young_threshold"].default,
+) -> tuple[list[float], dict[str, Any]]:
     """Milliseconds per ``GET /api/customers/{id}/recommendations`` of `pipeline api` serving
-    ``home``, in its own process so that client and server do not share one GIL."""
+    ``home``, in its own process so that client and server do not share one GIL; and the
+    server's garbage-collector pauses over the timed requests (:func:`gc_window`)."""
     port = free_port()
     env = {
         **os.environ,
         "PIPELINE_HOME": str(home),
         "PIPELINE_API__API_KEYS": json.dumps({"bench": BENCH_API_KEY}),
+        "PIPELINE_GC_YOUNG_THRESHOLD": str(gc_young_threshold),
     }
     base = f"http://127.0.0.1:{port}"
     with (
@@ -286,7 +344,10 @@ def api_http_latencies(
             response = client.get(f"/api/customers/{next(picks)}/recommendations", params={"k": k})
             response.raise_for_status()
 
-        return timed(call, requests, warmup=min(50, requests))
+        timed(call, 0, warmup=min(50, requests))
+        gc_before, started = server_gc(base), time.monotonic()
+        latencies = timed(call, requests, warmup=0)
+        return latencies, gc_window(gc_before, server_gc(base), time.monotonic() - started)
 
 
 class _Stopwatch:
@@ -728,13 +789,23 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             connections=config.collector_connections,
             seconds=config.collector_seconds,
             home=work,
+            gc_young_threshold=bench_settings.gc_young_threshold,
         )
     rng = random.Random(config.seed)
     picks = [rng.choice(customers) for _ in range(config.api_requests)]
-    http = percentiles(
-        api_http_latencies(work, picks, k=config.api_k, requests=config.api_requests)
+    latencies, api_gc = api_http_latencies(
+        work,
+        picks,
+        k=config.api_k,
+        requests=config.api_requests,
+        gc_young_threshold=bench_settings.gc_young_threshold,
     )
-    report["api"] = {"k": config.api_k, "customers": len(customers), "http": http}
+    report["api"] = {
+        "k": config.api_k,
+        "customers": len(customers),
+        "http": percentiles(latencies),
+        **api_gc,
+    }
     report["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     report["duration_s"] = round((datetime.now(UTC) - started_at).total_seconds(), 1)
     return report

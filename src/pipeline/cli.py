@@ -670,6 +670,16 @@ def bench(
         f"{proc['events_per_cpu_s'] or 0:,.0f} events (ratio {proc['ratio_to_floor_per_cpu_s']});"
         f" broker used {proc['broker_cpu_s']} CPU-s beside the processor's {proc['cpu_s']}"
     )
+    servers = [(name, report[key]) for name, key in (("collector", "collector"), ("API", "api"))]
+    if all(part.get("gc_share") is not None for _, part in servers):
+        console.print(
+            "  GC pauses under load: "
+            + ", ".join(
+                f"{name} {part['gc_share']:.1%} of the time"
+                f" ({part['gc_collections'][-1]} full collections)"
+                for name, part in servers
+            )
+        )
     for p in report["latency"]:
         console.print(
             f"  load {p['load_fraction']:.0%} ({p['offered_eps']:,.0f} ev/s): "

@@ -11,6 +11,9 @@ for each, so every event in flight waits. :func:`tuned_for_streaming` freezes wh
 the processor is built (``gc.freeze``: those objects are never examined again) and raises the
 thresholds, so full collections become rare and young ones fewer. Garbage is still freed by
 reference counting the moment it is unreferenced; only cycles wait longer.
+
+The collector's and the API's HTTP servers do the same once they have started (a request
+waits out a pause as an event does), and count their pauses for their own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -98,8 +101,10 @@ def tuned_for_streaming(young_threshold: int) -> Iterator[None]:
     collector alone.
 
     Garbage left over from start-up is collected first, so that it is not frozen with the rest.
-    Loops that overlap in one process (tests run several) share the tuning: the first to
-    start applies it, the last to end restores what was there before the first.
+    Loops that overlap in one process (``pipeline up``'s servers and processor, tests) share
+    the thresholds: the first to start sets them, the last to end restores what was there
+    before the first. Each one's start freezes what was built since (the processor, built
+    while the collector already serves), at the cost of one collection then.
     """
     global _tuned_by, _untuned_threshold
     if young_threshold <= 0:
@@ -108,8 +113,9 @@ def tuned_for_streaming(young_threshold: int) -> Iterator[None]:
     with _tuning_lock:
         if _tuned_by == 0:
             _untuned_threshold = gc.get_threshold()
-            gc.collect()
-            gc.freeze()
+        gc.collect()
+        gc.freeze()
+        if _tuned_by == 0:
             gc.set_threshold(young_threshold, *_OLDER_THRESHOLDS)
         _tuned_by += 1
     try:
@@ -123,9 +129,9 @@ def tuned_for_streaming(young_threshold: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def around_stream_loop(pauses: GcPauses, young_threshold: int) -> Iterator[None]:
-    """Around a processing loop: the collector tuned for it (:func:`tuned_for_streaming`) and
-    its pauses recorded in ``pauses``."""
+def tuned_and_counted(pauses: GcPauses, young_threshold: int) -> Iterator[None]:
+    """Around a processing loop or a server's life once it has started: the collector tuned
+    for it (:func:`tuned_for_streaming`) and its pauses recorded in ``pauses``."""
     # tuned first: its collection of the start-up garbage is not a pause of the loop
     with tuned_for_streaming(young_threshold), pauses.tracking():
         yield

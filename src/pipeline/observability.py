@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.anomaly import AlertKind, Severity
 from pipeline.errors import ConfigurationError
-from pipeline.gc_pauses import GC_BUCKETS_S, GENERATIONS
+from pipeline.gc_pauses import GC_BUCKETS_S, GENERATIONS, GcPauses
 from pipeline.metrics import STEP_BUCKETS_MS, StreamMetrics
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -276,25 +276,43 @@ class StreamMetricsCollector(Collector):
         return family
 
     def _gc_pauses(self) -> HistogramMetricFamily:
-        """The cyclic garbage collector's pauses while the processing loop runs, per
-        generation (2 = a full collection): the loop stops for each."""
-        pauses = self._metrics.gc
-        family = HistogramMetricFamily(
-            "pipeline_gc_pause_seconds",
+        return gc_pause_family(
+            self._metrics.gc,
             "Pauses of Python's cyclic garbage collector in the processor while its loop runs, "
             "by generation (2: a full collection); no message is processed meanwhile.",
-            labels=["generation"],
         )
-        bounds = (*GC_BUCKETS_S, float("inf"))
-        for generation in GENERATIONS:
-            cumulative = [
-                (_le(bound), float(running))
-                for bound, running in zip(
-                    bounds, itertools.accumulate(pauses.buckets[generation]), strict=True
-                )
-            ]
-            family.add_metric([str(generation)], cumulative, sum_value=pauses.seconds[generation])
-        return family
+
+
+def gc_pause_family(pauses: GcPauses, documentation: str) -> HistogramMetricFamily:
+    """``pipeline_gc_pause_seconds``: the collector's pauses per generation (2 = a full
+    collection), as counted in ``pauses``; every thread of the process stops for each."""
+    family = HistogramMetricFamily(
+        "pipeline_gc_pause_seconds", documentation, labels=["generation"]
+    )
+    bounds = (*GC_BUCKETS_S, float("inf"))
+    for generation in GENERATIONS:
+        cumulative = [
+            (_le(bound), float(running))
+            for bound, running in zip(
+                bounds, itertools.accumulate(pauses.buckets[generation]), strict=True
+            )
+        ]
+        family.add_metric([str(generation)], cumulative, sum_value=pauses.seconds[generation])
+    return family
+
+
+class GcPauseCollector(Collector):
+    """Serves a :class:`GcPauses` from an HTTP app's registry (read at each scrape)."""
+
+    def __init__(self, pauses: GcPauses, server: str) -> None:
+        self.pauses = pauses
+        self._documentation = (
+            f"Pauses of Python's cyclic garbage collector in the {server} since it started, by "
+            "generation (2: a full collection); no request is served meanwhile."
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        yield gc_pause_family(self.pauses, self._documentation)
 
 
 def _le(bound: float) -> str:
@@ -369,6 +387,8 @@ class CollectorMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.gc = GcPauses()  # counted while the app runs (pipeline.gc_pauses.tuned_and_counted)
+        self.registry.register(GcPauseCollector(self.gc, "collector"))
         self.events_accepted = Counter(
             "pipeline_collector_events_accepted",
             "Events of requests answered 200 (a forgotten customer's events included).",
@@ -402,6 +422,8 @@ class ApiMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.gc = GcPauses()  # counted while the app runs (pipeline.gc_pauses.tuned_and_counted)
+        self.registry.register(GcPauseCollector(self.gc, "API"))
         self.requests = Counter(
             "pipeline_api_requests",
             "HTTP requests answered, by route template, method and status.",

@@ -38,7 +38,7 @@ from pydantic import BaseModel, SecretStr
 
 from pipeline.broker import client_config, ensure_topics, wait_until_ready
 from pipeline.errors import BrokerError, ConfigurationError, PipelineError
-from pipeline.gc_pauses import around_stream_loop
+from pipeline.gc_pauses import tuned_and_counted
 from pipeline.metrics import StreamMetrics
 from pipeline.settings import Settings
 
@@ -362,7 +362,7 @@ def run_replica(
                     pass
             if not stopping.is_set():
                 report("running")
-                with around_stream_loop(metrics.gc, settings.gc_young_threshold):
+                with tuned_and_counted(metrics.gc, settings.gc_young_threshold):
                     app.run()  # installs its own SIGINT/SIGTERM handlers: a clean stop
             state = "stopped"
         finally:

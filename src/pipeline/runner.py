@@ -26,7 +26,7 @@ from confluent_kafka import KafkaException, Producer
 from pipeline.broker import BROKER_FILE, BrokerHandle, broker_for, producer_config
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.errors import BrokerError, ConfigurationError, PipelineError, ProcessingTimeout
-from pipeline.gc_pauses import around_stream_loop
+from pipeline.gc_pauses import tuned_and_counted
 from pipeline.gdpr import close_source, suppression_source
 from pipeline.metrics import StreamMetrics
 from pipeline.schemas import default_registry
@@ -285,7 +285,7 @@ def process_until_idle(
     watcher = threading.Thread(target=watch, name="pipeline-watch", daemon=True)
     watcher.start()
     try:
-        with around_stream_loop(run.metrics.gc, run.settings.gc_young_threshold):
+        with tuned_and_counted(run.metrics.gc, run.settings.gc_young_threshold):
             app.run()
     finally:
         returned.set()
@@ -483,7 +483,7 @@ def _process_while_broker_lives(
     guard.start()
     scan_periodically(scan, params.scan_interval_s, done)
     try:
-        with around_stream_loop(run.metrics.gc, run.settings.gc_young_threshold):
+        with tuned_and_counted(run.metrics.gc, run.settings.gc_young_threshold):
             app.run()
     except Exception:
         if not broker_died.is_set():

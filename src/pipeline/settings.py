@@ -220,8 +220,8 @@ class Settings(BaseSettings):
         "instead of (700, 10, 10): full collections, which stop the loop for about 210 ms each "
         "in the bench's process, become rare (pipeline.gc_pauses). Four interleaved bench pairs: "
         "the loop's time in pauses over the backlog 7.8-8.1% -> 1.6-2.1%, the longest pause "
-        "203-211 -> 21-33 ms, events per CPU-s +0.4, +9, +17, +19%. 0 = leave the collector "
-        "as Python sets it.",
+        "203-211 -> 21-33 ms, events per CPU-s +0.4, +9, +17, +19%. The HTTP collector and "
+        "the API do the same once started. 0 = leave the collector as Python sets it.",
     )
     consumer_fetch_wait_max_ms: int = Field(
         20,

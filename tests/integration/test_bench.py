@@ -103,11 +103,14 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert collector["events"] == collector["requests"] * collector["batch"]
     assert collector["events_per_s"] > 0
     assert 0 < collector["ack_ms_p50"] <= collector["ack_ms_p99"]
+    # the collector's own garbage-collector pauses under the load, read off its /metrics
+    assert 0 <= collector["gc_share"] < 1 and len(collector["gc_collections"]) == 3
 
     api = report["api"]
     assert api["customers"] > 0
     assert api["http"]["n"] == report["config"]["api_requests"]
     assert 0 < api["http"]["p50_ms"] <= api["http"]["p99_ms"] <= api["http"]["max_ms"]
+    assert 0 <= api["gc_share"] < 1 and len(api["gc_collections"]) == 3
 
     json_path, chart_path = Path(report["files"]["json"]), Path(report["files"]["chart"])
     assert json_path.parent == home / "bench"

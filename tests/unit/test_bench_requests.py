@@ -7,7 +7,14 @@ import threading
 
 import pytest
 
-from pipeline.bench import _OTHER_REQUESTS, _gc, _request_count, _requests, _top_requests
+from pipeline.bench import (
+    _OTHER_REQUESTS,
+    _gc,
+    _request_count,
+    _requests,
+    _top_requests,
+    gc_window,
+)
 from pipeline.errors import ProcessingTimeout
 from pipeline.metrics import StreamMetrics, wait_first_in
 
@@ -52,6 +59,26 @@ def test_gc_pauses_of_a_window_as_a_share_of_its_wall_time_and_the_longest() -> 
     assert got == {"gc_share": 0.02, "gc_longest_ms": 30.0}
     assert _gc(m, m.gc.total()[1], 1.0) == {"gc_share": 0.0, "gc_longest_ms": 0.0}
     assert _gc(m, 0.0, 0.0)["gc_share"] is None
+
+
+def test_a_servers_pauses_between_two_scrapes_share_counts_and_the_bound_of_the_longest() -> None:
+    # cumulative buckets over GC_BUCKETS_S (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000 ms) + Inf
+    zero = [0.0] * 11
+    before = ([0.5, 0.1, 0.2], [list(zero), list(zero), [0.0] * 8 + [1.0] * 3])
+    young = [0.0, 3.0, 4.0, *[5.0] * 8]  # 3 under 2.5 ms, 1 more under 5, 1 more under 10
+    full = [0.0] * 5 + [1.0] * 3 + [2.0] * 3  # one more under 50 ms (the 250 ms one came before)
+    after = ([0.52, 0.1, 0.24], [young, list(zero), full])
+    got = gc_window(before, after, seconds=2.0)
+    assert got["gc_share"] == pytest.approx(0.03)
+    assert got["gc_collections"] == [5, 0, 1]
+    assert got["gc_longest_under_ms"] == 50.0  # the 250 ms pause before the window is not in it
+    assert gc_window(after, after, seconds=1.0) == {
+        "gc_share": 0.0,
+        "gc_collections": [0, 0, 0],
+        "gc_longest_under_ms": None,
+    }
+    beyond = ([0.52, 0.1, 1.24], [young, list(zero), [*full[:-1], 3.0]])  # a 1 s+ pause
+    assert gc_window(after, beyond, seconds=1.0)["gc_longest_under_ms"] is None
 
 
 def test_waiting_for_the_first_raw_message_returns_once_it_is_read() -> None:

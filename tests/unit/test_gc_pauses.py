@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 
-from pipeline.gc_pauses import GC_BUCKETS_S, GcPauses, around_stream_loop, tuned_for_streaming
+from pipeline.gc_pauses import GC_BUCKETS_S, GcPauses, tuned_and_counted, tuned_for_streaming
 
 
 class _Cycle:
@@ -79,7 +79,10 @@ def test_overlapping_loops_share_the_tuning_and_the_last_one_restores_it() -> No
     before = gc.get_threshold()
     first, second = tuned_for_streaming(10_000), tuned_for_streaming(5_000)
     first.__enter__()
+    frozen = gc.get_freeze_count()
+    built_since = [_Cycle() for _ in range(100)]  # the second loop's long-lived objects
     second.__enter__()
+    assert gc.get_freeze_count() >= frozen + len(built_since)  # frozen too
     assert gc.get_threshold() == (10_000, 20, 100)  # the first loop's tuning stands
     first.__exit__(None, None, None)  # the first ends while the second still runs
     assert gc.get_threshold() == (10_000, 20, 100)
@@ -98,7 +101,7 @@ def test_zero_leaves_the_collector_alone() -> None:
 
 def test_around_the_loop_the_start_up_collection_is_not_a_pause_of_it() -> None:
     pauses = GcPauses()
-    with around_stream_loop(pauses, 10_000):
+    with tuned_and_counted(pauses, 10_000):
         assert gc.get_threshold()[0] == 10_000
     # tuning collected everything once before tracking began: that full collection is not
     # the loop's; none ran inside the block

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -151,3 +153,34 @@ def test_each_api_app_counts_in_its_own_registry(tmp_path: Path) -> None:
         a.get("/health")
         assert scrape(a)[health] == 2
         assert health not in scrape(b)
+
+
+@pytest.mark.parametrize("server", ["collector", "API"])
+def test_a_started_server_runs_with_the_collector_tuned_and_serves_its_pauses(
+    tmp_path: Path, server: str
+) -> None:
+    settings = collector_settings(tmp_path) if server == "collector" else api_settings(tmp_path)
+    settings = settings.model_copy(update={"gc_young_threshold": 12_345})
+    app = (
+        create_collector(settings, MemoryPublisher)
+        if server == "collector"
+        else create_api(settings)
+    )
+    untuned = gc.get_threshold()
+    full = ("pipeline_gc_pause_seconds_count", (("generation", "2"),))
+    full_s = ("pipeline_gc_pause_seconds_sum", (("generation", "2"),))
+    with TestClient(app) as http:
+        # what exists once it started is out of the collector's reach; thresholds raised
+        assert gc.get_threshold() == (12_345, 20, 100)
+        assert gc.get_freeze_count() > 0
+        before = scrape(http)
+        gc.collect()
+        after = scrape(http)
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        pauses = next(f for f in families if f.name == "pipeline_gc_pause_seconds")
+    assert after[full] >= before[full] + 1
+    assert after[full_s] > before[full_s]
+    assert f"in the {server} since it started" in pauses.documentation
+    # stopped: the collector as it was
+    assert gc.get_threshold() == untuned
+    assert gc.get_freeze_count() == 0

@@ -42,6 +42,7 @@ from pipeline.api.models import (
 )
 from pipeline.api.service import PersonalizationService, wall_clock_ms
 from pipeline.errors import ProfileNotFoundError, StoreError
+from pipeline.gc_pauses import tuned_and_counted
 from pipeline.observability import ApiMetrics, RequestMetricsMiddleware, metrics_response
 from pipeline.settings import Settings
 from pipeline.stores.follow import StoreFollower, follow_topics
@@ -348,6 +349,7 @@ def create_app(
     service = PersonalizationService(settings, warehouse_path, clock_ms=clock_ms)
 
     follower: StoreFollower | None = None
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -364,7 +366,9 @@ def create_app(
                 await run_in_threadpool(service.population.get)
             except StoreError as exc:
                 log.warning("could not warm the API caches: %s", exc)
-        yield
+        # caches built: from here on a request allocates short-lived objects (pipeline.gc_pauses)
+        with tuned_and_counted(metrics.gc, settings.gc_young_threshold):
+            yield
         service.close()
         if follower is not None:
             await run_in_threadpool(follower.close)
@@ -380,7 +384,6 @@ def create_app(
     app.state.authenticator = Authenticator(settings.api.api_keys, settings.api.jwt)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
-    metrics = ApiMetrics()
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.get("/health", tags=["health"])

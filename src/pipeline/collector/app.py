@@ -27,6 +27,7 @@ from pipeline.collector.intake import events_of, parse_body, prepare_messages
 from pipeline.collector.limits import Clock, RateLimiter, read_body
 from pipeline.collector.publish import Publisher
 from pipeline.collector.storefront import register_storefront
+from pipeline.gc_pauses import tuned_and_counted
 from pipeline.gdpr import SuppressedIds, close_source, is_suppressed, suppression_source
 from pipeline.observability import CollectorMetrics, metrics_response
 from pipeline.settings import Settings
@@ -71,7 +72,9 @@ def create_app(
         publishers.append(producer_factory())
         log.info("collector ready: %d write keys, raw topic %s", len(keys), topic)
         try:
-            yield
+            # from here on a request allocates only short-lived objects (pipeline.gc_pauses)
+            with tuned_and_counted(metrics.gc, settings.gc_young_threshold):
+                yield
         finally:
             publishers.pop().close()
             close_source(forgotten_ids)

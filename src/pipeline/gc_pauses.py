@@ -88,7 +88,7 @@ class GcPauses:
         return longest
 
 
-_tuning_lock = threading.Lock()
+_tuning_lock = threading.RLock()  # re-entered by such a finalizer if a collection runs inside
 _tuned_by = 0  # processing loops in this process inside tuned_for_streaming
 _untuned_threshold: tuple[int, int, int] = gc.get_threshold()
 
@@ -110,13 +110,14 @@ def tuned_for_streaming(young_threshold: int) -> Iterator[None]:
     if young_threshold <= 0:
         yield
         return
+    # outside the lock: a collection runs finalizers, and one of an abandoned tuning block
+    # (a generator left at its yield) takes the lock to end its tuning
+    gc.collect()
     with _tuning_lock:
         if _tuned_by == 0:
             _untuned_threshold = gc.get_threshold()
-        gc.collect()
-        gc.freeze()
-        if _tuned_by == 0:
             gc.set_threshold(young_threshold, *_OLDER_THRESHOLDS)
+        gc.freeze()
         _tuned_by += 1
     try:
         yield

@@ -307,8 +307,10 @@ class GcPauseCollector(Collector):
     def __init__(self, pauses: GcPauses, server: str) -> None:
         self.pauses = pauses
         self._documentation = (
-            f"Pauses of Python's cyclic garbage collector in the {server} since it started, by "
-            "generation (2: a full collection); no request is served meanwhile."
+            f"Pauses of Python's cyclic garbage collector in the {server}'s process since it "
+            "started, by generation (2: a full collection); no request is served meanwhile. "
+            "`pipeline up` runs processor, collector and API in one process: each serves the "
+            "same pauses."
         )
 
     def collect(self) -> Iterator[Metric]:

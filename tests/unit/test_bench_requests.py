@@ -66,7 +66,8 @@ def test_a_servers_pauses_between_two_scrapes_share_counts_and_the_bound_of_the_
     zero = [0.0] * 11
     before = ([0.5, 0.1, 0.2], [list(zero), list(zero), [0.0] * 8 + [1.0] * 3])
     young = [0.0, 3.0, 4.0, *[5.0] * 8]  # 3 under 2.5 ms, 1 more under 5, 1 more under 10
-    full = [0.0] * 5 + [1.0] * 3 + [2.0] * 3  # one more under 50 ms (the 250 ms one came before)
+    # one more under 50 ms (the 250-500 ms one came before the window)
+    full = [0.0] * 5 + [1.0] * 3 + [2.0] * 3
     after = ([0.52, 0.1, 0.24], [young, list(zero), full])
     got = gc_window(before, after, seconds=2.0)
     assert got["gc_share"] == pytest.approx(0.03)

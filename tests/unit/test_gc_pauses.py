@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 
@@ -77,17 +78,17 @@ def test_tuning_collects_start_up_garbage_before_freezing_it() -> None:
 
 def test_overlapping_loops_share_the_tuning_and_the_last_one_restores_it() -> None:
     before = gc.get_threshold()
-    first, second = tuned_for_streaming(10_000), tuned_for_streaming(5_000)
-    first.__enter__()
-    frozen = gc.get_freeze_count()
-    built_since = [_Cycle() for _ in range(100)]  # the second loop's long-lived objects
-    second.__enter__()
-    assert gc.get_freeze_count() >= frozen + len(built_since)  # frozen too
-    assert gc.get_threshold() == (10_000, 20, 100)  # the first loop's tuning stands
-    first.__exit__(None, None, None)  # the first ends while the second still runs
-    assert gc.get_threshold() == (10_000, 20, 100)
-    assert gc.get_freeze_count() > 0
-    second.__exit__(None, None, None)
+    with contextlib.ExitStack() as second_loop:  # (ends both, even if a check fails)
+        with contextlib.ExitStack() as first_loop:
+            first_loop.enter_context(tuned_for_streaming(10_000))
+            frozen = gc.get_freeze_count()
+            built_since = [_Cycle() for _ in range(100)]  # the second loop's long-lived objects
+            second_loop.enter_context(tuned_for_streaming(5_000))
+            assert gc.get_freeze_count() >= frozen + len(built_since)  # frozen too
+            assert gc.get_threshold() == (10_000, 20, 100)  # the first loop's tuning stands
+        # the first ended while the second still runs
+        assert gc.get_threshold() == (10_000, 20, 100)
+        assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
 

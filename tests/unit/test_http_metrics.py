@@ -180,7 +180,7 @@ def test_a_started_server_runs_with_the_collector_tuned_and_serves_its_pauses(
         pauses = next(f for f in families if f.name == "pipeline_gc_pause_seconds")
     assert after[full] >= before[full] + 1
     assert after[full_s] > before[full_s]
-    assert f"in the {server} since it started" in pauses.documentation
+    assert f"in the {server}'s process since it started" in pauses.documentation
     # stopped: the collector as it was
     assert gc.get_threshold() == untuned
     assert gc.get_freeze_count() == 0

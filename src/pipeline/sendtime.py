@@ -151,6 +151,21 @@ def _offset_ms(at_ms: int, zone: tzinfo) -> int:
     return int(offset.total_seconds() * 1000) if offset is not None else 0
 
 
+def _jumped_at(before_ms: int, after_ms: int, zone: tzinfo) -> int:
+    """The first second in ``(before_ms, after_ms]`` with ``after_ms``'s UTC offset: where
+    the clocks jumped between the two (bisected; a zone changes offset on a whole second)."""
+    target = _offset_ms(after_ms, zone)
+    while after_ms - before_ms > 1000:
+        middle = (before_ms + after_ms) // 2000 * 1000
+        if middle <= before_ms:
+            break
+        if _offset_ms(middle, zone) == target:
+            after_ms = middle
+        else:
+            before_ms = middle
+    return after_ms
+
+
 def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int]]:
     """The starts of the next ``hours`` local hours in ``tz`` strictly after ``after_ms``:
     ``(UTC ms, local hour-of-week bin)`` each, in order.
@@ -159,7 +174,9 @@ def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int
     change of half an hour (Australia/Lord_Howe) UTC steps would land on local half-hours. A
     local hour that begins in a spring-forward gap starts at its first instant that exists
     (Lord Howe's 02:00 at 02:30); one wholly inside a gap (02:00 where clocks jump to 03:00)
-    does not exist and is left out; a repeated hour after a fall-back counts once.
+    does not exist and is left out; a repeated hour after a fall-back counts once. The
+    first instant of an hour is found where the clocks jumped (bisected), also when the jump
+    is not on the hour (St John's jumped at 00:01 until 2010).
     """
     zone = _zone(tz)
     offset_ms = _offset_ms(after_ms, zone)
@@ -174,13 +191,17 @@ def local_hour_starts(after_ms: int, tz: str, hours: int) -> list[tuple[int, int
         weekday, hour = (wall_ms // DAY_MS + 3) % 7, wall_ms // HOUR_MS % HOURS_PER_DAY
         local = datetime.fromtimestamp(at_ms / 1000, zone)
         if local.minute or local.hour != hour or local.weekday() != weekday:
-            # the offset changed since the last slot: let the zone place this wall time (in a
-            # gap, fold=0 maps it onto the instant the clocks jumped at)
+            # the offset changed since the last slot: let the zone place this wall time
             wall = datetime.fromtimestamp(wall_ms / 1000, UTC).replace(tzinfo=zone, fold=0)
             at_ms = round(wall.timestamp() * 1000)
             offset_ms = _offset_ms(at_ms, zone)
-            if (at_ms + offset_ms) // HOUR_MS != wall_ms // HOUR_MS:
-                continue  # wholly in a gap: that instant starts the next hour
+            if at_ms + offset_ms != wall_ms:
+                # the wall time is in a gap (fold=0 read it with the offset before the jump,
+                # so the jump lies after wall - new offset): the hour starts where the clocks
+                # jumped, unless the gap took all of it
+                at_ms = _jumped_at(wall_ms - offset_ms, at_ms, zone)
+                if (at_ms + offset_ms) // HOUR_MS != wall_ms // HOUR_MS:
+                    continue
         if at_ms <= previous:
             continue
         starts.append((at_ms, weekday * HOURS_PER_DAY + hour))

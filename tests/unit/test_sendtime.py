@@ -125,6 +125,23 @@ def test_after_lord_howes_half_hour_fall_back_no_slot_lands_on_a_half_hour() -> 
     assert starts[2][0] - starts[1][0] == 90 * 60_000
 
 
+def test_an_hour_a_gap_cut_short_off_the_hour_starts_where_the_clocks_jumped() -> None:
+    # St John's until 2010 jumped at 00:01 local: 00:01 -> 01:01 (2008), and 00:01 -> 02:01
+    # in 1988's double daylight time; hour 01 (2008) and hour 02 (1988) begin at :01
+    starts = local_hour_starts(_ms("2008-03-08T23:30:00-03:30"), "America/St_Johns", 3)
+    assert starts == [
+        (_ms("2008-03-09T00:00:00-03:30"), 6 * 24),
+        (_ms("2008-03-09T01:01:00-02:30"), 6 * 24 + 1),
+        (_ms("2008-03-09T02:00:00-02:30"), 6 * 24 + 2),
+    ]
+    starts = local_hour_starts(_ms("1988-04-02T23:30:00-03:30"), "America/St_Johns", 3)
+    assert starts == [
+        (_ms("1988-04-03T00:00:00-03:30"), 6 * 24),
+        (_ms("1988-04-03T02:01:00-01:30"), 6 * 24 + 2),  # hour 01 never happened
+        (_ms("1988-04-03T03:00:00-01:30"), 6 * 24 + 3),
+    ]
+
+
 def test_a_day_the_clocks_skip_has_no_slots() -> None:
     # Samoa moved across the date line: Thursday 29 December 2011, 23:59 -10:00 was followed
     # by Saturday 31 December, 00:00 +14:00

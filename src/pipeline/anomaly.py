@@ -25,11 +25,13 @@ warehouse and the metrics. Decisions:
   backlog reads one partition's chunk (up to ``max.partition.fetch.bytes``) after another,
   hours of traffic apart, which would throw one merged detector's buckets into disorder
   (spurious spikes and drops) and make its alerts depend on fetch timing. Per partition, the
-  alerts of a replay are the same whatever the replica count or interleaving, hence the
-  deterministic alert ids. The cost: baselines and figures are per partition (1/N of the
-  traffic; a spike spread over every partition is judged at about 1/sqrt(N) of its total
-  z-score), and one incident may be reported by several partitions (same id for bucketed
-  alerts; the open-alerts view keeps the newest per kind and subject).
+  alerts of a replay of the same topics are the same whatever the replica count or
+  interleaving, hence the deterministic alert ids (a topic's partition count is fixed when it
+  is made: 1 by default, N when `pipeline up --replicas N` makes them on the embedded broker).
+  The cost: baselines and figures are per partition (1/N of the traffic; a spike spread
+  over every partition is judged at about 1/sqrt(N) of its total z-score), and one incident
+  may be reported by several partitions (same id for bucketed alerts; the open-alerts view
+  keeps the newest per kind and subject).
 * **Each replica detects over the partitions it owns, in memory.** Baselines are relearned
   after a restart or for a partition new to this replica (``min_buckets`` of warm-up); a
   partition that comes back resumes where it was, without judging the time away. Detectors

@@ -257,6 +257,17 @@ def ensure_topics(settings: Settings, address: str, *, timeout_s: float = 30.0) 
     return wanted
 
 
+def topic_partitions(
+    settings: Settings, address: str, topic: str, *, timeout_s: float = 30.0
+) -> int | None:
+    """How many partitions ``topic`` has on the brokers (None: no such topic)."""
+    admin = AdminClient(client_config(settings, address))
+    found = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if found is None or found.error is not None:
+        return None
+    return len(found.partitions)
+
+
 def reset_local_state(settings: Settings) -> None:
     """Wipe processor state and local stores: after a new embedded broker they describe a past
     that no topic holds any more, and serving them would be serving stale state."""

@@ -596,14 +596,15 @@ def bench(
         typer.Option(
             "--scaleout",
             help="Also run the backlog through 1 and 2 `pipeline process` replicas, twice "
-            "(PIPELINE_PARTITIONS >= 2): events/s of each and per-customer results compared.",
+            "(on topics with a partition per replica at least): events/s of each and "
+            "per-customer results compared.",
         ),
     ] = False,
     replicas: Annotated[
         str,
         typer.Option(
-            help="Replica counts for --scaleout, comma-separated (PIPELINE_PARTITIONS >= the "
-            "largest)."
+            help="Replica counts for --scaleout, comma-separated (the topics get at least as "
+            "many partitions as the largest)."
         ),
     ] = "1,2",
     scaleout_only: Annotated[

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, SecretStr
 
-from pipeline.broker import client_config, ensure_topics, wait_until_ready
+from pipeline.broker import client_config, ensure_topics, topic_partitions, wait_until_ready
 from pipeline.errors import BrokerError, ConfigurationError, PipelineError
 from pipeline.gc_pauses import tuned_and_counted
 from pipeline.metrics import StreamMetrics
@@ -407,6 +407,10 @@ def serve_replicas(
     from pipeline.runner import make_producer, pipeline_run, scan_step, trigger_delivery
     from pipeline.stream.trigger_scan import scan_periodically
 
+    if settings.embedded and settings.partitions < replicas:
+        # a fresh embedded broker: give its topics a partition per replica (none sits idle)
+        announce(f"{replicas} replicas: the embedded broker's topics get {replicas} partitions")
+        settings = settings.model_copy(update={"partitions": replicas})
     stop = threading.Event()
     failure: PipelineError | None = None
     with _stop_on_signals(stop), pipeline_run(settings) as run:
@@ -416,6 +420,12 @@ def serve_replicas(
             f"{replicas} processor replicas in group {settings.consumer_group}; "
             f"send traffic with: PIPELINE_BROKER={run.address} pipeline simulate"
         )
+        partitions = topic_partitions(settings, run.address, settings.topics.raw)
+        if partitions is not None and partitions < replicas:
+            announce(
+                f"{settings.topics.raw} has {partitions} partition(s): "
+                f"{replicas - partitions} of the {replicas} replicas will sit idle"
+            )
         producer = make_producer(settings, run.address)
         delivery = trigger_delivery(run, producer) if settings.delivery.enabled else None
 

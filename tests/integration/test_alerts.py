@@ -35,10 +35,15 @@ class Outcome:
     topic: list[tuple[str, dict[str, Any]]]
 
 
-@pytest.fixture(scope="module")
-def outcome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
+@pytest.fixture(scope="module", params=[1, 4], ids=["1-partition", "4-partitions"])
+def outcome(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Outcome]:
+    # one detector per input partition: one sees all the traffic (the default), four a quarter
     settings = Settings(
-        home=tmp_path_factory.mktemp("alerts") / "home", partitions=4, commit_interval_s=0.3
+        home=tmp_path_factory.mktemp("alerts") / "home",
+        partitions=request.param,
+        commit_interval_s=0.3,
     )
     with pipeline_run(settings) as run:
         sim = simulate(SimulationConfig(events=20_000, seed=7, end=END, days=1), run.catalog)

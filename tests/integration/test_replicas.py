@@ -23,6 +23,7 @@ from pipeline.bench_scaleout import (
     scaleout_summary,
     stall_diagnosis,
 )
+from pipeline.broker import EmbeddedBroker, ensure_topics
 from pipeline.catalog import load_catalog
 from pipeline.runner import pipeline_run, produce_messages, simulate_for
 from pipeline.settings import Settings
@@ -34,8 +35,10 @@ pytestmark = pytest.mark.integration
 def test_two_replicas_split_the_work_and_store_the_same_customer_results(
     settings: Settings,
 ) -> None:
-    report = scaleout(settings, 3000, (1, 2), seed=3)
+    # one partition configured: the scale-out gives its fresh broker's topics one per replica
+    report = scaleout(settings.model_copy(update={"partitions": 1}), 3000, (1, 2), seed=3)
 
+    assert report["partitions"] == 2
     one, two = report["runs"]
     assert [one["replicas"], two["replicas"]] == [1, 2]
     for run in (one, two):
@@ -270,12 +273,51 @@ def test_up_with_two_replicas_processes_traffic_and_stops_them_on_sigterm(
     finally:
         err = stop_up(up, home, signal.SIGTERM, timeout=120)
     assert up.returncode == 0, err[-3000:]
+    # the default is one partition: `up` gave the embedded broker's topics one per replica
+    assert "2 replicas: the embedded broker's topics get 2 partitions" in err
     for instance, pid in pids.items():
         assert f"replica {instance}: pid {pid}" in err
         assert not _alive(pid)
     assert "stopped" in err
     assert {s["state"] for s in _statuses(home).values()} == {"stopped"}
     assert not (home / "broker.json").exists()
+
+
+def test_up_on_a_cluster_says_which_replicas_its_partitions_leave_idle(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with EmbeddedBroker.start() as cluster:  # stands in for a cluster: topics made beforehand
+        ensure_topics(Settings(home=home, partitions=1), cluster.address)
+        env = {**cli_env(home), "PIPELINE_BROKER": cluster.address}
+        up = subprocess.Popen(
+            pipeline_cmd("up", "--replicas", "2", "--no-collector", "--no-api", "--no-workbench"),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(up, lambda: len(_statuses(home)) == 2, "two replicas did not report")
+            sent = subprocess.run(
+                pipeline_cmd("simulate", "--events", "300", "--seed", "3"),
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert sent.returncode == 0, sent.stderr
+            # the group settled: the replica that has the partition read it all, the other none
+            _wait_for(
+                up,
+                lambda: sorted(int(s["raw_in"]) for s in _statuses(home).values()) == [0, 300],
+                "the one partition was not read by one replica",
+            )
+        finally:
+            err = stop_up(up, home, signal.SIGTERM, timeout=120)
+    assert up.returncode == 0, err[-3000:]
+    assert "events.raw has 1 partition(s): 1 of the 2 replicas will sit idle" in err
+    assert "topics get 2 partitions" not in err  # a cluster's topics are not remade
 
 
 @pytest.mark.parametrize("victim", ["replica", "broker"])

@@ -309,6 +309,7 @@ def run_replica(
             extra_warehouses=extra,
             suppressed=suppressed,
         )
+        _remember_stop_signals(app, stopping)
         server = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
         stack.callback(server)
         base = {
@@ -389,6 +390,27 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _remember_stop_signals(app: Any, stopping: threading.Event) -> None:
+    """Let the signal handlers that ``app.run()`` installs also set ``stopping``.
+
+    quixstreams' handlers call ``app.stop()``, which ``run()`` forgets when the signal comes
+    before it has subscribed (it marks itself running after that): a replica sent SIGTERM just
+    as it started kept processing until it was killed. With ``stopping`` set, the replica's
+    status thread calls ``app.stop()`` again every half second, which a running loop obeys.
+    """
+    on_sigint, on_sigterm = app._on_sigint, app._on_sigterm  # no public hook
+
+    def sigint(*args: Any) -> None:
+        stopping.set()
+        on_sigint(*args)
+
+    def sigterm(*args: Any) -> None:
+        stopping.set()
+        on_sigterm(*args)
+
+    app._on_sigint, app._on_sigterm = sigint, sigterm
 
 
 def serve_replicas(

@@ -7,9 +7,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from quixstreams import Application
 
+from pipeline.replicas import _remember_stop_signals
 from pipeline.runner import StopSignals, _once
 
 
@@ -70,3 +73,26 @@ def test_a_service_stop_runs_once_whichever_threads_call_it() -> None:
         t.join()
     stop()
     assert calls == [1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_replicas_stop_signal_is_remembered_beyond_quixstreams_own_stop(
+    quiet_handlers: list[int], sig: int, tmp_path: Path
+) -> None:
+    """quixstreams' handlers call ``app.stop()``, which ``run()`` forgets before its loop has
+    subscribed; the replica's handlers also set the event its status thread re-stops from."""
+    app = Application(
+        broker_address="127.0.0.1:9",  # never contacted: nothing here connects
+        consumer_group="signals",
+        state_dir=tmp_path / "state",
+    )
+    stopping = threading.Event()
+    _remember_stop_signals(app, stopping)
+    app._setup_signal_handlers()  # as app.run() does before it subscribes
+    try:
+        os.kill(os.getpid(), sig)
+        assert stopping.wait(5)
+        assert not app._run_tracker.running  # quixstreams' own stop ran too
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, _frame: quiet_handlers.append(signum))

@@ -29,6 +29,15 @@ def is_anonymous(customer_id: str) -> bool:
     return customer_id.startswith(ANON_PREFIX)
 
 
+def reserved_id_problem(customer_id: object) -> str | None:
+    """Why ``customer_id`` (a ``userId``, a CRM record's id) cannot name a customer, or None:
+    ids that start with ``anon:`` name devices' anonymous profiles, so a customer with such an
+    id would be folded into one, and never counted as known."""
+    if type(customer_id) is str and customer_id.startswith(ANON_PREFIX):
+        return f"starts with {ANON_PREFIX!r}, the prefix reserved for anonymous profiles"
+    return None
+
+
 def partition_key(payload: Mapping[str, Any]) -> str | None:
     """The raw-topic key of a Segment payload: its device, as stage 1 groups by it.
 

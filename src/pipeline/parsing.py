@@ -27,6 +27,7 @@ from pipeline.events import (
     LineItem,
     iso_to_ms,
 )
+from pipeline.identity import reserved_id_problem
 from pipeline.schemas import SchemaRegistry
 
 MIN_TIMESTAMP_MS = 946_684_800_000
@@ -131,6 +132,9 @@ def _check(
     problem = registry.validate(payload)
     if problem is not None:
         return problem.reason, problem.detail, problem.schema_path, payload
+    reserved = reserved_id_problem(user_id)
+    if reserved is not None:
+        return "schema_violation", f"userId {reserved}", "userId", payload
 
     timestamp = payload["timestamp"]
     try:

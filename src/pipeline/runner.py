@@ -421,8 +421,13 @@ def _process_while_broker_lives(
     services: Sequence[Callable[[Run], Callable[[], None]]] = (),
     on_broker_death: Callable[[bool], None] | None = None,
     grace_s: float = 5.0,
+    stop_requested: threading.Event | None = None,
 ) -> None:
     """Run the processor until it is stopped (by a signal, or because the broker died).
+
+    ``stop_requested`` (set when a stop signal came, :class:`StopSignals`) is obeyed again
+    every half second: quixstreams' own handlers call ``app.stop()``, which ``run()`` forgets
+    when the signal comes before its loop has subscribed, and `up` would then run on.
 
     The trigger scan runs beside it, every ``settings.triggers.scan_interval_s``, and so do
     ``services`` (each started with the run, returning its stop function).
@@ -478,6 +483,8 @@ def _process_while_broker_lives(
                 if on_broker_death is not None:
                     on_broker_death(processor_stopped)
                 return
+            if stop_requested is not None and stop_requested.is_set():
+                app.stop()  # again each time: a stop before app.run() subscribed is forgotten
 
     guard = threading.Thread(target=watchdog, name="broker-watchdog", daemon=True)
     guard.start()
@@ -537,7 +544,12 @@ def serve(
                 f"({'embedded' if settings.embedded else 'external'}), home {settings.home}; "
                 f"send traffic with: PIPELINE_BROKER={run.address} pipeline simulate"
             )
-            _process_while_broker_lives(run, services=services, on_broker_death=on_broker_death)
+            _process_while_broker_lives(
+                run,
+                services=services,
+                on_broker_death=on_broker_death,
+                stop_requested=stop_signals.requested,
+            )
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         stop_signals.close()

@@ -181,6 +181,20 @@ def _zone(tz: str) -> tzinfo:
         return UTC
 
 
+@lru_cache(maxsize=1024)
+def known_zone(tz: str) -> bool:
+    """Whether ``tz`` names a zone of the time-zone database. Only a known zone becomes the
+    profile's: an empty or unknown name (any string passes the schema) would otherwise stand
+    in for the customer's real zone, which then never replaces it, while it reads as UTC."""
+    return tz == "UTC" or _zone(tz) is not UTC
+
+
+def _has_zone_trait(profile: Profile) -> bool:
+    """Whether the traits name a known zone: that wins over the events' zones."""
+    tz = profile.traits.get("timezone")
+    return type(tz) is str and known_zone(tz)
+
+
 def _quantity(value: object) -> int:
     """A line's quantity: a positive whole number (JSON Schema's integers include 3.0), else 1."""
     if type(value) is int and value >= 1:
@@ -287,10 +301,13 @@ def apply_event(
                 _add_affinity(profile.category_affinity, event.category, amount)
             if event.brand is not None:
                 _add_affinity(profile.brand_affinity, event.brand, amount)
-        if event.timezone and "timezone" not in profile.traits:
-            adopt_timezone(profile, event.timezone, t)  # before its own hour is binned
+        zone = event.timezone
+        if zone and not known_zone(zone):
+            zone = None  # read as UTC, it would put the hour off in the customer's zone
+        if zone and not _has_zone_trait(profile):
+            adopt_timezone(profile, zone, t)  # before its own hour is binned
         if weight > 0.0 and name not in NON_ENGAGEMENT_EVENTS:
-            tz = event.timezone or profile.timezone or "UTC"
+            tz = zone or profile.timezone or "UTC"
             key = str(hour_of_week_bin(t, tz))
             hours = profile.hour_of_week
             bump = EMAIL_HOUR_WEIGHT if name in EMAIL_EVENTS else HOUR_WEIGHT
@@ -331,7 +348,7 @@ def apply_event(
     device = event.device_type
     if device is not None:
         profile.devices[device] = profile.devices.get(device, 0) + 1
-    if event.timezone and "timezone" not in profile.traits:
+    if event.timezone and not _has_zone_trait(profile):
         adopt_timezone(profile, event.timezone, t)
 
     profile.cis = _cis(profile, profile.as_of_ms, params)
@@ -438,7 +455,10 @@ def adopt_timezone(profile: Profile, tz: str, at_ms: int) -> None:
     """Set the profile's time zone. The first one known also moves the send-time histogram's
     bins, counted in UTC until then (server-side email opens carry no zone), to local hours at
     the zone's offset at ``at_ms``: the histogram is read in the profile's zone, and the opens
-    must not land hours off depending on whether they arrived before the zone did."""
+    must not land hours off depending on whether they arrived before the zone did. An empty
+    or unknown name changes nothing (:func:`known_zone`)."""
+    if not tz or not known_zone(tz):
+        return
     if profile.timezone is None and profile.hour_of_week:
         offset = datetime.fromtimestamp(at_ms / 1000, _zone(tz)).utcoffset()
         seconds = offset.total_seconds() if offset is not None else 0.0

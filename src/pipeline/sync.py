@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
+from pipeline.identity import reserved_id_problem
 from pipeline.pii import normalize_email
 from pipeline.settings import Settings
 from pipeline.simulate.model import TrueCustomer
@@ -102,6 +103,9 @@ class CrmRecord:
         try:
             if not cid:
                 raise ValueError("customer_id is empty")
+            reserved = reserved_id_problem(cid)
+            if reserved is not None:
+                raise ValueError(f"customer_id {reserved}")
 
             def text(name: str) -> str | None:
                 value = row.get(name)

@@ -302,6 +302,7 @@ def test_prepare_messages_keys_enriches_and_drops_the_write_key() -> None:
         ({**_event(), "messageId": ""}, "missing_message_id"),
         ({k: v for k, v in _event().items() if k != "messageId"}, "missing_message_id"),
         ({**_event(), "userId": None}, "missing_identity"),
+        ({**_event(), "userId": "anon:d1"}, "reserved_user_id"),
         ({**_event(), "context": []}, "invalid_context"),
         ({**_event(), "properties": {"blob": "x" * 2000}}, "event_too_large"),
     ],

@@ -240,6 +240,19 @@ def test_missing_identity(changes: dict[str, Any]) -> None:
     assert result.event_name == "Product Viewed"
 
 
+@pytest.mark.parametrize("name", ["Product Viewed", "identify", "alias"])
+def test_a_user_id_in_the_anonymous_profiles_namespace_is_refused(name: str) -> None:
+    """``anon:<device>`` names a device's anonymous profile: a customer with such an id would be
+    folded into one (and never counted as known), so the event is dead-lettered, saying why."""
+    result = failure(mutated(name, userId="anon:d1"), "schema_violation")
+    assert result.schema_path == "userId"
+    assert "'anon:'" in result.detail and "reserved" in result.detail
+    # the prefix elsewhere in the id, or as a device id, is nobody's business
+    assert isinstance(parse(mutated(name, userId="u-anon:1")), CleanEvent)
+    if name != "alias":
+        assert isinstance(parse(mutated(name, anonymousId="anon:d1")), CleanEvent)
+
+
 def test_alias_identity_comes_from_previous_id() -> None:
     assert failure(mutated("alias", userId=..., previousId=...), "missing_identity")
     result = failure(mutated("alias", userId=...), "schema_violation")

@@ -721,3 +721,36 @@ def test_opens_counted_before_a_half_hour_zone_land_where_they_would_after_it() 
     assert before["15"] + before["16"] == pytest.approx(after["15"] + after["16"])
     assert before["15"] == pytest.approx(before["16"])  # split evenly, not all in one hour
     assert after["15"] == pytest.approx(after["16"])
+
+
+@pytest.mark.parametrize("trait", ["", "Mars/Olympus", "europe/berlin"])
+def test_an_empty_or_unknown_zone_trait_does_not_stand_in_for_the_customers_zone(
+    trait: str,
+) -> None:
+    """Any string passes the schema as ``traits.timezone``; one that names no zone must not
+    block the events' zone for good (the send time was then read in UTC, an hour off here)."""
+    identify = make_event("Identify", utc_ms(2024, 1, 1), traits={"timezone": trait})
+    opens = [
+        make_event("Email Opened", utc_ms(2024, 1, day, 19), timezone="Europe/Berlin")
+        for day in (2, 3, 4)
+    ]
+    p = fold([identify, *opens])
+    assert p.timezone == "Europe/Berlin"
+    assert p.traits["timezone"] == trait  # kept as sent: the traits are the customer's
+    # Tuesday to Thursday 20:00 in Berlin: bins 24 * weekday + 20, three times as much as a visit
+    assert p.hour_of_week == {"44": 3.0, "68": 3.0, "92": 3.0}
+
+
+def test_an_unknown_event_zone_is_neither_adopted_nor_used_to_bin_the_hour() -> None:
+    """A context zone that names no zone: its hour is binned in the profile's zone (or UTC,
+    moved when the first real zone comes), as if it carried none."""
+    opened = make_event("Email Opened", utc_ms(2024, 1, 15, 8))  # server-side: no zone
+    bogus = make_event("Page Viewed", utc_ms(2024, 1, 15, 9), timezone="Mars/Olympus")
+    new_york = make_event("Page Viewed", utc_ms(2024, 1, 15, 10), timezone="America/New_York")
+    without = fold([opened, new_york])
+    p = fold([opened, bogus, new_york])
+    assert p.timezone == without.timezone == "America/New_York"
+    # Monday 03:00 (the open, moved from 08:00 UTC), 04:00 (the bogus visit, binned in UTC
+    # and moved with the open) and 05:00 in New York
+    assert without.hour_of_week == {"3": 3.0, "5": 1.0}
+    assert p.hour_of_week == {"3": 3.0, "4": 1.0, "5": 1.0}

@@ -353,6 +353,27 @@ def test_a_forgotten_customer_signing_in_on_an_unerased_device_erases_that_devic
     assert forgotten_sign_in(sign_in, device_state(store, T0_MS), erased_too) == []
 
 
+def test_a_client_whose_anonymous_id_is_its_user_id_has_its_link_tombstoned_at_erasure() -> None:
+    """A link ``u1 -> u1`` was written to the compacted links topic: the erasure of ``u1``
+    under that key must leave its tombstone, as for any device."""
+    store: dict[Any, Any] = {}
+    out = stitch(
+        make_event("Identify", T0_MS, anonymous_id="cus_1", user_id="cus_1"),
+        MemoryState(store, "cus_1"),
+        CONFIG,
+    )
+    assert [(r["kind"], r.get("anonymous_id")) for r in out if r["kind"] == KIND_LINK] == [
+        (KIND_LINK, "cus_1")
+    ]
+    erased = erase_key("cus_1", "cus_1", MemoryState(store, "cus_1"))
+    assert [(r["kind"], r["customer_id"]) for r in erased] == [
+        (KIND_ERASE, "anon:cus_1"),
+        (KIND_ERASE, "cus_1"),
+        (KIND_UNLINKED, "cus_1"),
+    ]
+    assert MemoryState(store, "cus_1").get("linked") is None
+
+
 def test_past_the_history_limit_a_login_takes_the_newest_anonymous_events_in_order() -> None:
     store: dict[Any, Any] = {}
     names = ["Page Viewed", "Product Viewed", "Product Viewed", "Product Added", "Cart Viewed"]

@@ -135,6 +135,11 @@ def test_a_bad_row_is_reported_by_source_and_customer_and_the_others_sync(
         CrmRecord.parse(_row("c9", "yesterday"), "csv:crm.csv")
 
 
+def test_a_crm_customer_id_in_the_anonymous_profiles_namespace_is_refused() -> None:
+    with pytest.raises(SyncError, match=r"anon:d1.*reserved for anonymous profiles"):
+        CrmRecord.parse(_row("anon:d1", "2024-01-01T00:00:00Z"), "csv:crm.csv")
+
+
 def test_rows_saved_in_the_same_instant_as_the_watermark_are_not_skipped(tmp_path: Path) -> None:
     path = tmp_path / "crm.csv"
     same = "2024-01-01T10:00:00Z"

@@ -18,7 +18,7 @@ import orjson
 
 from pipeline.collector.enrich import enrich_context, enrich_times
 from pipeline.collector.errors import RequestRejected
-from pipeline.identity import partition_key
+from pipeline.identity import partition_key, reserved_id_problem
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
 """Segment's message types; the processor dead-letters the ones it does not model."""
@@ -136,6 +136,9 @@ def _prepare_one(
     key = identity_key(event)
     if key is None:
         _refuse(index, "missing_identity", "has neither userId nor anonymousId")
+    reserved = reserved_id_problem(event.get("userId"))
+    if reserved is not None:
+        _refuse(index, "reserved_user_id", f"has a userId that {reserved}")
     context = event.get("context")
     if context is None:
         context = event["context"] = {}

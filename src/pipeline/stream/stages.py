@@ -222,7 +222,9 @@ def erase_key(
     if linked is None or linked == customer_id:
         state.delete(_LINKED)
         state.delete(_LINKED_MS)
-        if key != customer_id:  # a device: its link record becomes a tombstone
+        # a device (or a key that was linked: a client whose anonymousId is its userId): its
+        # link record becomes a tombstone; a server-side key was never linked
+        if key != customer_id or linked is not None:
             out.append(
                 {
                     "kind": KIND_UNLINKED,

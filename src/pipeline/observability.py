@@ -447,6 +447,9 @@ class ApiMetrics:
 
 UNMATCHED_ROUTE = "unmatched"
 """The route label of a request no route matched, so unknown paths add no series."""
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+"""The method label of anything else: a made-up method must not add series either."""
 
 
 class RequestMetricsMiddleware:
@@ -478,9 +481,10 @@ class RequestMetricsMiddleware:
         finally:
             # the router records the route it matched in the (shared) scope
             template = getattr(scope.get("route"), "path", None)
+            method = str(scope.get("method", ""))
             self._metrics.observe(
                 template if isinstance(template, str) else UNMATCHED_ROUTE,
-                str(scope.get("method", "")),
+                method if method in HTTP_METHODS else OTHER_METHOD,
                 status,
                 time.perf_counter() - started,
             )

@@ -102,6 +102,47 @@ def test_rate_limit_uses_the_injected_clock() -> None:
     assert again.status_code == 200
 
 
+def test_events_refused_after_the_rate_limit_charged_them_are_given_back() -> None:
+    """A batch refused for one bad event, or for a broker that is down, is not accepted: the
+    corrected batch, or the retry a 503 asks for, must not meet a bucket spent on it."""
+    now = [0.0]
+    publisher = MemoryPublisher()
+    app = create_app(
+        _settings(rate_limit_events_per_s=1.0, rate_limit_burst=10),
+        lambda: publisher,
+        rate_clock=lambda: now[0],
+    )
+    batch = [_event(messageId=f"m{i}") for i in range(10)]
+    with TestClient(app) as http:
+        bad = http.post(
+            "/v1/batch", json={"batch": [*batch[:9], _event(messageId="")]}, auth=(KEY, "")
+        )
+        fixed = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
+        now[0] += 10.0  # the bucket is full again after the fixed batch
+        publisher.available = False
+        down = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
+        publisher.available = True
+        retried = http.post("/v1/batch", json={"batch": batch}, auth=(KEY, ""))
+        spent = http.post("/v1/track", json=_event(messageId="m11"), auth=(KEY, ""))
+    assert [r.status_code for r in (bad, fixed)] == [400, 200]
+    assert (down.status_code, retried.status_code) == (503, 200)
+    assert spent.status_code == 429  # what was accepted is still charged
+    assert len(publisher.sent) == 20
+
+
+def test_a_malformed_origin_or_authorization_header_is_refused_not_a_500() -> None:
+    publisher = MemoryPublisher()
+    app = create_app(_settings(cors_origins=("https://shop.example",)), lambda: publisher)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        origin = http.post(
+            "/v1/track", json=_event(), auth=(KEY, ""), headers={"Origin": "http://[::1"}
+        )
+        basic = http.post("/v1/track", json=_event(), headers={"Authorization": b"Basic \xe9t\xe9"})
+    assert (origin.status_code, origin.json()["error"]["code"]) == (403, "origin_not_allowed")
+    assert (basic.status_code, basic.json()["error"]["code"]) == (401, "missing_write_key")
+    assert publisher.sent == []
+
+
 def test_forgotten_customers_events_are_acknowledged_but_never_published(tmp_path: Any) -> None:
     from pipeline.gdpr import suppression_path
     from pipeline.pii import sha256_hex

@@ -229,6 +229,31 @@ def test_device_type_from_user_agent(user_agent: str, kind: str) -> None:
     assert dict(device_from_user_agent(user_agent))["device.type"] == kind
 
 
+def test_only_the_head_of_a_padded_user_agent_is_parsed_and_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The collector parses before it knows an event is too large: a user agent padded to
+    half a megabyte must cost ua-parser's regexes and the cache no more than a real one."""
+    import pipeline.collector.enrich as enrich
+
+    parsed: list[int] = []
+    real_parse = enrich.ua_parser.parse
+
+    def recorded(user_agent: str) -> Any:
+        parsed.append(len(user_agent))
+        return real_parse(user_agent)
+
+    monkeypatch.setattr(enrich.ua_parser, "parse", recorded)
+    enrich.device_from_user_agent.cache_clear()
+    phone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) Mobile/15E148"
+    context: dict[str, Any] = {"userAgent": phone + " " + "x" * 500_000}
+    enrich_context(context, source_id="web")
+    assert parsed == [enrich.MAX_PARSED_USER_AGENT]
+    assert context["device"]["type"] == "mobile"
+    assert len(context["userAgent"]) == len(phone) + 500_001  # forwarded as sent
+    enrich.device_from_user_agent.cache_clear()
+
+
 def test_enrich_context_adds_parsed_fields_but_keeps_the_clients() -> None:
     context: dict[str, Any] = {
         "device": {"type": "tablet"},

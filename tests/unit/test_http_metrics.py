@@ -142,6 +142,28 @@ def test_api_counts_requests_by_route_template_and_status(tmp_path: Path) -> Non
     assert got[(latency, (("method", "GET"), ("route", "/health")))] == 1
 
 
+def test_made_up_methods_share_one_label_and_every_api_answer_is_no_store(tmp_path: Path) -> None:
+    """Anyone may send any method name: each must not become a series of its own. And no
+    answer may be kept by a cache in front of the API (profiles carry personal data)."""
+    requests = "pipeline_api_requests_total"
+    with TestClient(create_api(api_settings(tmp_path))) as http:
+        for i in range(5):
+            assert http.request(f"BREW{i}", "/api/segments").status_code == 405
+        answers = [
+            http.get("/health"),
+            http.get("/api/customers/cus_1", headers={"X-API-Key": API_KEY}),  # 503
+            http.get("/api/customers/cus_1"),  # 401
+            http.get("/no/such/path"),
+        ]
+        got = scrape(http)
+    methods = {dict(labels)["method"] for name, labels in got if name == requests}
+    assert methods == {"GET", "other"}
+    assert (
+        got[(requests, (("method", "other"), ("route", "/api/segments"), ("status", "405")))] == 5
+    )
+    assert [a.headers.get_list("cache-control") for a in answers] == [["no-store"]] * 4
+
+
 def test_each_api_app_counts_in_its_own_registry(tmp_path: Path) -> None:
     requests = "pipeline_api_requests_total"
     health = (requests, (("method", "GET"), ("route", "/health"), ("status", "200")))

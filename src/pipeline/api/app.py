@@ -250,6 +250,31 @@ async def get_segments(service: ServiceDep) -> SegmentsResponse:
     )
 
 
+class NoStoreMiddleware:
+    """Gives every answer ``Cache-Control: no-store`` unless it names its own: profiles,
+    recommendations and renders carry personal data (addresses, names), and the API key travels
+    in ``X-API-Key``, which HTTP caches do not treat as ``Authorization`` (RFC 9111 3.5), so a
+    shared cache or proxy in front of the API could otherwise keep and replay them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_no_store)
+
+
 class BodyLimitMiddleware:
     """Refuses (413, in the API's error shape) a request body over ``max_bytes`` before any of
     it is parsed: FastAPI reads and parses a body before the route's authentication runs, so
@@ -384,6 +409,7 @@ def create_app(
     app.state.authenticator = Authenticator(settings.api.api_keys, settings.api.jwt)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(NoStoreMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.get("/health", tags=["health"])

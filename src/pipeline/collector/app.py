@@ -103,7 +103,11 @@ def create_app(
         origin = request.headers.get("origin")
         if origin is None or origin in allowed_origins or "*" in allowed_origins:
             return
-        if urlsplit(origin).netloc == request.headers.get("host"):
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # "http://[::1": refused like any other origin not allowed
+            netloc = None
+        if netloc is not None and netloc == request.headers.get("host"):
             return  # same origin (the storefront the collector serves)
         raise RequestRejected(
             403, "origin_not_allowed", f"browsers on {origin[:100]!r} may not send events here"
@@ -112,6 +116,7 @@ def create_app(
     async def ingest(request: Request, endpoint_type: str | None) -> Response:
         received_ms = clock_ms()
         source: str | None = None
+        charged = 0  # events charged to the source's rate limit, given back if refused after
         try:
             check_origin(request)
             header_key = write_key_from_authorization(request.headers.get("authorization"))
@@ -129,6 +134,7 @@ def create_app(
                 source = keys.source_for(body_key if type(body_key) is str else None)
             events, batch_sent_at = events_of(body, endpoint_type)
             limiter.check(source, max(1, len(events)))
+            charged = max(1, len(events))
             messages = prepare_messages(
                 events,
                 endpoint_type=endpoint_type,
@@ -156,11 +162,15 @@ def create_app(
                 metrics.produce_ack_seconds.observe(time.perf_counter() - started)
                 metrics.events_produced.inc(len(messages))
         except RequestRejected as exc:
+            if charged and source is not None:
+                limiter.refund(source, charged)
             log.info("refused %s from source %s: %s", request.url.path, source, exc.code)
             metrics.rejected(exc.status, exc.code)
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             return _json(exc.status, exc.body(), headers)
         except BrokerUnavailableError as exc:
+            if charged and source is not None:
+                limiter.refund(source, charged)
             log.warning("503 for source %s: %s", source, exc.message)
             metrics.rejected(503, exc.code)
             error = {"code": exc.code, "message": exc.message}

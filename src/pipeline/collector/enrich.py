@@ -31,6 +31,12 @@ def corrected_timestamp_ms(timestamp_ms: int, sent_at_ms: int, received_ms: int)
     return received_ms - (sent_at_ms - timestamp_ms)
 
 
+MAX_PARSED_USER_AGENT = 1024
+"""Characters of a user agent that are parsed (and cached): real ones are far shorter, and the
+collector parses before it knows whether the event is too large, so a padded one must cost
+neither the event loop's time (ua-parser's regexes) nor the cache's memory."""
+
+
 @lru_cache(maxsize=4096)
 def device_from_user_agent(user_agent: str) -> tuple[tuple[str, Any], ...]:
     """``context.device``/``os``/``browser`` fields parsed from a user agent (ua-parser)."""
@@ -69,7 +75,7 @@ def enrich_context(context: dict[str, Any], *, source_id: str) -> None:
     context["sourceId"] = source_id
     user_agent = context.get("userAgent")
     parsed: tuple[tuple[str, Any], ...] = (
-        device_from_user_agent(user_agent)
+        device_from_user_agent(user_agent[:MAX_PARSED_USER_AGENT])
         if type(user_agent) is str and user_agent
         else (("device.type", "server"),)
     )

@@ -40,6 +40,10 @@ class TokenBucket:
             return 0.0
         return (needed - self._tokens) / self.rate
 
+    def give_back(self, n: int) -> None:
+        """Return ``n`` tokens taken for events that were then refused (never above ``burst``)."""
+        self._tokens = min(float(self.burst), self._tokens + n)
+
 
 class RateLimiter:
     """One token bucket per source, created on first use."""
@@ -64,6 +68,14 @@ class RateLimiter:
                 f"retry in {wait:.2f}s",
                 retry_after_s=max(1, math.ceil(wait)),
             )
+
+    def refund(self, source: str, events: int) -> None:
+        """Give back what :meth:`check` charged for a request refused after it (a bad event,
+        the broker unavailable): the client's corrected batch, or the retry a 503 asks for,
+        must not find the bucket spent on events that were never accepted."""
+        bucket = self._buckets.get(source)
+        if bucket is not None:
+            bucket.give_back(events)
 
 
 def _too_large(limit: int, what: str) -> RequestRejected:

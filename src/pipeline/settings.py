@@ -203,10 +203,13 @@ class Settings(BaseSettings):
         "runs): worth it where the brokers, not the processor's latency, are the constraint.",
     )
     sink_max_delay_ms: float = Field(
-        10.0,
+        0.0,
         ge=0,
         description="Longest a record waits in a warehouse sink before the sink's writer "
-        "thread writes it (0 = as soon as possible); the rest is written at each checkpoint.",
+        "thread writes it (0 = as soon as the writer is free: what arrives while it writes "
+        "makes the next batch); the rest is written at each checkpoint. 0 since 2026-11-29 "
+        "(was 10): the store step's median 8-9 -> 1-3 ms, at about 10% more processor CPU "
+        "per event under paced load and the same on a backlog.",
     )
     state_write_buffer_mb: int = Field(
         4, ge=1, description="RocksDB write buffer per state store (quixstreams' default is 64)."

@@ -56,6 +56,22 @@ def test_a_batch_is_written_by_the_thread_without_more_records_or_a_checkpoint()
     assert rec.threads == {"warehouse-sink"}
 
 
+def test_with_no_delay_what_arrives_during_a_write_is_the_next_batch() -> None:
+    """The default: the first record is written at once, and the records added while that
+    write lasts go together in the next one (batches grow with the load by themselves)."""
+    rec = Recorder()
+    sink = WarehouseSink(rec, frozenset({"event"}), max_delay_ms=0)
+    rec.gate.clear()  # the first write blocks until released
+    add(sink, 1)
+    assert rec.entered.wait(10)
+    for n in (2, 3, 4):
+        add(sink, n)
+    rec.gate.set()
+    wait_for(lambda: rec.written == [1, 2, 3, 4])
+    assert [[r["n"] for r in batch] for batch in rec.batches] == [[1], [2, 3, 4]]
+    assert rec.threads == {"warehouse-sink"}
+
+
 def test_checkpoint_flush_writes_everything_added_before_it_in_order() -> None:
     rec = Recorder()
     sink = WarehouseSink(rec, frozenset({"event"}), max_delay_ms=60_000)  # the thread waits

@@ -83,14 +83,20 @@ def test_empty_batch_is_a_success_without_messages() -> None:
     assert publisher.sent == []
 
 
-def test_rate_limit_uses_the_injected_clock() -> None:
+def _rate_limited(burst: int) -> tuple[Any, MemoryPublisher, list[float]]:
+    """A collector allowing 1 event/s in bursts of ``burst``, on a clock the test moves."""
     now = [0.0]
     publisher = MemoryPublisher()
     app = create_app(
-        _settings(rate_limit_events_per_s=1.0, rate_limit_burst=2),
+        _settings(rate_limit_events_per_s=1.0, rate_limit_burst=burst),
         lambda: publisher,
         rate_clock=lambda: now[0],
     )
+    return app, publisher, now
+
+
+def test_rate_limit_uses_the_injected_clock() -> None:
+    app, _, now = _rate_limited(burst=2)
     with TestClient(app) as http:
         body = {"batch": [_event(), _event(messageId="m2")]}
         assert http.post("/v1/batch", json=body, auth=(KEY, "")).status_code == 200
@@ -105,13 +111,7 @@ def test_rate_limit_uses_the_injected_clock() -> None:
 def test_events_refused_after_the_rate_limit_charged_them_are_given_back() -> None:
     """A batch refused for one bad event, or for a broker that is down, is not accepted: the
     corrected batch, or the retry a 503 asks for, must not meet a bucket spent on it."""
-    now = [0.0]
-    publisher = MemoryPublisher()
-    app = create_app(
-        _settings(rate_limit_events_per_s=1.0, rate_limit_burst=10),
-        lambda: publisher,
-        rate_clock=lambda: now[0],
-    )
+    app, publisher, now = _rate_limited(burst=10)
     batch = [_event(messageId=f"m{i}") for i in range(10)]
     with TestClient(app) as http:
         bad = http.post(

@@ -34,7 +34,13 @@ from pipeline.catalog import load_catalog
 from pipeline.simulate import RawMessage, SimulationConfig, default_end, simulate
 
 VOL = VolumeParams(
-    bucket_ms=1000, alpha=0.5, z_threshold=3, critical_z=6, min_buckets=2, min_volume=5
+    bucket_ms=1000,
+    alpha=0.5,
+    z_threshold=3,
+    critical_z=6,
+    min_buckets=2,
+    min_volume=5,
+    dispersion=1,  # Poisson, as the arithmetic below is written
 )
 
 
@@ -74,6 +80,23 @@ def test_volume_spike_warning_and_the_thresholds_that_silence_it() -> None:
     assert feed_volume(VolumeMonitor(VOL), [10, 30, 10]) == []  # bucket 1: still warming up
     # mean 1, sigma floored at 1: 4 is z = 3 but under the minimum volume of 5
     assert feed_volume(VolumeMonitor(VOL), [1, 1, 4, 1]) == []
+
+
+def test_dispersion_widens_the_spread_above_the_baseline_only() -> None:
+    """Sessions burst within a minute: a spike is judged against ``dispersion`` times the
+    Poisson variance; a drop still against Poisson's (a minute with no session is rare)."""
+    assert volume_sigma(Ewma(10, 0, 2), 3.0) == pytest.approx(math.sqrt(30))
+    assert volume_sigma(Ewma(10, 50, 2), 3.0) == pytest.approx(math.sqrt(50))  # learned wins
+    bursty = VOL.model_copy(update={"dispersion": 3.0})
+    # z = 10 / sqrt(30) = 1.83: not a spike (with Poisson it is 3.16, a warning)
+    assert feed_volume(VolumeMonitor(bursty), [10, 10, 20, 1]) == []
+    # 20 / sqrt(30) = 3.65: a spike still
+    [spike] = feed_volume(VolumeMonitor(bursty), [10, 10, 30, 1])
+    assert (spike.kind, spike.severity) == ("volume_spike", "warning")
+    # nothing in bucket 2: z = -10 / sqrt(10) = -3.16, as without dispersion
+    m = VolumeMonitor(bursty)
+    feed_volume(m, [10, 10])
+    assert m.advance(3000) == [Alert("volume_drop", "page/web", 0, 10, "warning", 3000)]
 
 
 def test_volume_drop_and_silence() -> None:

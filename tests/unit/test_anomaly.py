@@ -463,31 +463,53 @@ def test_anomaly_params_nest_in_the_settings(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(scope="module")
-def busy_day() -> list[RawMessage]:
-    """One dense simulated day (about 30 messages a minute), cut where the shop closes."""
+def busy_days() -> list[RawMessage]:
+    """Two dense simulated days (about 40 messages a minute), cut where the shop closes: a
+    seed whose bursts of sessions Poisson's spread takes for spikes at one partition."""
     end = datetime(2026, 11, 1, tzinfo=UTC)
-    sim = simulate(SimulationConfig(events=40_000, seed=12, end=end, days=1), load_catalog())
+    sim = simulate(SimulationConfig(events=120_000, seed=2, end=end, days=2), load_catalog())
     return [m for m in sim.messages if m.delivered_ms <= end.timestamp() * 1000]
 
 
-def test_clean_simulated_traffic_raises_no_alert_per_partition(busy_day: list[RawMessage]) -> None:
-    """The stream's path (parse, observation, per-partition detectors, default parameters) on
-    ordinary traffic, partitioned by key as librdkafka does (CRC32): not one alert."""
+def _detected(
+    messages: list[RawMessage], partitions: int, params: AnomalyParams | None = None
+) -> list[Alert]:
+    """The stream's path (parse, observation, per-partition detectors), partitioned by key
+    (CRC32 here)."""
     from pipeline.anomaly import PartitionedDetector, observation_of
     from pipeline.parsing import ParseLimits, parse_event
     from pipeline.schemas import default_registry
 
     registry, limits = default_registry(), ParseLimits()
-    now = busy_day[-1].delivered_ms
-    det = PartitionedDetector()
+    now = messages[-1].delivered_ms
+    det = PartitionedDetector(params)
     alerts = []
-    for offset, m in enumerate(busy_day):
+    for offset, m in enumerate(messages):
         parsed = parse_event(
             m.value, registry=registry, limits=limits, now_ms=now, ingested_ms=m.delivered_ms
         )
-        partition = zlib.crc32(m.key) % 4 if m.key else offset % 4
+        partition = zlib.crc32(m.key) % partitions if m.key else offset % partitions
         alerts += det.observe(partition, observation_of(parsed, m.delivered_ms))
-    assert alerts == []
+    return alerts
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_clean_simulated_traffic_raises_no_alert_per_partition(
+    busy_days: list[RawMessage], partitions: int
+) -> None:
+    """Ordinary traffic with the default parameters: not one alert, with one detector seeing
+    it all (the default) or four a quarter each."""
+    assert _detected(busy_days, partitions) == []
+
+
+def test_judged_with_poissons_spread_the_same_traffic_has_false_spikes(
+    busy_days: list[RawMessage],
+) -> None:
+    """What the spikes' dispersion is for: at one partition these two days' bursts of
+    sessions are spikes to Poisson's spread."""
+    poisson = AnomalyParams(volume=VolumeParams(dispersion=1.0))
+    false = _detected(busy_days, 1, poisson)
+    assert false and {a.kind for a in false} == {"volume_spike"}
 
 
 def test_a_backfill_arrives_fast_but_is_not_a_bot() -> None:

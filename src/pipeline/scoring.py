@@ -256,6 +256,9 @@ def apply_event(
     t = event.timestamp_ms
     name = event.name
     weight = params.event_weights.get(name, 0.0)
+    zone = event.timezone
+    if zone and not known_zone(zone):
+        zone = None  # read as UTC, it would put the hour off in the customer's zone
 
     profile.event_count += 1
     profile.version += 1
@@ -301,9 +304,6 @@ def apply_event(
                 _add_affinity(profile.category_affinity, event.category, amount)
             if event.brand is not None:
                 _add_affinity(profile.brand_affinity, event.brand, amount)
-        zone = event.timezone
-        if zone and not known_zone(zone):
-            zone = None  # read as UTC, it would put the hour off in the customer's zone
         if zone and not _has_zone_trait(profile):
             adopt_timezone(profile, zone, t)  # before its own hour is binned
         if weight > 0.0 and name not in NON_ENGAGEMENT_EVENTS:
@@ -348,8 +348,8 @@ def apply_event(
     device = event.device_type
     if device is not None:
         profile.devices[device] = profile.devices.get(device, 0) + 1
-    if event.timezone and not _has_zone_trait(profile):
-        adopt_timezone(profile, event.timezone, t)
+    if zone and not _has_zone_trait(profile):
+        adopt_timezone(profile, zone, t)
 
     profile.cis = _cis(profile, profile.as_of_ms, params)
     profile.intent_stage = intent_stage(profile, profile.as_of_ms, params)

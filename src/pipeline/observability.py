@@ -192,8 +192,9 @@ class StreamMetricsCollector(Collector):
         cpu = CounterMetricFamily(
             "pipeline_step_cpu_seconds",
             "CPU seconds the processor spent in each of its own steps (pipeline.metrics."
-            "CPU_STEPS); the rest of process_cpu_seconds_total goes to the stream framework, "
-            "the Kafka client and serialization (and, in `pipeline up`, the collector and API).",
+            "CPU_STEPS; the stream's steps estimated from one message in 16); the rest of "
+            "process_cpu_seconds_total goes to the stream framework, the Kafka client and "
+            "serialization (and, in `pipeline up`, the collector and API).",
             labels=["step"],
         )
         for step, seconds in list(m.step_cpu_s.items()):

@@ -18,7 +18,7 @@ from pipeline.broker import free_port
 from pipeline.collector.app import create_app as create_collector
 from pipeline.collector.config import CollectorSettings
 from pipeline.collector.publish import MemoryPublisher
-from pipeline.metrics import StreamMetrics, cpu_per_event
+from pipeline.metrics import SampledCpuClock, StreamMetrics, cpu_per_event
 from pipeline.observability import exposition, metrics_registry, start_metrics_server
 from pipeline.settings import Settings
 
@@ -177,3 +177,27 @@ def test_cpu_per_event_splits_the_process_cpu_into_steps_and_the_rest() -> None:
     assert with_process["total"] == pytest.approx(200)
     assert cpu_per_event(steps, 1000, process_cpu_s=0.01)["framework"] == 0  # never below zero
     assert cpu_per_event(steps, 0) == {}
+
+
+def test_the_sampled_cpu_clock_reads_one_message_in_n_scaled_by_n() -> None:
+    """Each message's steps cost 1 ms of a fake thread clock: the sampled readings, scaled, sum
+    to the CPU of all messages, and the clock is read for one message in four only."""
+    reads = 0
+    now = 0.0
+
+    def read() -> float:
+        nonlocal reads
+        reads += 1
+        return now
+
+    clock = SampledCpuClock(every=4, read=read)
+    counted = 0.0
+    for _ in range(40):
+        tick = clock.for_message()
+        started = tick()
+        now += 0.001  # the message's step
+        counted += tick() - started
+    assert counted == pytest.approx(0.040)
+    assert reads == 2 * 10  # two readings for each of ten sampled messages
+    with pytest.raises(ValueError):
+        SampledCpuClock(every=0)

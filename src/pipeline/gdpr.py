@@ -5,9 +5,12 @@ and, with a broker to reach, the compacted ``customers.suppressed`` topic that e
 reads: :class:`SharedSuppressionList`) so the collector and the processor drop their new events
 (both call :func:`is_suppressed`),
 then deletes every row about the customer and their devices from the local warehouse (which
-is also the profile store) and from BigQuery, then erases them from the processor's state
-stores (:func:`erase_processor_state`), and appends an audit record to
-``PIPELINE_HOME/audit/forget.jsonl``. The list and the audit hold SHA-256 pseudonyms only.
+is also the profile store), erases them from the processor's state stores
+(:func:`erase_processor_state`), then deletes their rows from BigQuery, and appends an audit
+record to ``PIPELINE_HOME/audit/forget.jsonl``. The list and the audit hold SHA-256
+pseudonyms only. BigQuery goes last: its DML delete fails while rows are in the streaming
+buffer (about the last 90 minutes' inserts); everything else is done by then, and the audit
+records BigQuery as pending before ``forget`` raises, so that a later run finishes it.
 
 The state erasure travels the stream: an erasure request per stage-1 key on the raw topic,
 behind whatever of theirs is already there. Stage 1 deletes the key's link and anonymous
@@ -46,7 +49,7 @@ from confluent_kafka import (
 )
 
 from pipeline.broker import BROKER_FILE, client_config, ensure_topics
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoreError
 from pipeline.identity import anonymous_customer_id
 from pipeline.identity import is_suppressed as is_suppressed  # where callers expect it
 from pipeline.pii import sha256_hex
@@ -71,17 +74,43 @@ def audit_path(settings: Settings) -> Path:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as a line of its own, after a last line cut short (a forget killed,
+    or out of disk, mid-append) too: joined to it, the record could not be read either."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as f:
+    with path.open("a+b") as f:  # writes go to the end whatever is read
         fcntl.flock(f, fcntl.LOCK_EX)
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
         f.write(orjson.dumps(record) + b"\n")
 
 
+_warned_lines: set[tuple[Path, int, bytes]] = set()  # bad suppression lines, warned of once
+
+
 def _entries(settings: Settings) -> list[dict[str, Any]]:
+    """The suppression list's entries. A line that is not one (cut short mid-append) is
+    skipped with a warning: one bad line must not stop every reader of the list (the
+    collector, the processor, the replicas) from reading the others."""
     path = suppression_path(settings)
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("ids"), list):
+            entries.append(entry)
+        elif (path, number, line) not in _warned_lines:
+            _warned_lines.add((path, number, line))
+            log.warning("%s line %d is not a suppression entry; skipped", path, number)
+    return entries
 
 
 def load_suppressed(settings: Settings) -> frozenset[str]:
@@ -192,13 +221,15 @@ class ForgetError(PipelineError):
 
 @dataclass(frozen=True, slots=True)
 class ForgetReport:
-    """What ``forget`` did: devices found, rows deleted per ``store.table``, processor state."""
+    """What ``forget`` did: devices found, rows deleted per ``store.table``, processor state,
+    BigQuery's delete."""
 
     customer_sha256: str
     devices: int
     deleted: dict[str, int] = field(default_factory=dict)
     at: str = ""
     processor_state: str = ""
+    bigquery: str = ""  # "deleted", "pending: ..." (run forget again), "" without BigQuery
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,12 +268,26 @@ def forget(
         publish_suppression(settings, producer, suppression_records(customer_id, keys, at))
     local = warehouse.delete_customer(keys, sorted(devices), customer_id)
     deleted = {f"local.{t}": n for t, n in local.items()}
-    if bigquery is not None:
-        bq = bigquery.delete_customer(keys, sorted(devices), customer_id)
-        deleted |= {f"bigquery.{t}": n for t, n in bq.items()}
     state = erase_processor_state(settings, customer_id, sorted(devices), at=at, producer=producer)
-    report = ForgetReport(subject, len(devices), deleted, at, state)
+    failed: StoreError | None = None
+    bq_state = ""
+    if bigquery is not None:
+        try:
+            bq = bigquery.delete_customer(keys, sorted(devices), customer_id)
+        except StoreError as exc:  # the error's text stays out of the audit: pseudonyms only
+            failed, bq_state = exc, "pending: the delete failed; run `pipeline forget` again"
+        else:
+            deleted |= {f"bigquery.{t}": n for t, n in bq.items()}
+            bq_state = "deleted"
+    report = ForgetReport(subject, len(devices), deleted, at, state, bq_state)
     _append_jsonl(audit_path(settings), {"action": "forget", **report.to_dict()})
+    if failed is not None:
+        raise StoreError(
+            f"{failed}. The customer is suppressed and erased from the local store and the "
+            "processor (audit written, BigQuery pending); run `pipeline forget` again to delete "
+            "their BigQuery rows (rows in the streaming buffer can be deleted ~90 min after "
+            "their insert)"
+        ) from failed
     return report
 
 
@@ -273,7 +318,7 @@ def verify_forgotten(
     device id still stored, so rows that escaped deletion are found too.
     """
     subject = sha256_hex(customer_id)
-    hashes = {h for e in _entries(settings) if e["customer"] == subject for h in e["ids"]}
+    hashes = {h for e in _entries(settings) if e.get("customer") == subject for h in e["ids"]}
     result: dict[str, int] = {}
     stored = warehouse.query(
         "SELECT anonymous_id AS d FROM events WHERE anonymous_id IS NOT NULL "

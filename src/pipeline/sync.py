@@ -4,7 +4,9 @@ Each source keeps a watermark, the ``(updated_at, customer_id)`` of the last rec
 in ``PIPELINE_HOME/sync/<source>.json``; a sync reads only newer records, produces them with the
 idempotent producer, flushes, and only then advances the watermark. Re-running a sync
 therefore produces nothing; a crash before the watermark moves re-sends records that the
-processor applies idempotently (see :func:`merge_crm_record`).
+processor applies idempotently (see :func:`merge_crm_record`). A row dated after the clock
+(by more than :data:`CRM_CLOCK_SKEW`) is rejected, by the sync and by the processor: as the
+watermark it would hide every row saved before its date.
 
 Conflict resolution, applied by the processor through :func:`merge_crm_record`:
 
@@ -59,6 +61,10 @@ _TRAITS = {
     "email_consent": "emailConsent",
 }
 _CRM_ALWAYS_WINS = frozenset({"email", "email_consent", "loyalty_tier"})
+# How far past the clock a row's updated_at may be (the CRM's clock against ours). A later one
+# is a mistake (a typo, a local time read as UTC): as a watermark it would hide every row
+# saved before it, and as a customer's crmUpdatedAt every CRM change to them until then.
+CRM_CLOCK_SKEW = timedelta(minutes=5)
 
 
 class SyncError(PipelineError):
@@ -97,8 +103,9 @@ class CrmRecord:
     email_consent: bool | None = None
 
     @staticmethod
-    def parse(row: Mapping[str, Any], source: str) -> CrmRecord:
-        """Validate a source row; raises SyncError naming the source and customer."""
+    def parse(row: Mapping[str, Any], source: str, *, now: datetime | None = None) -> CrmRecord:
+        """Validate a source row; raises SyncError naming the source and customer. A row
+        updated later than ``now`` (the clock) and :data:`CRM_CLOCK_SKEW` is refused."""
         cid = str(row.get("customer_id") or "").strip()
         try:
             if not cid:
@@ -111,10 +118,17 @@ class CrmRecord:
                 value = row.get(name)
                 return str(value).strip() or None if value is not None else None
 
+            updated_at = _parse_time(str(row["updated_at"])).astimezone(UTC)
+            latest = (now or datetime.now(UTC)) + CRM_CLOCK_SKEW
+            if updated_at > latest:
+                raise ValueError(
+                    f"updated_at {updated_at.isoformat()} is in the future "
+                    f"(later than {latest.isoformat(timespec='seconds')})"
+                )
             email = text("email")
             return CrmRecord(
                 customer_id=cid,
-                updated_at=_parse_time(str(row["updated_at"])).astimezone(UTC),
+                updated_at=updated_at,
                 email=normalize_email(email) if email else None,
                 first_name=text("first_name"),
                 last_name=text("last_name"),
@@ -210,7 +224,8 @@ def read_sqlite(path: Path, table: str, since: str | None) -> Iterator[dict[str,
     if not table.isidentifier():
         raise SyncError(f"sync sqlite:{path.name}: bad table name {table!r}")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # percent-encoded: in a plain file: URI a '#' or '?' in the path would end it
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise SyncError(f"sync sqlite:{path.name}: cannot open {path}: {exc}") from exc
     try:
@@ -300,15 +315,23 @@ def _store_watermark(
 
 
 def sync_records(
-    settings: Settings, source: str, rows: Iterable[Mapping[str, Any]], producer: RecordProducer
+    settings: Settings,
+    source: str,
+    rows: Iterable[Mapping[str, Any]],
+    producer: RecordProducer,
+    *,
+    now: datetime | None = None,
 ) -> SyncResult:
     """Produce the rows newer than the source's watermark, then advance it.
 
     The watermark is the newest ``updated_at`` with the ids already sent at that very time: a
     row saved later in the same instant (any id) is still new, and none is sent twice. A row
     that cannot be read is reported (logged, and in the result) and skipped, so that one bad
-    row does not hold back the others; it stays in the source to be fixed there.
+    row does not hold back the others; it stays in the source to be fixed there. So is a row
+    updated after ``now`` (the clock, see :meth:`CrmRecord.parse`), which a later sync takes
+    once its time has come.
     """
+    now = now or datetime.now(UTC)
     data = _load_mark(settings, source)
     mark_at = _parse_time(data["updated_at"]) if data else None
     sent: set[str] = set(data.get("sent_at_mark", ())) if data else set()
@@ -318,7 +341,7 @@ def sync_records(
     rejected: list[str] = []
     for row in rows:
         try:
-            records.append(CrmRecord.parse(row, source))
+            records.append(CrmRecord.parse(row, source, now=now))
         except SyncError as exc:
             log.warning("%s", exc)
             rejected.append(str(exc))

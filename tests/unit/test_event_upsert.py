@@ -77,3 +77,13 @@ def test_a_missing_step_time_is_filled_from_the_other_copy(tmp_path: Path) -> No
     assert earliest_lineage({"parsed_ms": None}, {"parsed_ms": None}) == dict.fromkeys(
         ("parsed_ms", "stitched_ms", "scored_ms")
     )
+
+
+def test_the_anonymous_prefix_is_matched_case_sensitively(tmp_path: Path) -> None:
+    """'ANON:42' is a known customer's id (only 'anon:' is reserved): an anonymous event merged
+    into them is upgraded, and theirs is not taken for an anonymous one."""
+    first, again = _copies()
+    row = _row(tmp_path / "a.db", [first], [{**again, "customer_id": "ANON:42"}])
+    assert row["customer_id"] == "ANON:42"
+    row = _row(tmp_path / "b.db", [{**again, "customer_id": "Anon:7"}], [again])
+    assert row["customer_id"] == "Anon:7"

@@ -10,14 +10,23 @@ from typing import Any
 import orjson
 import pytest
 
+import pipeline.stores.follow as follow
+from pipeline.anomaly import Alert, alert_record
 from pipeline.errors import StoreError
-from pipeline.identity import sha256_hex
+from pipeline.identity import anonymous_customer_id, sha256_hex
 from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
 from pipeline.stores.follow import StoreFollower, purge_forgotten, seed_copy
 from pipeline.stores.local import LocalWarehouse
-from pipeline.stream.stages import KIND_ERASED, KIND_EVENT, KIND_LINK, KIND_PROFILE
-from pipeline.testing import make_event
+from pipeline.stream.stages import (
+    KIND_ALERT,
+    KIND_DEAD_LETTER,
+    KIND_ERASED,
+    KIND_EVENT,
+    KIND_LINK,
+    KIND_PROFILE,
+)
+from pipeline.testing import make_dead_letter, make_event
 
 
 class Message:
@@ -286,3 +295,164 @@ def test_customers_forgotten_since_a_snapshot_are_deleted_from_a_copy_started_fr
     assert not any(wh.count_customer_rows(["c1"], [], "c1").values())
     assert wh.count_customer_rows(["c2"], [], "c2")["profiles"] == 1
     assert wh.counts()["events"] == 1
+
+
+def _profile(customer: str) -> bytes:
+    profile = profile_to_dict(new_profile(customer, is_anonymous=False))
+    return orjson.dumps({**profile, "kind": KIND_PROFILE})
+
+
+def _dead_letter(offset: int, raw: str, key: str = "k") -> bytes:
+    return orjson.dumps({**make_dead_letter(offset, raw, key=key), "kind": KIND_DEAD_LETTER})
+
+
+def _alert(subject: str) -> bytes:
+    alert = Alert("bot_identity", subject, 500.0, 100.0, "warning", 1)
+    return orjson.dumps({**alert_record(alert), "kind": KIND_ALERT})
+
+
+def test_a_forgotten_customers_dead_letters_and_alerts_are_erased_and_not_written_back(
+    replica: Replica,
+) -> None:
+    """Dead letters carry a key and the raw text, alerts a subject; the processor's erasure
+    deletes them by those (a device's under its anonymous profile's tombstone), and so does a
+    replica, which also drops the ones it reads after the erasure."""
+    wh, forgotten, follower = replica
+    raw = '{"type": "identify", "anonymousId": "D", "traits": {"email": "x@example.com"}}'
+    follower._apply(
+        [
+            Message(_dead_letter(1, raw, key="D"), 0, topic="events.dlq"),
+            Message(_dead_letter(2, '{"userId": "Y"}', key="Y"), 1, topic="events.dlq"),
+            Message(_alert("D"), 0, topic="alerts"),
+            Message(_alert("Y"), 1, topic="alerts"),
+        ]
+    )
+    # forget X, who used device D: the tombstones of D's anonymous profile and of X's
+    forgotten.update(sha256_hex(k) for k in ("X", anonymous_customer_id("D")))
+    updates = "profiles.updates"
+    follower._apply(
+        [
+            Message(None, 0, topic=updates, key=b"anon:D"),
+            Message(None, 1, topic=updates, key=b"X"),
+        ]
+    )
+    assert wh.query("SELECT message_key FROM dead_letters")["message_key"].tolist() == ["Y"]
+    assert wh.query("SELECT subject FROM alerts")["subject"].tolist() == ["Y"]
+    # read late (a new replica, another topic's lag): by key, by the ids in the JSON, by a
+    # quoted id in text that is not JSON, and by an alert's subject
+    follower._apply(
+        [
+            Message(_dead_letter(3, raw, key="D"), 2, topic="events.dlq"),
+            Message(_dead_letter(4, '{"userId": "X"}', key="k"), 3, topic="events.dlq"),
+            Message(_dead_letter(5, '{"previousId": "D"}', key="k"), 4, topic="events.dlq"),
+            Message(_dead_letter(6, '{"userId": "X", "tr', key="k"), 5, topic="events.dlq"),
+            Message(_dead_letter(7, '{"userId": "Z"}', key="k"), 6, topic="events.dlq"),
+            Message(_alert("X"), 2, topic="alerts"),
+            Message(_alert("D"), 3, topic="alerts"),
+        ]
+    )
+    letters = "SELECT dead_letter_id FROM dead_letters ORDER BY dead_letter_id"
+    assert wh.query(letters)["dead_letter_id"].tolist() == ["events.raw:0:2", "events.raw:0:7"]
+    assert wh.query("SELECT subject FROM alerts")["subject"].tolist() == ["Y"]
+    assert follower.dropped == 6
+
+
+def test_a_record_whose_kind_is_not_text_is_dropped_and_the_batch_applied(
+    replica: Replica,
+) -> None:
+    wh, forgotten, follower = replica
+    forgotten.add(sha256_hex("someone"))  # the list is checked for the batch's records
+    follower._apply(
+        [
+            Message(b'{"kind": ["event"]}', 0, topic="alerts"),
+            Message(b'{"kind": {"a": 1}}', 1, topic="alerts"),
+            Message(_event("c1"), 0),
+        ]
+    )
+    assert wh.counts()["events"] == 1
+    assert (follower.applied, follower.dropped) == (1, 2)
+    assert wh.replica_positions()[("alerts", 0)] == 2
+
+
+def test_the_list_is_read_again_for_a_batch_with_an_erasure(tmp_path: Path) -> None:
+    """The list grew before the erasure was sent, but a replica's copy of it is re-read only
+    every few seconds: an erasure makes it re-read now (as the processor does), so the
+    customer's records read after it, in that batch or later ones, are not written back."""
+    published: set[str] = set()  # what forget wrote
+    cached: set[str] = set()  # what the replica last read
+    fresh_reads = []
+
+    def suppressed(*, fresh: bool = False) -> frozenset[str]:
+        fresh_reads.append(fresh)
+        if fresh:
+            cached.clear()
+            cached.update(published)
+        return frozenset(cached)
+
+    with LocalWarehouse(tmp_path / "replica.sqlite") as wh:
+        follower = StoreFollower(Settings(home=tmp_path), "127.0.0.1:9", wh, suppressed=suppressed)
+        follower._apply([Message(_profile("c1"), 0, topic="profiles.updates", key=b"c1")])
+        assert fresh_reads == [False]
+        published.add(sha256_hex("c1"))  # forget c1: the list, then the erasure
+        follower._apply(
+            [
+                Message(None, 1, topic="profiles.updates", key=b"c1"),
+                Message(_event("c1"), 0),  # sent just before the erasure
+            ]
+        )
+        follower._apply([Message(_event("c1"), 1)])  # read later, on another topic
+        follower._apply([Message(_event("c2"), 2)])
+        follower.close()
+        assert fresh_reads == [False, True, False, False]
+        assert not any(wh.count_customer_rows(["c1"], [], "c1").values())
+        assert wh.counts()["events"] == 1  # c2's
+
+
+def test_a_restarted_replica_deletes_customers_forgotten_while_it_was_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the suppression list tells: the erasure's tombstones may be compacted away by the
+    time the replica reads the topics again (``delete.retention.ms``)."""
+    path = tmp_path / "copy.sqlite"
+    with LocalWarehouse(path) as wh:
+        follower = StoreFollower(Settings(home=tmp_path), "127.0.0.1:9", wh)
+        follower._apply(
+            [
+                Message(_event("c1"), 0),
+                Message(_event("c2"), 1),
+                Message(_profile("c1"), 0, topic="profiles.updates"),
+                Message(_profile("c2"), 1, topic="profiles.updates"),
+            ]
+        )
+        follower.close()
+    ids = frozenset({sha256_hex("c1")})  # c1 forgotten meanwhile
+    monkeypatch.setattr(follow, "broker_address", lambda settings: "127.0.0.1:9")
+    monkeypatch.setattr(follow, "suppression_source", lambda s, a: lambda fresh=False: ids)
+    monkeypatch.setattr(StoreFollower, "start", lambda self: self)  # no thread, no broker
+    restarted = follow.follow_topics(Settings(home=tmp_path), path)
+    try:
+        wh = restarted._warehouse
+        assert not any(wh.count_customer_rows(["c1"], [], "c1").values())
+        assert wh.count_customer_rows(["c2"], [], "c2")["profiles"] == 1
+    finally:
+        restarted.close()
+
+
+def test_a_snapshot_whose_path_has_uri_characters_is_read(replica: Replica, tmp_path: Path) -> None:
+    """A store opened read-only is opened by URI: '#', '?' and '%' in its path are escaped
+    (unescaped, '#' or '?' ends the path, and SQLite opened, or made, another file)."""
+    wh, _, follower = replica
+    follower._apply([Message(_event("c1"), 0)])
+    snapshot = wh.snapshot(tmp_path / "snaps #1?a=%41" / "replica.sqlite")
+    assert seed_copy(snapshot, tmp_path / "copy.sqlite")
+    with LocalWarehouse(snapshot, read_only=True) as read:
+        assert read.counts()["events"] == 1
+    with LocalWarehouse(tmp_path / "copy.sqlite") as copy:
+        assert copy.counts()["events"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy.sqlite",
+        "replica.sqlite",
+        "replica.sqlite-shm",
+        "replica.sqlite-wal",
+        "snaps #1?a=%41",
+    ]

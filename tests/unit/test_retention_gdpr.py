@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from pipeline.catalog import load_catalog
+from pipeline.errors import StoreError
 from pipeline.gdpr import audit_path, forget, is_suppressed, load_suppressed, verify_forgotten
 from pipeline.identity import is_anonymous
 from pipeline.retention import apply_retention
@@ -284,3 +285,95 @@ def test_forget_finds_dead_letters_by_the_ids_in_their_json_only(
     ]
     for who in ("josé", "42"):
         assert set(verify_forgotten(who, settings, warehouse=warehouse).values()) == {0}
+
+
+def test_forget_keeps_a_shared_devices_events_of_a_customer_whose_id_looks_anonymous(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    """Only 'anon:' (in lower case) marks a device's anonymous events: 'Anon:Smith' is a
+    customer of their own, whose events on a device the forgotten customer shared stay."""
+    settings = Settings(home=tmp_path / "home")
+
+    def on_d(mid: str, customer: str, user: str | None) -> dict[str, Any]:
+        return {**_event(mid, T0_MS), "customer_id": customer, "anonymous_id": "D", "user_id": user}
+
+    warehouse.write_events(
+        [
+            on_d("z1", "Z", "Z"),
+            on_d("s1", "Anon:Smith", "Anon:Smith"),
+            on_d("s2", "ANON:D", "ANON:D"),
+            on_d("x1", "anon:D", None),
+        ]
+    )
+    forget("Z", settings, warehouse=warehouse)
+    left = warehouse.query("SELECT message_id FROM events ORDER BY message_id")
+    assert left["message_id"].tolist() == ["s1", "s2"]
+
+
+def test_a_line_cut_short_in_the_suppression_list_is_skipped_and_the_next_starts_anew(
+    tmp_path: Path, warehouse: LocalWarehouse, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forget killed (or out of disk) mid-append leaves half a line: every reader of the
+    list goes on with the other entries, and the next forget's entry is a line of its own."""
+    from pipeline.gdpr import suppression_path, suppression_source
+
+    settings = Settings(home=tmp_path / "home")
+    forget("A", settings, warehouse=warehouse)
+    with suppression_path(settings).open("ab") as f:
+        f.write(b'{"customer": "ab12", "ids": ["cd')
+    read = suppression_source(settings)
+    with caplog.at_level("WARNING", logger="pipeline.gdpr"):
+        assert is_suppressed(read(), user_id="A")
+    assert "line 2 is not a suppression entry" in caplog.text
+    forget("B", settings, warehouse=warehouse)
+    assert is_suppressed(read(fresh=True), user_id="B")
+    assert is_suppressed(load_suppressed(settings), user_id="A")
+    assert set(verify_forgotten("B", settings, warehouse=warehouse).values()) == {0}
+    assert len(suppression_path(settings).read_bytes().splitlines()) == 3
+
+
+class _BigQueryBuffering:
+    """Stands in for BigQuery whose rows about the customer are still in the streaming
+    buffer (its DML delete fails on them) until ``ready``."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+    def query(self, sql: str, params: Any = None) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"anonymous_id": ["dev-1"]})
+
+    def delete_customer(self, keys: Any, anonymous_ids: Any, user_id: str) -> dict[str, int]:
+        if not self.ready:
+            raise StoreError(
+                "BigQuery forget in events failed: 400 UPDATE or DELETE statement over table "
+                "p.d.events would affect rows in the streaming buffer, which is not supported"
+            )
+        return {"events": 2}
+
+
+def test_a_failed_bigquery_delete_leaves_the_rest_done_and_audited(
+    tmp_path: Path, warehouse: LocalWarehouse
+) -> None:
+    """BigQuery goes last: the processor's state is erased and the audit written (BigQuery
+    pending) before forget fails for it; a later run deletes the BigQuery rows."""
+    settings = Settings(home=tmp_path / "home")
+    settings.state_dir.mkdir(parents=True)
+    (settings.state_dir / "000001.sst").write_bytes(b"profile of c1")
+    warehouse.write_events([{**_event("e1", T0_MS), "anonymous_id": "dev-1", "user_id": "c1"}])
+    bq = _BigQueryBuffering()
+    with pytest.raises(StoreError, match=r"streaming buffer.*run `pipeline forget` again"):
+        forget("c1", settings, warehouse=warehouse, bigquery=bq)  # type: ignore[arg-type]
+    assert not settings.state_dir.exists()
+    assert is_suppressed(load_suppressed(settings), user_id="c1")
+    assert set(verify_forgotten("c1", settings, warehouse=warehouse).values()) == {0}
+    [audit] = [orjson.loads(line) for line in audit_path(settings).read_bytes().splitlines()]
+    assert audit["bigquery"].startswith("pending")
+    assert audit["deleted"]["local.events"] == 1 and "bigquery.events" not in audit["deleted"]
+    assert audit["processor_state"] == "state directory deleted (no broker running)"
+    assert "streaming buffer" not in str(audit)  # pseudonyms only, no error texts
+    bq.ready = True
+    report = forget("c1", settings, warehouse=warehouse, bigquery=bq)  # type: ignore[arg-type]
+    assert (report.bigquery, report.deleted["bigquery.events"]) == ("deleted", 2)
+    assert orjson.loads(audit_path(settings).read_bytes().splitlines()[-1])["bigquery"] == "deleted"

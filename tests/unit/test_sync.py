@@ -19,7 +19,9 @@ from pipeline.sync import (
     SyncError,
     load_watermark,
     merge_crm_record,
+    read_csv,
     sync_crm,
+    sync_records,
 )
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "crm_customers.csv"
@@ -222,3 +224,56 @@ def test_a_watermark_from_before_the_ids_were_kept_sends_nothing_twice(tmp_path:
     producer = ListProducer()
     assert sync_crm(settings, producer)[0].produced == 1
     assert [key for key, _ in producer.records] == ["d"]
+
+
+def test_a_row_dated_in_the_future_is_rejected_and_holds_back_no_other(tmp_path: Path) -> None:
+    """As the watermark, a row dated 2099 (a typo, a local time read as UTC) would hide every
+    later change; as a customer's crmUpdatedAt, every CRM record for them until 2099."""
+    path = tmp_path / "crm.csv"
+    now = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    soon = "2024-05-01T12:04:00Z"  # within the clocks' skew: taken
+    _write_csv(
+        path,
+        [
+            _row("c1", "2024-05-01T10:00:00Z"),
+            _row("c2", "2099-05-01T10:00:00Z"),
+            _row("c3", "2024-05-01T13:00:00Z"),  # an hour ahead: taken once it is due
+            _row("c4", soon),
+        ],
+    )
+    settings = _settings(tmp_path, crm_csv_path=path)
+    first = sync_records(settings, "csv:crm.csv", read_csv(path), ListProducer(), now=now)
+    assert first.produced == 2 and first.watermark == ("2024-05-01T12:04:00+00:00", "c4")
+    c2, c3 = first.rejected
+    assert "csv:crm.csv: bad CRM row for c2: updated_at 2099-05-01T10:00:00+00:00" in c2
+    assert "for c3:" in c3 and "is in the future" in c3
+    _write_csv(
+        path,
+        [
+            _row("c1", "2024-05-02T09:00:00Z", email_consent="false"),
+            _row("c2", "2099-05-01T10:00:00Z"),
+            _row("c3", "2024-05-01T13:00:00Z"),
+            _row("c4", soon),
+        ],
+    )
+    producer = ListProducer()
+    later = datetime(2024, 5, 2, 10, tzinfo=UTC)
+    second = sync_records(settings, "csv:crm.csv", read_csv(path), producer, now=later)
+    assert [key for key, _ in producer.records] == ["c3", "c1"]
+    assert producer.records[1][1]["email_consent"] is False
+    assert len(second.rejected) == 1
+    # the processor's check of a record on crm.customers goes through the same parse
+    with pytest.raises(SyncError, match=r"c2.*in the future"):
+        CrmRecord.parse(_row("c2", "2099-05-01T10:00:00Z"), "crm.customers")
+
+
+def test_a_sqlite_source_whose_path_has_uri_characters_is_read(tmp_path: Path) -> None:
+    folder = tmp_path / "crm #2?x=%41"
+    folder.mkdir()
+    db = folder / "crm.sqlite"
+    _crm_table(db, [_row("c1", "2024-02-01T10:00:00+00:00")])
+    settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
+    producer = ListProducer()
+    assert sync_crm(settings, producer)[0].produced == 1
+    assert [key for key, _ in producer.records] == ["c1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crm #2?x=%41", "home"]  # none made

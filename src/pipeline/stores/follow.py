@@ -21,6 +21,7 @@ after the profile's erasure notice), which is why records of suppressed customer
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -50,11 +51,18 @@ from pipeline.gdpr import (
     nobody_suppressed,
     suppression_source,
 )
+from pipeline.identity import ANON_PREFIX, anonymous_customer_id, is_anonymous
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stores.records import RecordBatch, erase, write
-from pipeline.stream.stages import KIND_ERASE, KIND_ERASED, KIND_UNLINKED
+from pipeline.stream.stages import (
+    KIND_ALERT,
+    KIND_DEAD_LETTER,
+    KIND_ERASE,
+    KIND_ERASED,
+    KIND_UNLINKED,
+)
 
 log = logging.getLogger(__name__)
 _ERASURES = frozenset(
@@ -92,13 +100,64 @@ def followed_topics(settings: Settings) -> tuple[str, ...]:
     return tuple(followed_tables(settings))
 
 
+# a dead letter's ids, as the warehouse's erasure reads them (Segment's fields, and the
+# snake_case ones of CRM records and control messages)
+_BY_ID = ("userId", "customer_id", "user_id")
+_BY_DEVICE = ("anonymousId", "previousId", "anonymous_id")
+_QUOTED = re.compile(r'(?="([^"]*)")')  # every quoted text, overlapping ones too
+
+
 def _forgotten(record: dict[str, Any], ids: AbstractSet[str]) -> bool:
+    """Whether ``record`` is about a forgotten customer: by its ids; a dead letter, by its key
+    and the ids in its raw text; an alert, by the identity it names. Those two match as
+    :meth:`LocalWarehouse.delete_customer` does, so that what the processor's erasure deletes
+    is not written back to a replica that reads it late."""
+    kind = record["kind"]
+    if kind == KIND_DEAD_LETTER:
+        return _names_forgotten(ids, record.get("key")) or _raw_forgotten(
+            record.get("raw_text"), ids
+        )
+    if kind == KIND_ALERT:
+        return _names_forgotten(ids, record.get("subject"))
     return is_suppressed(
         ids,
         customer_id=record.get("customer_id"),
         user_id=record.get("user_id"),
         anonymous_id=record.get("anonymous_id"),
     )
+
+
+def _names_forgotten(ids: AbstractSet[str], name: object) -> bool:
+    """Whether ``name`` is a forgotten customer's id or one of their devices."""
+    if type(name) is int:  # a number in JSON: its text, as SQLite casts it
+        name = str(name)
+    if type(name) is not str or not name:
+        return False
+    return sha256_hex(name) in ids or sha256_hex(anonymous_customer_id(name)) in ids
+
+
+def _raw_forgotten(raw_text: object, ids: AbstractSet[str]) -> bool:
+    """Whether a dead letter's raw text names a forgotten customer or device: in its JSON
+    fields, or where it is not JSON, anywhere in quotes."""
+    if type(raw_text) is not str:
+        return False
+    try:
+        raw = orjson.loads(raw_text)
+    except orjson.JSONDecodeError:
+        return any(_names_forgotten(ids, text) for text in _QUOTED.findall(raw_text))
+    if not isinstance(raw, dict):
+        return False
+    if any(type(v) in (str, int) and sha256_hex(str(v)) in ids for v in map(raw.get, _BY_ID)):
+        return True
+    return any(
+        type(v) is str and v and sha256_hex(anonymous_customer_id(v)) in ids
+        for v in map(raw.get, _BY_DEVICE)
+    )
+
+
+def _is_output_record(record: object) -> bool:
+    """Whether ``record`` is shaped as the processor's outputs are: an object with a kind."""
+    return isinstance(record, dict) and isinstance(record.get("kind"), str)
 
 
 class StoreFollower:
@@ -291,11 +350,9 @@ class StoreFollower:
     def _apply(self, messages: list[Any]) -> None:
         """Write one read batch in one transaction, then save how far it was read; a record the
         store cannot take (not as the processor writes it) is logged and dropped alone."""
-        records: list[dict[str, Any]] = []
-        positions: list[str] = []
+        read: list[tuple[Any, dict[str, Any]]] = []
         read_to: dict[tuple[str, int], int] = {}  # next offset per partition, once applied
         skipped = 0  # undecodable, or about a forgotten customer
-        ids = self._suppressed()
         for m in messages:
             error = m.error()
             if error is not None:
@@ -304,10 +361,18 @@ class StoreFollower:
                 continue
             read_to[(m.topic(), m.partition())] = m.offset() + 1
             record = self._record(m)
-            if not isinstance(record, dict) or "kind" not in record:  # every output has one
+            if not _is_output_record(record):
                 skipped += 1
                 log.warning("store follower: not an output record at %s:%s", m.topic(), m.offset())
                 continue
+            read.append((m, record))
+        # an erasure: the list grew before it was sent, so re-read it for the records with it
+        # and after it (as the processor does), which may be the forgotten customer's
+        erasing = any(record["kind"] in _ERASURES for _, record in read)
+        ids = self._suppressed(fresh=True) if erasing else self._suppressed()
+        records: list[dict[str, Any]] = []
+        positions: list[str] = []
+        for m, record in read:
             if ids and record["kind"] not in _ERASURES and _forgotten(record, ids):
                 skipped += 1
                 continue
@@ -325,7 +390,9 @@ class StoreFollower:
     def _record(self, message: Any) -> Any:
         """The output record a message carries (None where it carries none): its JSON value, or
         for a tombstone on a compacted table topic, the erasure it stands for: a customer's
-        profile, or a device's link (and what else the processor erased with it)."""
+        profile, or a device's link (and what else the processor erased with it). A device's
+        anonymous profile is erased with the device's rows, as stage 1's erasure under that
+        device's key does in the processor's store (its dead letters and alerts too)."""
         value, key = message.value(), message.key()
         if value is None and key:
             try:  # the processor's keys are ids; another producer's may be anything
@@ -334,6 +401,9 @@ class StoreFollower:
                 return None
             topic = message.topic()
             if topic == self._profiles:
+                if is_anonymous(erased) and len(erased) > len(ANON_PREFIX):
+                    device = erased[len(ANON_PREFIX) :]
+                    return {"kind": KIND_ERASED, "customer_id": erased, "key": device}
                 return {"kind": KIND_ERASED, "customer_id": erased}
             if topic == self._identities:  # that device's link is gone
                 return {"kind": KIND_UNLINKED, "anonymous_id": erased}
@@ -398,9 +468,10 @@ def seed_copy(seed: Path, path: Path) -> bool:
 
 def purge_forgotten(warehouse: LocalWarehouse, ids: AbstractSet[str]) -> list[str]:
     """Delete every row about the customers among ``ids`` (hashed, the suppression list) that
-    ``warehouse`` has a profile for; returns their ids. For a copy started from a snapshot:
-    a customer forgotten after it was taken may have left no erasure in the topics by now
-    (compaction drops a tombstone after ``delete.retention.ms``)."""
+    ``warehouse`` has a profile for; returns their ids. For a copy started from a snapshot, or
+    kept across a restart: a customer forgotten after it was taken, or while the replica was
+    down, may have left no erasure in the topics by now (compaction drops a tombstone after
+    ``delete.retention.ms``)."""
     if not ids:
         return []
     profiles = warehouse.query("SELECT customer_id FROM profiles")["customer_id"]
@@ -413,15 +484,16 @@ def purge_forgotten(warehouse: LocalWarehouse, ids: AbstractSet[str]) -> list[st
 def follow_topics(settings: Settings, path: Path) -> StoreFollower:
     """Start keeping the warehouse at ``path`` from the output topics of the broker the
     settings name (or a running `pipeline up`'s), forgotten customers left out; from the
-    snapshot ``settings.replica_seed`` when there is no copy yet."""
+    snapshot ``settings.replica_seed`` when there is no copy yet. Customers forgotten since
+    the copy was made or last kept (a seed, a restarted replica) are deleted from it first."""
     address = broker_address(settings)
-    seeded = settings.replica_seed is not None and seed_copy(settings.replica_seed, path)
+    if settings.replica_seed is not None:
+        seed_copy(settings.replica_seed, path)
     warehouse = LocalWarehouse(path)
     suppressed = suppression_source(settings, address)  # forgotten on any machine
-    if seeded:
-        purged = purge_forgotten(warehouse, suppressed(fresh=True))
-        if purged:
-            log.info("store follower: %d forgotten customers deleted from the seed", len(purged))
+    purged = purge_forgotten(warehouse, suppressed(fresh=True))
+    if purged:
+        log.info("store follower: %d forgotten customers deleted from the copy", len(purged))
     follower = StoreFollower(
         settings,
         address,

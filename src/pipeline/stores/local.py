@@ -21,6 +21,7 @@ import orjson
 import pandas as pd
 
 from pipeline.errors import ProfileNotFoundError, StoreError
+from pipeline.identity import ANON_PREFIX
 from pipeline.stores.rows import (
     LINEAGE_COLUMNS,
     alert_row,
@@ -171,11 +172,18 @@ CREATE TABLE IF NOT EXISTS replica_positions (
 CREATE TABLE IF NOT EXISTS replica_topics (topic TEXT PRIMARY KEY, topic_id TEXT NOT NULL);
 """
 
+
+def _anonymous(column: str) -> str:
+    """SQL: ``column`` names an anonymous profile. A prefix compared as text, not ``LIKE``,
+    which is case-insensitive in SQLite: 'Anon:Smith' is a known customer's id."""
+    return f"substr({column}, 1, {len(ANON_PREFIX)}) = '{ANON_PREFIX}'"
+
+
 # An event stored twice (anonymous, then re-attributed to its customer at a login: the two
 # records travel on different partitions, so a copy may apply either first) ends the same in
 # every copy: the known customer's attribution, and the earliest time of each lineage step
 # (its first arrival's path, not the re-attribution's).
-_PROMOTE = "(events.customer_id LIKE 'anon:%' AND excluded.customer_id NOT LIKE 'anon:%')"
+_PROMOTE = f"({_anonymous('events.customer_id')} AND NOT {_anonymous('excluded.customer_id')})"
 
 
 def _earliest(column: str) -> str:
@@ -260,6 +268,12 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _read_only_uri(path: Path) -> str:
+    """SQLite's URI opening ``path`` read-only. Percent-encoded: in a plain ``file:`` URI a
+    '#' or '?' in the path ends it and '%' starts an escape, which opens another file."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
+
+
 _SCHEDULED_COLUMNS = (
     "email_id",
     "customer_id",
@@ -302,7 +316,7 @@ class LocalWarehouse:
                         f"no warehouse at {self.path}: run `pipeline demo` or `pipeline up`"
                     )
                 self._conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30
+                    _read_only_uri(self.path), uri=True, check_same_thread=False, timeout=30
                 )
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -655,7 +669,7 @@ class LocalWarehouse:
         out = {
             "events": (
                 f"customer_id IN ({k}) OR user_id = ? "
-                f"OR (anonymous_id IN ({a}) AND customer_id LIKE 'anon:%')",
+                f"OR (anonymous_id IN ({a}) AND {_anonymous('customer_id')})",
                 [*keys, user_id, *anonymous_ids],
             ),
             "profiles": (f"customer_id IN ({k}) OR merged_into IN ({k})", [*keys, *keys]),

@@ -450,7 +450,7 @@ def serve_replicas(
             )
         producer = make_producer(settings, run.address)
         delivery = trigger_delivery(run, producer) if settings.delivery.enabled else None
-
+        # (it queues again what a previous run scheduled and did not send, as in `up`)
         scan = scan_step(run, producer, delivery)
 
         scan_done = threading.Event()

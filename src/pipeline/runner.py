@@ -313,19 +313,39 @@ def scan_step(
 ) -> Callable[[], None]:
     """One trigger scan, as run every ``triggers.scan_interval_s``: tick the segment clock,
     emit the triggers due and send their emails when delivery is on; a failure is logged and
-    retried at the next interval."""
+    retried at the next interval.
+
+    With delivery on, what a previous run scheduled and did not send is queued again first
+    (``up`` and ``up --replicas`` both build their scan here). Sending is tried at every scan
+    whatever happened to the ticks and triggers: it needs no broker.
+    """
     clock = segment_clock(run, producer)
     settings = run.settings
+    if delivery is not None:
+        recovered = delivery.recover()
+        if recovered:
+            log.info("%d scheduled emails queued again from the warehouse", recovered)
 
     def scan() -> None:
         try:
             clock.tick()
-            fresh = emit_due(run.warehouse, producer, settings.topics.triggers, settings.triggers)
+            fresh = emit_due(
+                run.warehouse,
+                producer,
+                settings.topics.triggers,
+                settings.triggers,
+                record=delivery is None,  # else recorded with their emails
+            )
             if delivery is not None:
                 delivery.schedule(fresh)
-                delivery.deliver()
         except PipelineError:
             log.warning("trigger scan failed; retried at the next interval", exc_info=True)
+        if delivery is None:
+            return
+        try:
+            delivery.deliver()
+        except PipelineError:
+            log.warning("email delivery failed; retried at the next interval", exc_info=True)
 
     return scan
 
@@ -442,12 +462,7 @@ def _process_while_broker_lives(
     suppressed = suppression_source(run.settings, run.address)
     params = run.settings.triggers
     delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
-    if delivery is not None:
-        recovered = delivery.recover()  # emails a previous run queued and did not send
-        if recovered:
-            log.info("%d scheduled emails queued again from the warehouse", recovered)
-
-    scan = scan_step(run, producer, delivery)
+    scan = scan_step(run, producer, delivery)  # (queues again what a previous run did not send)
 
     app = build_application(
         run.settings,

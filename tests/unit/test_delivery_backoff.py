@@ -23,7 +23,7 @@ from pipeline.delivery.client import DeliveryClient, MemoryEmailPlatform
 from pipeline.delivery.config import DeliverySettings
 from pipeline.delivery.payload import Delivered, DeliveryFailure, EmailPayload, idempotency_key
 from pipeline.delivery.scheduler import DeliveryScheduler, RenderJob, deliver_due
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, StoreError
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
@@ -138,6 +138,21 @@ def test_deliver_due_drops_what_keep_refuses() -> None:
     assert [o.customer for o in outcomes] == ["b"]
     assert list(platform.sent) == [idempotency_key("c", "b")]
     assert len(scheduler) == 0  # the refused job is gone too, not sent later
+
+
+def test_deliver_due_queues_the_jobs_again_when_keep_raises() -> None:
+    """``keep`` reads the store: a read that fails must not lose the jobs already popped."""
+    platform = MemoryEmailPlatform()
+    scheduler = DeliveryScheduler([RenderJob(10, _payload("a")), RenderJob(20, _payload("b"))])
+
+    def failing_keep(due: object) -> list[RenderJob]:
+        raise StoreError("query failed: database is locked")
+
+    with pytest.raises(StoreError):
+        deliver_due(scheduler, platform, 30, keep=failing_keep)
+    assert len(scheduler) == 2 and platform.calls == 0
+    outcomes, _ = deliver_due(scheduler, platform, 30)
+    assert [o.customer for o in outcomes] == ["a", "b"]
 
 
 class FakeClock:

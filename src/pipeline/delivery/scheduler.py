@@ -70,11 +70,13 @@ def deliver_due(
     keep: Callable[[Sequence[RenderJob]], Sequence[RenderJob]] | None = None,
 ) -> tuple[list[DeliveryOutcome], list[DeliveryFailure]]:
     """Send every job due at ``now_ms`` (those ``keep`` keeps, if given; the others are
-    dropped); ``(all outcomes, the failures for the dead letters)``. If the platform raises,
-    the jobs are queued again and the exception propagates."""
+    dropped); ``(all outcomes, the failures for the dead letters)``. If ``keep`` or the
+    platform raises, the jobs are queued again and the exception propagates."""
     due = scheduler.due(now_ms)
-    jobs = keep(due) if keep else due
+    jobs: Sequence[RenderJob] = due
     try:
+        if keep:
+            jobs = keep(due)  # (a read that fails in there must not lose what was popped)
         outcomes = [platform.send(job.payload) for job in jobs]
     except BaseException:
         # a platform client that raised (it should answer with a failure) loses nothing: every

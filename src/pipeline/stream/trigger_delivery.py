@@ -7,9 +7,14 @@ due through the email platform client (retries, idempotency keys). Sent emails l
 
 The queue survives restarts: each queued email is also kept in the ``scheduled_emails`` table
 (without its address) until it is sent or fails for good, and :meth:`TriggeredDelivery.recover`
-queues them again at start-up, looking the address and consent up again. An email whose row is
-gone when it falls due (``pipeline forget`` deletes the customer's) is not sent, and neither is
-one whose trigger is no longer due then (the customer ordered, or emptied the cart, since).
+queues them again at start-up. A trigger is recorded as emitted (``email_triggers``) in the
+transaction that keeps its email, so one whose email could not be rendered is emitted again by
+the next scan. When an email falls due, it is not sent if its row is gone (``pipeline forget``
+deletes the customer's), if its very trigger is no longer due (the customer ordered, emptied
+the cart, or added to it since: a newer trigger's email replaces it), or if the customer can no
+longer be emailed (consent withdrawn, no address); otherwise it goes to the customer's address
+as it is then. What is not settled when a step fails (the record of sent emails, the dead
+letters' acknowledgement) stays scheduled and is queued again.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -25,7 +30,13 @@ from confluent_kafka import Producer
 
 from pipeline.api.service import PersonalizationService
 from pipeline.delivery.client import EmailPlatform
-from pipeline.delivery.payload import Delivered, DeliveryFailure, EmailPayload, payload_for
+from pipeline.delivery.payload import (
+    Delivered,
+    DeliveryFailure,
+    EmailPayload,
+    idempotency_key,
+    payload_for,
+)
 from pipeline.delivery.scheduler import DeliveryScheduler, RenderJob, deliver_due
 from pipeline.errors import BrokerError, PipelineError, ProfileNotFoundError
 from pipeline.scoring import profile_from_dict
@@ -45,12 +56,16 @@ class DeliveryStats:
     """What the trigger delivery did since it started."""
 
     scheduled: int = 0
-    skipped_no_consent: int = 0
+    skipped_no_consent: int = 0  # no address or consent: when queued, recovered or due
     delivered: int = 0
     failed: int = 0
     recovered: int = 0
     dropped_forgotten: int = 0
     dropped_stale: int = 0  # their trigger was no longer due when the email fell due
+
+
+RENDER_TRIES = 5
+"""Scans that try a trigger's email before it is given up (a render that cannot succeed)."""
 
 
 @dataclass
@@ -67,29 +82,66 @@ class TriggeredDelivery:
     scheduler: DeliveryScheduler = field(default_factory=DeliveryScheduler)
     stats: DeliveryStats = field(default_factory=DeliveryStats)
     _pending: dict[str, tuple[EmailPayload, Mapping[str, Any]]] = field(default_factory=dict)
+    _render_failures: dict[str, int] = field(default_factory=dict)  # per trigger id
 
     def schedule(self, triggers: Sequence[Trigger]) -> int:
         """Render and queue one email per trigger; customers without an address or consent
-        are skipped. Returns how many were queued."""
-        queued: list[tuple[RenderJob, Mapping[str, Any]]] = []
+        are skipped. Returns how many were queued.
+
+        Each trigger is recorded as emitted with its email, in one transaction (a skipped one
+        too): one that could not be rendered stays unrecorded, so the next scan emits it again
+        (see :func:`~pipeline.stream.trigger_scan.emit_due`), up to :data:`RENDER_TRIES`
+        scans; then it is recorded without an email, and an error logged.
+        """
+        queued: dict[str, tuple[RenderJob, Mapping[str, Any]]] = {}
+        handled: list[Trigger] = []
         for trigger in triggers:
             try:
                 view = self.service.campaign_email(trigger.customer_id, trigger.trigger)
-            except PipelineError:
-                log.warning("cannot render %s for %s", trigger.trigger, trigger.customer_id)
+                stored = self.warehouse.get_profile(trigger.customer_id)
+            except ProfileNotFoundError:
+                # forgotten meanwhile: nothing to send, and no row to keep about them
+                log.info("%s for %s: the customer is gone", trigger.trigger, trigger.customer_id)
                 continue
-            traits = self.warehouse.get_profile(trigger.customer_id).get("traits", {})
-            if view.to is None or traits.get("emailConsent") is False:
+            except PipelineError:
+                tries = self._render_failures.get(trigger.trigger_id, 0) + 1
+                if tries < RENDER_TRIES:
+                    self._render_failures[trigger.trigger_id] = tries
+                    log.warning(
+                        "cannot render %s for %s: retried", trigger.trigger, trigger.customer_id
+                    )
+                    continue
+                log.error(
+                    "cannot render %s for %s after %d tries: given up",
+                    trigger.trigger,
+                    trigger.customer_id,
+                    tries,
+                    exc_info=True,
+                )
+                self._render_failures.pop(trigger.trigger_id, None)
+                handled.append(trigger)  # recorded: not emitted again
+                continue
+            self._render_failures.pop(trigger.trigger_id, None)
+            handled.append(trigger)
+            to = _address_of(stored)
+            if to is None:
                 self.stats.skipped_no_consent += 1
                 continue
-            payload = payload_for(view.email, view.to, trigger.trigger_id)
+            payload = payload_for(view.email, to, trigger.trigger_id)
             job = RenderJob(view.send_time.send_at_ms, payload)
-            if self._queue(job, view.email.snapshot):
-                queued.append((job, view.email.snapshot))
-        if queued:
-            self.warehouse.write_scheduled_emails(
-                [_scheduled_row(job, snapshot) for job, snapshot in queued]
-            )
+            if job.key not in self._pending:  # (the same as-of email is queued once)
+                queued[job.key] = (job, view.email.snapshot)
+        if handled:
+            # kept before it is queued: a queued email without its row would be dropped as
+            # forgotten when it falls due
+            with self.warehouse.batch():
+                if queued:
+                    self.warehouse.write_scheduled_emails(
+                        [_scheduled_row(job, snapshot) for job, snapshot in queued.values()]
+                    )
+                self.warehouse.write_triggers([t.to_dict() for t in handled])
+        for job, snapshot in queued.values():
+            self._queue(job, snapshot)
         self.stats.scheduled += len(queued)
         return len(queued)
 
@@ -122,56 +174,104 @@ class TriggeredDelivery:
         return recovered
 
     def deliver(self) -> tuple[int, int]:
-        """Send what is due now; record sent emails and dead-letter permanent failures."""
+        """Send what is due now; record sent emails and dead-letter permanent failures.
 
-        def still_wanted(jobs: Sequence[RenderJob]) -> list[RenderJob]:
-            kept = self.warehouse.still_scheduled([job.key for job in jobs])
-            for job in jobs:
-                if job.key not in kept:  # the customer was forgotten since it was queued
-                    self._pending.pop(job.key, None)
-                    self.stats.dropped_forgotten += 1
-            wanted = [job for job in jobs if job.key in kept]
-            # the send time can be days after the trigger: a customer who ordered (or
-            # emptied the cart) since is not told they left it
-            mark = watermark(self.warehouse) if wanted else None
-            stale = [job.key for job in wanted if not self._still_due(job.payload, mark)]
-            if stale:
-                self.warehouse.unschedule_emails(stale)
-                for key in stale:
-                    self._pending.pop(key, None)
-                self.stats.dropped_stale += len(stale)
-            return [job for job in wanted if job.key not in stale]
+        If recording or dead-lettering raises, the emails not settled yet stay scheduled and
+        are queued again before the exception propagates: the next scan sends them again (a
+        no-op at the platform, by their idempotency keys).
+        """
+        sending: dict[str, RenderJob] = {}
 
-        outcomes, failures = deliver_due(
-            self.scheduler, self.platform, self.clock_ms(), keep=still_wanted
-        )
+        def keep(jobs: Sequence[RenderJob]) -> list[RenderJob]:
+            wanted = self._still_wanted(jobs)
+            sending.update((job.key, job) for job in wanted)
+            return wanted
+
+        outcomes, failures = deliver_due(self.scheduler, self.platform, self.clock_ms(), keep=keep)
         sent = [o for o in outcomes if isinstance(o, Delivered)]
-        if outcomes:
-            with self.warehouse.batch():  # sent and off the schedule together
-                if sent:
+        settled: set[str] = set()
+        try:
+            if sent:
+                with self.warehouse.batch():  # sent and off the schedule together
                     self.warehouse.write_sent_emails([self._sent_row(o) for o in sent])
-                self.warehouse.unschedule_emails([o.idempotency_key for o in outcomes])
-        for failure in failures:
-            self._dead_letter(failure)
-        for outcome in outcomes:
-            self._pending.pop(outcome.idempotency_key, None)
-        self.stats.delivered += len(sent)
-        self.stats.failed += len(failures)
+                    self.warehouse.unschedule_emails([o.idempotency_key for o in sent])
+                settled.update(o.idempotency_key for o in sent)
+                self.stats.delivered += len(sent)
+            if failures:
+                # off the schedule only once every dead letter is acknowledged
+                self._dead_letter(failures)
+                self.warehouse.unschedule_emails([f.idempotency_key for f in failures])
+                settled.update(f.idempotency_key for f in failures)
+                self.stats.failed += len(failures)
+        except BaseException:
+            for key, job in sending.items():
+                if key not in settled:
+                    self.scheduler.add(job)
+            raise
+        finally:
+            for key in settled:
+                self._pending.pop(key, None)
         return len(sent), len(failures)
 
-    def _still_due(self, payload: EmailPayload, mark: int | None) -> bool:
-        """Whether the trigger behind a queued email is still due for its customer at the
-        stream's watermark ``mark``."""
+    def _still_wanted(self, jobs: Sequence[RenderJob]) -> list[RenderJob]:
+        """Of the jobs due, those to send now, each to the customer's current address; the
+        others leave the schedule. None leaves it before every read has succeeded (a read
+        that raises leaves the jobs to be queued again)."""
+        kept = self.warehouse.still_scheduled([job.key for job in jobs])
+        forgotten = [job.key for job in jobs if job.key not in kept]  # forgotten since queued
+        # the send time can be days after the trigger: a customer who ordered (or emptied the
+        # cart) since is not told they left it
+        mark = watermark(self.warehouse) if kept else None
+        wanted: list[RenderJob] = []
+        stale: list[str] = []
+        unreachable: list[str] = []
+        for job in jobs:
+            if job.key not in kept:
+                continue
+            try:
+                stored: dict[str, Any] | None = self.warehouse.get_profile(job.payload.customer)
+            except ProfileNotFoundError:
+                stored = None
+            to = None if stored is None else _address_of(stored)
+            if not self._still_due(job.payload, stored, mark):
+                stale.append(job.key)
+            elif to is None:  # consent withdrawn or address removed since it was queued
+                unreachable.append(job.key)
+            else:
+                wanted.append(job if to == job.payload.to else self._readdressed(job, to))
+        if stale or unreachable:
+            self.warehouse.unschedule_emails(stale + unreachable)
+        for key in (*forgotten, *stale, *unreachable):
+            self._pending.pop(key, None)
+        self.stats.dropped_forgotten += len(forgotten)
+        self.stats.dropped_stale += len(stale)
+        self.stats.skipped_no_consent += len(unreachable)
+        return wanted
+
+    def _still_due(
+        self, payload: EmailPayload, stored: dict[str, Any] | None, mark: int | None
+    ) -> bool:
+        """Whether the trigger behind a queued email is still due for its customer (``stored``,
+        None when gone) at the stream's watermark ``mark``: that very occurrence, not only its
+        kind (a cart added to since arms a new trigger, whose own email is the one to send)."""
         if payload.campaign not in TRIGGER_KINDS:
             return True  # not a trigger's email
-        try:
-            stored = self.warehouse.get_profile(payload.customer)
-        except ProfileNotFoundError:
+        if stored is None:
             return False
         if mark is None:
             return True
         due = due_triggers(profile_from_dict(stored), mark, self.trigger_params)
-        return any(t.trigger == payload.campaign for t in due)
+        return any(
+            idempotency_key(payload.campaign, payload.customer, t.trigger_id)
+            == payload.idempotency_key
+            for t in due
+        )
+
+    def _readdressed(self, job: RenderJob, to: str) -> RenderJob:
+        """``job`` sent to ``to``, the customer's address changed since it was queued."""
+        payload = replace(job.payload, to=to)
+        self._pending[job.key] = (payload, self._pending[job.key][1])
+        return RenderJob(job.send_at_ms, payload)
 
     def _queue(self, job: RenderJob, snapshot: Mapping[str, Any]) -> bool:
         if not self.scheduler.add(job):
@@ -182,13 +282,9 @@ class TriggeredDelivery:
     def _address(self, customer_id: str) -> str | None:
         """The customer's address if they can still be emailed (profile kept, consent)."""
         try:
-            traits = self.warehouse.get_profile(customer_id).get("traits", {})
+            return _address_of(self.warehouse.get_profile(customer_id))
         except PipelineError:
             return None
-        to = traits.get("email")
-        if not isinstance(to, str) or traits.get("emailConsent") is False:
-            return None
-        return to
 
     def _sent_row(self, outcome: Delivered) -> dict[str, object]:
         payload, snapshot = self._pending[outcome.idempotency_key]
@@ -204,12 +300,26 @@ class TriggeredDelivery:
             "snapshot": snapshot,
         }
 
-    def _dead_letter(self, failure: DeliveryFailure) -> None:
-        self.producer.produce(
-            self.dlq_topic, key=failure.customer.encode(), value=orjson.dumps(failure.to_dict())
-        )
+    def _dead_letter(self, failures: Sequence[DeliveryFailure]) -> None:
+        """Produce every failure to the dead-letter topic, then wait once for them all; raises
+        :class:`BrokerError` if any is not acknowledged (the caller keeps them scheduled)."""
+        for failure in failures:
+            self.producer.produce(
+                self.dlq_topic,
+                key=failure.customer.encode(),
+                value=orjson.dumps(failure.to_dict()),
+            )
         if self.producer.flush(30):
-            raise BrokerError(f"email dead letter not acknowledged on {self.dlq_topic!r}")
+            raise BrokerError(f"email dead letters not acknowledged on {self.dlq_topic!r}")
+
+
+def _address_of(stored: Mapping[str, Any]) -> str | None:
+    """The address of a stored profile, None if it has none or the customer withdrew consent."""
+    traits = stored.get("traits", {})
+    to = traits.get("email")
+    if not isinstance(to, str) or traits.get("emailConsent") is False:
+        return None
+    return to
 
 
 def _scheduled_row(job: RenderJob, snapshot: Mapping[str, Any]) -> dict[str, Any]:

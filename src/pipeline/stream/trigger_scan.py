@@ -3,6 +3,7 @@ and ticks of the stream's clock for segments that change with time alone (Segmen
 
 Produce first (idempotent producer, acknowledged), then record the trigger id: a crash in
 between re-emits the same id on the next scan, never loses one (see :mod:`pipeline.triggers`).
+When emails are sent for triggers, the delivery records each one with its email instead.
 """
 
 from __future__ import annotations
@@ -31,9 +32,24 @@ WHERE is_anonymous = 0 AND merged_into IS NULL
 """
 
 
+# How far event time may run ahead of the newest arrival: device clocks a little fast
+ARRIVAL_ALLOWANCE_MS = 60_000
+
+# two subqueries: each is an index lookup, where one SELECT of both maxima reads every row
+_WATERMARK = (
+    "SELECT MIN((SELECT MAX(event_ts_ms) FROM events), (SELECT MAX(ingested_ms) FROM events) + ?)"
+)
+
+
 def watermark(warehouse: LocalWarehouse) -> int | None:
-    """The stream's event-time watermark: the newest event time stored."""
-    value = warehouse.scalar("SELECT MAX(event_ts_ms) FROM events")
+    """The stream's event-time watermark: the newest event time stored, but no later than the
+    newest arrival at the broker (``ingested_ms``) plus :data:`ARRIVAL_ALLOWANCE_MS`.
+
+    Event times come from the customers' devices and are accepted up to a day in the future;
+    arrival times come from our side. Without the bound, one device with a fast clock would
+    move the stream's clock ahead for everyone and fire every pending trigger early.
+    """
+    value = warehouse.scalar(_WATERMARK, (ARRIVAL_ALLOWANCE_MS,))
     return None if value is None else int(value)
 
 
@@ -50,9 +66,18 @@ def find_due(warehouse: LocalWarehouse, params: TriggerParams) -> list[Trigger]:
 
 
 def emit_due(
-    warehouse: LocalWarehouse, producer: Producer, topic: str, params: TriggerParams
+    warehouse: LocalWarehouse,
+    producer: Producer,
+    topic: str,
+    params: TriggerParams,
+    *,
+    record: bool = True,
 ) -> list[Trigger]:
-    """Produce the triggers not emitted yet and record them; returns those emitted now."""
+    """Produce the triggers not emitted yet and record them; returns those emitted now.
+
+    ``record=False`` leaves the recording to the caller (the email delivery records a trigger
+    with its email): until then, every scan emits it again under the same id.
+    """
     emitted = set(warehouse.query("SELECT trigger_id FROM email_triggers")["trigger_id"])
     fresh = [t for t in find_due(warehouse, params) if t.trigger_id not in emitted]
     if not fresh:
@@ -66,7 +91,8 @@ def emit_due(
         )
     if producer.flush(30):
         raise BrokerError(f"triggers not acknowledged by the broker on {topic!r}")
-    warehouse.write_triggers([t.to_dict() for t in fresh])
+    if record:
+        warehouse.write_triggers([t.to_dict() for t in fresh])
     return fresh
 
 

@@ -584,11 +584,12 @@ def stage_history(
     with :func:`pipeline.scoring.apply_event` and the stage is read at every day end. Customers
     are taken in id order until ``max_events`` events, to bound the work.
     """
-    known = "" if include_anonymous else "AND customer_id NOT LIKE :anon"
+    # a prefix compared as text: LIKE is case-insensitive in SQLite ('Anon:Smith' is a customer)
+    known = "" if include_anonymous else "AND substr(customer_id, 1, :n) != :anon"
     per_customer = wh.query(
         f"SELECT customer_id, COUNT(*) AS n FROM events WHERE 1 = 1 {known} "
         "GROUP BY customer_id ORDER BY customer_id",
-        {"anon": ANON_PREFIX + "%"},
+        {"anon": ANON_PREFIX, "n": len(ANON_PREFIX)},
     )
     covered = per_customer[per_customer["n"].cumsum() <= max_events]["customer_id"].tolist()
     boundaries = [end_ms - k * DAY_MS for k in range(days - 1, -1, -1)]
@@ -597,7 +598,7 @@ def stage_history(
         events = wh.query(
             f"SELECT customer_id, payload FROM events WHERE customer_id <= :last {known} "
             "ORDER BY customer_id, event_ts_ms, message_id",
-            {"last": covered[-1], "anon": ANON_PREFIX + "%"},
+            {"last": covered[-1], "anon": ANON_PREFIX, "n": len(ANON_PREFIX)},
         )
         for customer_id, group in events.groupby("customer_id", sort=False):
             cid = str(customer_id)

@@ -246,6 +246,19 @@ def test_stage_history_ends_where_the_profiles_are(wh: LocalWarehouse) -> None:
     assert capped.customers < capped.customers_total
 
 
+def test_stage_history_counts_a_customer_whose_id_only_looks_anonymous(tmp_path: Path) -> None:
+    """'Anon:Smith' is a customer's id (the reserved prefix is 'anon:', case and all)."""
+    with LocalWarehouse(tmp_path / "w.db") as writer:
+        writer.write_events(
+            [
+                make_event(message_id="m1", customer_id="Anon:Smith").to_dict(),
+                make_event(message_id="m2", customer_id="anon:device-1").to_dict(),
+            ]
+        )
+        history = wd.stage_history(writer, PARAMS, end_ms=wd.now_ms(), days=1)
+    assert history.customers_total == 1
+
+
 def test_search_by_id_email_and_anonymous_id(wh: LocalWarehouse, result: ReplayResult) -> None:
     top = wd.search_customers(wh, "", limit=5)
     assert len(top) == 5 and top["cis"].is_monotonic_decreasing

@@ -228,6 +228,22 @@ def test_client_gives_up_after_max_attempts_and_on_permanent_4xx() -> None:
     assert isinstance(client.send(_payload("a")), Delivered)
 
 
+def test_a_refusal_quoting_the_recipient_is_logged_and_dead_lettered_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/oauth/token":
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 600})
+        return httpx.Response(422, json={"error": "mailbox A@Example.com does not exist"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handle))
+    client = DeliveryClient(CONFIG, http=http, sleep=lambda _s: None)
+    failure = client.send(_payload("a"))  # to a@example.com
+    assert isinstance(failure, DeliveryFailure) and failure.reason == "rejected"
+    assert "mailbox <recipient> does not exist" in failure.detail
+    assert "example.com" not in caplog.text.lower()
+
+
 def test_client_refreshes_token_on_401_once() -> None:
     clock = FakeClock()
     client, seen = _client([401, 202], clock)
@@ -256,6 +272,30 @@ def test_client_needs_endpoints_and_credentials() -> None:
         DeliveryClient(DeliverySettings())
     with pytest.raises(ConfigurationError):
         DeliveryClient(DeliverySettings(send_url="https://esp.test/v1/send"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://esp.example.com/v1/send",  # credentials and addresses in clear text
+        "ftp://esp.example.com/v1/send",
+        "esp.example.com/v1/send",  # not absolute
+        "https:///v1/send",  # no host
+    ],
+)
+def test_platform_urls_must_be_https_except_to_this_machine(url: str) -> None:
+    with pytest.raises(ValueError, match="http"):
+        DeliverySettings(send_url=url)
+    with pytest.raises(ValueError, match="http"):
+        DeliverySettings(send_url="https://esp.example.com/v1/send", token_url=url)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://esp.example.com/v1/send", "http://127.0.0.1:8025/send", "http://[::1]/s"]
+)
+def test_https_and_local_http_platform_urls_are_accepted(url: str) -> None:
+    assert DeliverySettings(send_url=url, token_url=url).send_url == url
+    assert DeliverySettings(send_url="http://localhost:9/v1/send").enabled
 
 
 def test_failure_record_is_json_safe() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -181,6 +182,8 @@ class DeliveryClient:
         status: int | None,
         tries: int,
     ) -> DeliveryFailure:
+        # a platform's refusal often quotes the recipient: not into logs and dead letters
+        detail = re.sub(re.escape(payload.to), "<recipient>", detail, flags=re.IGNORECASE)
         log.warning("send %s failed for good: %s (%s)", payload.idempotency_key, reason, detail)
         return DeliveryFailure(
             reason=reason,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class DeliverySettings(BaseModel):
@@ -33,6 +35,33 @@ class DeliverySettings(BaseModel):
         120.0, gt=0, description="Longest Retry-After honoured; longer waits are capped."
     )
 
+    @field_validator("send_url", "token_url")
+    @classmethod
+    def _https(cls, url: str | None) -> str | None:
+        """An absolute https URL; plain http only to this machine (a local platform or test
+        double): the token's client secret and bearer, and every address, travel in them."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an absolute http(s) URL")
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            raise ValueError(
+                f"{url!r}: plain http only to this machine (localhost); use https, since "
+                "credentials and customers' addresses travel in the requests"
+            )
+        return url
+
     @property
     def enabled(self) -> bool:
         return self.send_url is not None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (``localhost`` or a loopback address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

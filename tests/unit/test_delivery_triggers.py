@@ -22,7 +22,12 @@ from pipeline.runner import Run, scan_step
 from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
-from pipeline.stream.trigger_delivery import RENDER_TRIES, TriggeredDelivery
+from pipeline.stream.trigger_delivery import (
+    MAX_DEFERRAL_MS,
+    PAUSE_MS,
+    RENDER_TRIES,
+    TriggeredDelivery,
+)
 from pipeline.stream.trigger_scan import ARRIVAL_ALLOWANCE_MS, emit_due, find_due, watermark
 from pipeline.testing import T0_MS, make_event
 from pipeline.triggers import MINUTE_MS, Trigger
@@ -305,6 +310,76 @@ def test_permanent_failures_leave_the_schedule_only_once_all_are_dead_lettered(
         assert shop.scheduled() == 0 and len(shop.delivery.scheduler) == 0
         assert {r["customer"] for _, r in shop.producer.sent[3:]} == {"c1", "c2", "c3"}
         assert {topic for topic, _ in shop.producer.sent} == {"email.dlq"}
+    finally:
+        shop.close()
+
+
+class FlakyPlatform:
+    """The platform's HTTP API behind a real client, answering 503 while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.sends: list[str] = []  # idempotency keys, one per request
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/oauth/token":
+                return httpx.Response(200, json={"access_token": "t", "expires_in": 600})
+            self.sends.append(request.headers["Idempotency-Key"])
+            return httpx.Response(503 if self.down else 202, json={"id": "m"})
+
+        config = DeliverySettings(
+            send_url="https://esp.test/v1/send",
+            token_url="https://esp.test/oauth/token",
+            client_id="id",
+            client_secret="secret",
+        )
+        http = httpx.Client(transport=httpx.MockTransport(handle))
+        self.client = DeliveryClient(config, http=http, sleep=lambda _s: None)
+
+
+def test_an_outage_pauses_sending_and_loses_no_email(settings: Settings) -> None:
+    flaky = FlakyPlatform()
+    shop = Shop(settings, platform=flaky.client)
+    try:
+        for customer in ("c1", "c2", "c3"):
+            shop.carted(customer, T0_MS)
+        shop.event(T0_MS + 2 * HOUR)
+        assert shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params)) == 3
+        shop.now = max(row["send_at_ms"] for row in shop.warehouse.scheduled_emails())
+        assert shop.delivery.deliver() == (0, 0)
+        tries = len(flaky.sends)
+        assert len(set(flaky.sends)) == 1  # one email's retries, not every email's
+        assert shop.scheduled() == 3 and len(shop.delivery.scheduler) == 3
+        assert shop.producer.sent == [] and shop.delivery.stats.deferred == 1
+        assert shop.delivery.deliver() == (0, 0) and len(flaky.sends) == tries  # paused
+        shop.now += PAUSE_MS
+        assert shop.delivery.deliver() == (0, 0) and len(flaky.sends) == 2 * tries
+        shop.now += PAUSE_MS  # the second failure in a row pauses twice as long
+        assert shop.delivery.deliver() == (0, 0) and len(flaky.sends) == 2 * tries
+        flaky.down = False
+        shop.now += PAUSE_MS
+        assert shop.delivery.deliver() == (3, 0)
+        assert shop.scheduled() == 0 and shop.producer.sent == []
+    finally:
+        shop.close()
+
+
+def test_an_email_the_platform_still_fails_a_day_after_its_send_time_is_dead_lettered(
+    settings: Settings,
+) -> None:
+    flaky = FlakyPlatform()
+    shop = Shop(settings, platform=flaky.client)
+    try:
+        shop.carted("c1", T0_MS)
+        shop.event(T0_MS + 2 * HOUR)
+        shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
+        send_at = shop.delivery.scheduler.next_due_ms()
+        assert send_at is not None
+        shop.now = send_at + MAX_DEFERRAL_MS + 1
+        assert shop.delivery.deliver() == (0, 1)
+        [(topic, record)] = shop.producer.sent
+        assert (topic, record["reason"]) == ("email.dlq", "retries_exhausted")
+        assert shop.scheduled() == 0
     finally:
         shop.close()
 

@@ -68,16 +68,26 @@ def deliver_due(
     now_ms: int,
     *,
     keep: Callable[[Sequence[RenderJob]], Sequence[RenderJob]] | None = None,
+    stop: Callable[[DeliveryOutcome], bool] | None = None,
 ) -> tuple[list[DeliveryOutcome], list[DeliveryFailure]]:
     """Send every job due at ``now_ms`` (those ``keep`` keeps, if given; the others are
-    dropped); ``(all outcomes, the failures for the dead letters)``. If ``keep`` or the
-    platform raises, the jobs are queued again and the exception propagates."""
+    dropped); ``(all outcomes, the failures for the dead letters)``. After an outcome for
+    which ``stop`` is true (the platform is down), the jobs not tried yet are queued again as
+    they were. If ``keep`` or the platform raises, the jobs are queued again and the exception
+    propagates."""
     due = scheduler.due(now_ms)
     jobs: Sequence[RenderJob] = due
+    outcomes: list[DeliveryOutcome] = []
     try:
         if keep:
             jobs = keep(due)  # (a read that fails in there must not lose what was popped)
-        outcomes = [platform.send(job.payload) for job in jobs]
+        for index, job in enumerate(jobs):
+            outcome = platform.send(job.payload)
+            outcomes.append(outcome)
+            if stop is not None and stop(outcome):
+                for untried in jobs[index + 1 :]:
+                    scheduler.add(untried)
+                break
     except BaseException:
         # a platform client that raised (it should answer with a failure) loses nothing: every
         # job goes back on the queue, sent ones too, since their outcome is not recorded

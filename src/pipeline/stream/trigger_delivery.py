@@ -33,6 +33,7 @@ from pipeline.delivery.client import EmailPlatform
 from pipeline.delivery.payload import (
     Delivered,
     DeliveryFailure,
+    DeliveryOutcome,
     EmailPayload,
     idempotency_key,
     payload_for,
@@ -62,10 +63,20 @@ class DeliveryStats:
     recovered: int = 0
     dropped_forgotten: int = 0
     dropped_stale: int = 0  # their trigger was no longer due when the email fell due
+    deferred: int = 0  # sends that failed while the platform was down, tried again later
 
 
 RENDER_TRIES = 5
 """Scans that try a trigger's email before it is given up (a render that cannot succeed)."""
+
+PLATFORM_DOWN: frozenset[str] = frozenset({"retries_exhausted", "token_rejected", "unauthorized"})
+"""Failures that say the platform (or its identity provider) is down or our credentials are
+being rotated, not that this email is wrong: the email is tried again later."""
+PAUSE_MS = 30_000
+"""How long sending pauses after the platform failed; doubled for each failure in a row."""
+MAX_PAUSE_MS = 15 * 60_000
+MAX_DEFERRAL_MS = 24 * 3_600_000
+"""How long after its send time an email is still tried again; then it is dead-lettered."""
 
 
 @dataclass
@@ -83,6 +94,8 @@ class TriggeredDelivery:
     stats: DeliveryStats = field(default_factory=DeliveryStats)
     _pending: dict[str, tuple[EmailPayload, Mapping[str, Any]]] = field(default_factory=dict)
     _render_failures: dict[str, int] = field(default_factory=dict)  # per trigger id
+    _outages: int = 0  # deliveries in a row that found the platform down
+    _paused_until_ms: int = 0  # no sends before this (the platform was down)
 
     def schedule(self, triggers: Sequence[Trigger]) -> int:
         """Render and queue one email per trigger; customers without an address or consent
@@ -179,7 +192,17 @@ class TriggeredDelivery:
         If recording or dead-lettering raises, the emails not settled yet stay scheduled and
         are queued again before the exception propagates: the next scan sends them again (a
         no-op at the platform, by their idempotency keys).
+
+        A failure that says the platform is down (:data:`PLATFORM_DOWN`: its retries spent,
+        the token refused) stops the batch: that email and the untried ones stay queued, and
+        sending pauses, 30 s after the first such failure, twice as long after each one in a
+        row, at most 15 min, so that an outage neither dead-letters every email due during it
+        nor holds the scan in the client's retries email after email. An email still failing
+        so a day after its send time is dead-lettered.
         """
+        now = self.clock_ms()
+        if now < self._paused_until_ms:
+            return 0, 0
         sending: dict[str, RenderJob] = {}
 
         def keep(jobs: Sequence[RenderJob]) -> list[RenderJob]:
@@ -187,8 +210,28 @@ class TriggeredDelivery:
             sending.update((job.key, job) for job in wanted)
             return wanted
 
-        outcomes, failures = deliver_due(self.scheduler, self.platform, self.clock_ms(), keep=keep)
+        def deferred(outcome: DeliveryOutcome) -> bool:
+            if not isinstance(outcome, DeliveryFailure) or outcome.reason not in PLATFORM_DOWN:
+                return False
+            job = sending[outcome.idempotency_key]
+            return now - job.send_at_ms <= MAX_DEFERRAL_MS
+
+        outcomes, failures = deliver_due(
+            self.scheduler, self.platform, now, keep=keep, stop=deferred
+        )
         sent = [o for o in outcomes if isinstance(o, Delivered)]
+        if sent:
+            self._outages = 0
+        for failure in [f for f in failures if deferred(f)]:  # (the batch's last outcome)
+            failures.remove(failure)
+            self.scheduler.add(sending[failure.idempotency_key])
+            self.stats.deferred += 1
+            self._outages += 1
+            pause = min(MAX_PAUSE_MS, PAUSE_MS << min(self._outages - 1, 10))
+            self._paused_until_ms = now + pause
+            log.warning(
+                "email platform down (%s); sending paused for %d s", failure.reason, pause // 1000
+            )
         settled: set[str] = set()
         try:
             if sent:

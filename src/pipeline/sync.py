@@ -220,7 +220,9 @@ def read_csv(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_sqlite(path: Path, table: str, since: str | None) -> Iterator[dict[str, Any]]:
-    """Rows of a SQLite table changed at or after ``since`` (ISO text, UTC), oldest first."""
+    """Rows of a SQLite table changed at or after ``since`` (ISO text, UTC), oldest first, and
+    those whose ``updated_at`` is not text at all (NULL, a number), which no text comparison
+    selects: parsed, they are refused and reported, not skipped without a word."""
     if not table.isidentifier():
         raise SyncError(f"sync sqlite:{path.name}: bad table name {table!r}")
     try:
@@ -231,7 +233,8 @@ def read_sqlite(path: Path, table: str, since: str | None) -> Iterator[dict[str,
     try:
         conn.row_factory = sqlite3.Row
         cur = conn.execute(
-            f"SELECT * FROM {table} WHERE updated_at >= ? ORDER BY updated_at, customer_id",
+            f"SELECT * FROM {table} WHERE updated_at >= ? OR typeof(updated_at) != 'text' "
+            "ORDER BY updated_at, customer_id",
             (since or "",),
         )
         for row in cur:

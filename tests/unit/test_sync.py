@@ -121,6 +121,20 @@ def test_sqlite_source_with_watermark(tmp_path: Path) -> None:
     assert producer.records[0][1]["email_consent"] is False
 
 
+def test_sqlite_rows_without_a_text_updated_at_are_reported_not_skipped(tmp_path: Path) -> None:
+    db = tmp_path / "crm.sqlite"
+    _crm_table(db, [_row(c, "2024-02-01T10:00:00+00:00") for c in ("c1", "c2", "c3")])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE customers SET updated_at = NULL WHERE customer_id = 'c2'")
+        conn.execute("UPDATE customers SET updated_at = 17 WHERE customer_id = 'c3'")
+    conn.close()
+    settings = _settings(tmp_path, crm_csv_path=None, crm_sqlite_path=db)
+    producer = ListProducer()
+    [result] = sync_crm(settings, producer)
+    assert [key for key, _ in producer.records] == ["c1"]
+    assert sorted(re.findall(r"c[23]", " ".join(result.rejected))) == ["c2", "c3"]
+
+
 def test_a_bad_row_is_reported_by_source_and_customer_and_the_others_sync(
     tmp_path: Path,
 ) -> None:

@@ -252,13 +252,15 @@ def load_phase_stats(events: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame
     """Throughput and latency percentiles per offered load.
 
     ``phases`` maps ``message_id`` to ``phase`` and ``offered_rate`` (msg/s); achieved
-    throughput is clean events stored per second between the phase's first and last
-    warehouse write (NaN when they all landed in one write).
+    throughput is clean events stored per second from the phase's first arrival at the broker
+    to its last warehouse write (NaN without a span). From the first write instead, the
+    events of that write counted without the time they took to arrive: k/(k-1) too high
+    for k writes (+20% at 3 s and 0.5 s commits).
     """
     joined = events.merge(phases, on="message_id")
     rows = []
     for phase, part in joined.groupby("phase", sort=True):
-        span_s = (part["stored_ms"].max() - part["stored_ms"].min()) / 1000
+        span_s = (part["stored_ms"].max() - part["ingested_ms"].min()) / 1000
         lat = latency_percentiles(part).iloc[0]
         rows.append(
             {

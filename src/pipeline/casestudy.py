@@ -43,7 +43,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from pipeline import analysis
@@ -135,22 +135,27 @@ def cluster_bootstrap_interval(
 ) -> tuple[float, float]:
     """Percentile interval of the lift, resampling customers (one entry each) within each arm.
 
-    Resamples whose control rate is 0 have no lift and are skipped; NaN when none is left.
+    A resample whose control rate is 0 has an unbounded lift (+inf when the treatment has
+    hits): it stays in, so that with rare conversions the upper bound is +inf instead of a
+    percentile of the resamples that happened to have control hits (3 control conversions
+    gave "+50% to +1,500%" where 4.5% of resamples had none). Resamples with no hits in
+    either arm say nothing and are left out. NaN when none is left, or when the control arm
+    has no hits at all (no lift to estimate, as :func:`relative_lift` says).
     """
     h_t, n_t = np.asarray(hits_t, float), np.asarray(sends_t, float)
     h_c, n_c = np.asarray(hits_c, float), np.asarray(sends_c, float)
-    if not len(h_t) or not len(h_c) or resamples < 1:
+    if not len(h_t) or not len(h_c) or resamples < 1 or not h_c.sum():
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     rate_t = _resampled_rates(h_t, n_t, resamples, rng)
     rate_c = _resampled_rates(h_c, n_c, resamples, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lifts = rate_t / rate_c - 1.0
-    lifts = lifts[np.isfinite(lifts)]
+        lifts = rate_t / rate_c - 1.0  # x/0 = +inf, 0/0 = NaN
+    lifts = lifts[~np.isnan(lifts)]
     if not len(lifts):
         return math.nan, math.nan
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(lifts, [tail, 100 - tail])
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(lifts, [tail, 1 - tail], method="inverted_cdf")
     return float(low), float(high)
 
 
@@ -425,6 +430,14 @@ class CaseStudyParams(BaseModel):
     hour_sensitivities: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     preference_sensitivities: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+    @model_validator(mode="after")
+    def _paced_messages_left(self) -> CaseStudyParams:
+        """Latency is measured on the messages after the warm-up: some must be left (an
+        all-warm-up run failed only after the whole pipeline had run)."""
+        if self.warmup >= self.events:
+            raise ValueError(f"warmup ({self.warmup}) must be below events ({self.events})")
+        return self
+
 
 def _nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -628,7 +641,8 @@ def lift_figure(lifts: pd.DataFrame) -> go.Figure:
             error_y={
                 "type": "data",
                 "symmetric": False,
-                "array": lifts["ci_high"] - lifts["lift"],
+                # an unbounded upper end (too few control hits) draws no whisker
+                "array": (lifts["ci_high"] - lifts["lift"]).replace(np.inf, np.nan),
                 "arrayminus": lifts["lift"] - lifts["ci_low"],
             },
         )

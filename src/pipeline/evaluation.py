@@ -12,6 +12,7 @@ averaged over the customers evaluated. The personalized recommender is compared 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ class PrecisionReport:
 
     @property
     def lift(self) -> float:
-        """``personalized / baseline`` (infinite when the baseline scores 0)."""
-        return self.personalized / self.baseline if self.baseline > 0 else float("inf")
+        """``personalized / baseline``: infinite when only the baseline scores 0, NaN when
+        both do or no customer was evaluated (no evidence either way)."""
+        if self.baseline > 0:
+            return self.personalized / self.baseline
+        return float("inf") if self.personalized > 0 else math.nan
 
 
 def compare_with_baseline(
@@ -105,7 +109,7 @@ def compare_with_baseline(
         personal.append(precision_at_k([r.product_id for r in recs], catalog, truth, bands, k=k))
         baseline.append(precision_at_k([r.product_id for r in popular], catalog, truth, bands, k=k))
     if not personal:
-        return PrecisionReport(k=k, customers=0, personalized=0.0, baseline=0.0)
+        return PrecisionReport(k=k, customers=0, personalized=math.nan, baseline=math.nan)
     return PrecisionReport(
         k=k,
         customers=len(personal),

@@ -91,6 +91,25 @@ def test_cluster_bootstrap_is_seeded_and_brackets_the_lift() -> None:
     assert a[0] < lift < a[1]
 
 
+def test_cluster_bootstrap_upper_bound_is_unbounded_when_control_hits_are_rare() -> None:
+    """3 control conversions among 300 customers: about 5% of resamples have none, so the
+    lift's 97.5th percentile is +inf, not a percentile of the resamples that had some."""
+    sends = [4] * 300
+    hits_t, hits_c = [1] * 13 + [0] * 287, [1] * 3 + [0] * 297
+    low, high = cluster_bootstrap_interval(hits_t, sends, hits_c, sends, resamples=2000, seed=0)
+    assert math.isfinite(low) and high == math.inf
+    # plenty of control hits: finite both ways
+    hits_c = [1] * 40 + [0] * 260
+    low, high = cluster_bootstrap_interval(hits_t, sends, hits_c, sends, resamples=2000, seed=0)
+    assert math.isfinite(low) and math.isfinite(high)
+
+
+def test_a_case_study_needs_messages_after_its_warm_up() -> None:
+    with pytest.raises(ValueError, match="warmup"):
+        CaseStudyParams(events=400)  # the default warm-up is 500
+    assert CaseStudyParams(events=501).warmup == 500
+
+
 def test_cluster_bootstrap_widens_when_customers_differ() -> None:
     """Same totals; all of a customer's emails respond alike: wider than independent emails."""
     sends = [4] * 500
@@ -208,7 +227,7 @@ def test_results_json_has_every_figure_and_no_nan(tmp_path: Path) -> None:
     per_customer = _per_customer()
     lifts = lift_table(per_customer, resamples=100, seed=0)
     result = CaseStudyResult(
-        params=CaseStudyParams(events=10),
+        params=CaseStudyParams(events=10, warmup=0),
         behaviour_model=behaviour_model.__doc__ or "",
         pipeline={"events_stored": 3},
         peak_hours_utc=(19,),

@@ -5,10 +5,11 @@ The hit rule and precision@10 are defined in :mod:`pipeline.evaluation`.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 from pipeline.catalog import load_catalog
-from pipeline.evaluation import compare_with_baseline, is_hit, precision_at_k
+from pipeline.evaluation import PrecisionReport, compare_with_baseline, is_hit, precision_at_k
 from pipeline.recommend import signals_from_events
 from pipeline.scoring import profile_from_dict
 from pipeline.simulate import SimulationConfig, TruePreferences, simulate
@@ -67,3 +68,10 @@ def test_personalized_precision_beats_popularity() -> None:
     assert report.personalized >= 0.4
     assert report.personalized >= 3 * report.baseline
     assert report.personalized - report.baseline >= 0.25
+
+
+def test_no_evidence_is_no_lift() -> None:
+    """No customer evaluated, or neither arm hitting anything, is not an infinite lift."""
+    assert math.isnan(PrecisionReport(k=10, customers=0, personalized=0.0, baseline=0.0).lift)
+    assert PrecisionReport(k=10, customers=5, personalized=0.2, baseline=0.0).lift == math.inf
+    assert PrecisionReport(k=10, customers=5, personalized=0.2, baseline=0.1).lift == 2.0

@@ -168,7 +168,7 @@ def pick_customer(path: str, linked: str, *, key: str, show_match: bool = False)
     if linked and text == linked and linked not in labels:
         options.insert(0, linked)
     if not options:
-        st.warning(f"No customer matches {text!r}.")
+        st.warning(f"No customer matches {wd.plain(repr(text))}.")
         st.stop()
     chosen: str = st.selectbox(
         "Customer",

@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
@@ -44,11 +44,32 @@ class ReportResult:
 
 
 def parse_value(text: str) -> Any:
-    """A ``-p`` value: a Python literal (number, bool, None, list, dict, string) or raw text."""
+    """A ``-p`` value: a Python literal (number, bool, None, list, dict, string) or raw text.
+
+    Raises ValueError for a literal papermill cannot inject as itself (a tuple, a set, bytes,
+    a complex number: ``50,000`` is the tuple ``(50, 0)``), which would reach the notebook
+    as its text."""
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
+    if not _plain(value):
+        raise ValueError(
+            f"{text!r} reads as a {type(value).__name__}, which a notebook parameter cannot be: "
+            "write a number without separators, a list [a, b], a dict, or quote it as text"
+        )
+    return value
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a value papermill writes into a parameters cell as itself."""
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if type(value) is list:
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
 
 
 def parse_parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -158,7 +179,12 @@ def run_report(
     """Execute ``notebook`` with ``parameters`` (kernel python3) and export it to HTML;
     ``kernel_env`` is added to the kernel's environment (see :func:`caller_environment`).
     ``date`` names the folder (default: today in UTC), ``name`` the files (default: the
-    notebook's); a second run of the same day and name replaces the first (a retry).
+    notebook's); a second run of the same day and name replaces the first (a retry). With a
+    ``date`` and no ``end`` among the parameters, a notebook that takes an ``end`` day (its
+    simulated period ends at 00:00 UTC of it) gets the day after ``date``: the report filed
+    under a day covers the days up to and including it, whichever day it runs (a retry, a
+    backfill). A parameter the notebook does not declare is refused (a misspelt name would
+    run with the default without a word).
 
     A failing cell still leaves the executed notebook and its HTML (showing the error) in
     place for whoever reads the report, then raises :class:`ReportError`.
@@ -166,12 +192,21 @@ def run_report(
     notebook = Path(notebook)
     if not notebook.is_file():
         raise ReportError(f"report: no notebook at {notebook}")
+    declared = papermill.inspect_notebook(str(notebook))
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ReportError(
+            f"report {notebook.name}: no parameter named {', '.join(map(repr, unknown))} "
+            f"(it takes {', '.join(declared) or 'none'})"
+        )
+    params = dict(parameters)
+    if date is not None and "end" in declared and "end" not in params:
+        params["end"] = (date + timedelta(days=1)).isoformat()
     day = date or datetime.now(UTC).date()
     executed, html = report_paths(notebook, Path(output_root), day, name)
     executed.parent.mkdir(parents=True, exist_ok=True)
     for earlier in (executed, html):  # a retry: a failure must not show the earlier run's
         earlier.unlink(missing_ok=True)
-    params = dict(parameters)
     try:
         with _environment(kernel_env or {}):
             papermill.execute_notebook(

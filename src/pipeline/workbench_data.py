@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import re
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -82,6 +83,16 @@ def open_warehouse(path: Path) -> LocalWarehouse | None:
 
 def _to_time(ms: pd.Series) -> pd.Series:
     return pd.to_datetime(ms, unit="ms", utc=True)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def plain(text: object) -> str:
+    """``text`` for Streamlit's Markdown (headers, captions) shown as written: profile traits
+    and email subjects come from visitors, and a name such as ``![x](https://...)`` would
+    make the marketer's browser load an image, or show a link, ``$...$`` would be LaTeX."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
 
 
 def _like_escape(text: str) -> str:

@@ -16,6 +16,25 @@ from pipeline.settings import Settings
 WORKBENCH_APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
 
 
+def streamlit_options(settings: Settings) -> list[str]:
+    """The options of ``streamlit run`` for the workbench (deploy/kubernetes sets the same)."""
+    return [
+        "--server.headless",
+        "true",
+        "--server.address",
+        settings.workbench_host,
+        "--server.port",
+        str(settings.workbench_port),
+        "--browser.gatherUsageStats",
+        "false",
+        # the tables' own CSV download does not neutralize formulas (a visitor's name
+        # "=HYPERLINK(...)" runs in the marketer's spreadsheet); the Segments page's Export
+        # CSV does (workbench_data.members_csv)
+        "--client.disableDataExport",
+        "true",
+    ]
+
+
 def start_workbench(settings: Settings) -> tuple[Callable[[], None], str]:
     """Run ``streamlit run workbench/app.py`` for this deployment; returns (stop, url).
 
@@ -32,14 +51,7 @@ def start_workbench(settings: Settings) -> tuple[Callable[[], None], str]:
             "streamlit",
             "run",
             str(WORKBENCH_APP),
-            "--server.headless",
-            "true",
-            "--server.address",
-            settings.workbench_host,
-            "--server.port",
-            str(settings.workbench_port),
-            "--browser.gatherUsageStats",
-            "false",
+            *streamlit_options(settings),
         ],
         env=env,
         stdout=subprocess.DEVNULL,

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from pipeline.cli import app
 from pipeline.settings import Settings
+from pipeline.workbench_process import streamlit_options
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
@@ -483,3 +484,17 @@ def test_every_http_probe_of_the_collector_and_the_api_is_a_route_they_serve(
     collector = next(c for c in _containers() if c.id == "pipeline-collector/collector")
     assert collector.spec["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert collector.spec["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_the_workbench_pod_runs_streamlit_with_the_options_of_pipeline_up() -> None:
+    """The same `streamlit run` options as `pipeline up` (table CSV export off, among them),
+    but for the address and port a pod listens on."""
+    [workbench] = [c for c in _containers() if c.spec["name"] == "workbench"]
+    args = workbench.spec["args"]
+    deployed = dict(zip(args[2::2], args[3::2], strict=True))
+    local = streamlit_options(Settings())
+    expected = dict(zip(local[::2], local[1::2], strict=True))
+    for listen in ("--server.address", "--server.port"):
+        deployed.pop(listen), expected.pop(listen)
+    assert deployed == expected
+    assert expected["--client.disableDataExport"] == "true"

@@ -122,3 +122,50 @@ def test_a_retry_that_fails_before_running_never_shows_the_earlier_run(
         run_report(notebook, {}, tmp_path / "reports", date=date(2026, 3, 1))
     assert "see" not in str(failed.value)
     assert not (folder / "n.ipynb").exists() and not (folder / "n.html").exists()
+
+
+@pytest.mark.parametrize("text", ["500, 1000", "50,000", "{1, 2}", "b'x'", "1j", "[(1, 2)]"])
+def test_values_papermill_would_inject_as_text_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="notebook parameter"):
+        parse_value(text)
+
+
+def _notebook_with_parameters(path: Path, source: str) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("print(end)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "P"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_parameter_the_notebook_does_not_take_is_refused(tmp_path: Path) -> None:
+    notebook = _notebook_with_parameters(tmp_path / "n.ipynb", 'events = 10\nend = ""')
+    with pytest.raises(ReportError, match=r"no parameter named 'event'.*events, end"):
+        run_report(notebook, {"event": 5}, tmp_path / "reports")
+
+
+def test_a_dated_report_covers_the_days_up_to_its_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--date D` alone: the simulated period ends at 00:00 UTC of D + 1 (D included), so a
+    retry or a backfill of D simulates the same days whenever it runs; `-p end` still wins."""
+    import papermill
+
+    notebook = _notebook_with_parameters(tmp_path / "n.ipynb", 'events = 10\nend = ""')
+    seen: list[dict[str, object]] = []
+
+    def execute(*args: object, parameters: dict[str, object], **kwargs: object) -> None:
+        seen.append(dict(parameters))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    for params, day in (({}, date(2026, 1, 5)), ({"end": "2025-12-01"}, date(2026, 1, 5))):
+        with pytest.raises(ReportError):
+            run_report(notebook, params, tmp_path / "reports", date=day)
+    with pytest.raises(ReportError):
+        run_report(notebook, {}, tmp_path / "reports")  # no date: the notebook's own default
+    assert seen == [{"end": "2026-01-06"}, {"end": "2025-12-01"}, {}]

@@ -448,3 +448,23 @@ def test_live_latency_reads_an_even_sample_of_a_busy_window(
     chart = wd.latency_over_time(reader, now_ms=now + 2_000, minutes=60)
     assert chart["events"].sum() == len(rows) * step
     reader.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "![pixel](https://attacker.example/p.png?who=marketer) Ann",
+        "[Re-login](https://attacker.example/login) *now* `x` <b>y</b> $E=mc^2$ :red[z]",
+        "# Ann_Lee \\ | ~~",
+    ],
+)
+def test_visitors_text_is_shown_as_written_not_as_markdown(text: str) -> None:
+    """Names and subjects come from visitors: rendered as CommonMark (as Streamlit's headers
+    are), the escaped text is the text itself, with no image, link or emphasis."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").renderInline(wd.plain(text))
+    assert "<img" not in rendered and "<a " not in rendered and "<em>" not in rendered
+    assert html.unescape(rendered) == text

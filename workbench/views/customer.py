@@ -29,11 +29,17 @@ except ProfileNotFoundError as exc:
 profile = view.profile
 traits = profile.get("traits") or {}
 name = " ".join(str(traits[k]) for k in ("firstName", "lastName") if traits.get(k))
-st.header(name or view.customer_id)
+st.header(wd.plain(name or view.customer_id))
 st.caption(
-    f"{view.customer_id} · {traits.get('email') or 'no e-mail'} · timezone "
-    f"{profile.get('timezone') or 'unknown'}"
-    + (f" · opened via {view.requested_id}" if view.requested_id != view.customer_id else "")
+    wd.plain(
+        f"{view.customer_id} · {traits.get('email') or 'no e-mail'} · timezone "
+        f"{profile.get('timezone') or 'unknown'}"
+    )
+    + (
+        f" · opened via {wd.plain(view.requested_id)}"
+        if view.requested_id != view.customer_id
+        else ""
+    )
     + (" · anonymous visitor" if profile.get("is_anonymous") else "")
 )
 row = st.columns(6)
@@ -127,7 +133,7 @@ else:
     fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, height=420)
     st.plotly_chart(fig, key="cust_graph")
     st.dataframe(view.identities, hide_index=True, key="cust_identities")
-st.caption(f"Devices seen: {profile.get('devices') or {}}")
+st.caption(wd.plain(f"Devices seen: {profile.get('devices') or {}}"))
 
 with st.expander("Traits and stored profile"):
     st.json(traits, expanded=True)

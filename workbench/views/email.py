@@ -46,14 +46,16 @@ def show_preview(path: str, customer_id: str, campaign_id: str) -> None:
         st.error(str(exc))
         return
     email, send = rendered.email, rendered.send_time
-    st.header(email.subject)
-    st.caption(f"Preheader: {email.preheader}")
+    st.header(wd.plain(email.subject))
+    st.caption(f"Preheader: {wd.plain(email.preheader)}")
     as_of = datetime.fromtimestamp(email.snapshot["as_of_ms"] / 1000, UTC)
     key = rendered.idempotency_key or "one per trigger occurrence"
     st.caption(
-        f"To {rendered.to or 'no e-mail address'} · customer {email.customer_id} · campaign "
-        f"{email.campaign_id} · rendered as of {as_of:%Y-%m-%d %H:%M:%S} UTC · delivery key "
-        f"{key}"
+        wd.plain(
+            f"To {rendered.to or 'no e-mail address'} · customer {email.customer_id} · "
+            f"campaign {email.campaign_id} · rendered as of {as_of:%Y-%m-%d %H:%M:%S} UTC · "
+            f"delivery key {key}"
+        )
     )
     local, utc = send.local_time, send.send_at
     row = st.columns(4)

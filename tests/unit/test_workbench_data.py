@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline import lineage
 from pipeline import workbench_data as wd
 from pipeline.catalog import load_catalog
 from pipeline.errors import ProfileNotFoundError
@@ -122,6 +123,34 @@ def test_latency_is_storage_minus_broker_time(tmp_path: Path) -> None:
     over_time = wd.latency_over_time(wh, now_ms=wd.now_ms(), minutes=1, bucket_s=5)
     assert over_time["events"].sum() == 10
     assert (over_time["p50"] >= 1000).all()
+
+
+def test_step_latency_of_a_busy_window_reads_a_sample_and_estimates_the_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "warehouse.sqlite"
+    now = wd.now_ms()
+    with LocalWarehouse(path) as writer:
+        events = []
+        for i in range(1_000):
+            record = make_event(ingested_ms=now - 500, customer_id=f"c{i % 7}").to_dict()
+            record.update(parsed_ms=now - 490, stitched_ms=now - 400, scored_ms=now - 300)
+            events.append(record)
+        writer.write_events(events)
+    wh = wd.open_warehouse(path)
+    assert wh is not None
+    monkeypatch.setattr(wd, "LATENCY_ROWS_MAX", 100)
+    read: list[int] = []
+    original = lineage.step_latency
+    monkeypatch.setattr(
+        lineage, "step_latency", lambda rows: read.append(len(rows)) or original(rows)
+    )
+    table = wd.step_latency(wh, since_ms=now - 60_000).set_index("step")
+    assert read == [100]  # every tenth row
+    assert (
+        table.loc["dedupe + stitch", "n"] == 1_000 and table.loc["dedupe + stitch", "p50_ms"] == 90
+    )
+    wh.close()
 
 
 def test_step_latency_reads_each_stored_events_path(tmp_path: Path) -> None:

@@ -95,6 +95,22 @@ def parameters_from_args(args: Sequence[str]) -> dict[str, Any]:
     return parse_parameters(pairs)
 
 
+def declared_parameters(notebook: Path) -> list[str] | None:
+    """The names the notebook's ``parameters`` cell assigns, in order; None without one
+    (papermill then injects the parameters at the top, and there is nothing to check)."""
+    nb = nbformat.read(notebook, as_version=4)  # type: ignore[no-untyped-call]
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            names: list[str] = []
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if isinstance(node, ast.AnnAssign):
+                    targets = [node.target]
+                names.extend(t.id for t in targets if isinstance(t, ast.Name))
+            return names
+    return None
+
+
 def report_paths(
     notebook: Path, output_root: Path, day: date, name: str | None = None
 ) -> tuple[Path, Path]:
@@ -192,15 +208,15 @@ def run_report(
     notebook = Path(notebook)
     if not notebook.is_file():
         raise ReportError(f"report: no notebook at {notebook}")
-    declared = papermill.inspect_notebook(str(notebook))
-    unknown = sorted(set(parameters) - set(declared))
+    declared = declared_parameters(notebook)
+    unknown = sorted(set(parameters) - set(declared)) if declared is not None else []
     if unknown:
         raise ReportError(
             f"report {notebook.name}: no parameter named {', '.join(map(repr, unknown))} "
-            f"(it takes {', '.join(declared) or 'none'})"
+            f"(it takes {', '.join(declared or ()) or 'none'})"
         )
     params = dict(parameters)
-    if date is not None and "end" in declared and "end" not in params:
+    if date is not None and declared and "end" in declared and "end" not in params:
         params["end"] = (date + timedelta(days=1)).isoformat()
     day = date or datetime.now(UTC).date()
     executed, html = report_paths(notebook, Path(output_root), day, name)

@@ -139,10 +139,16 @@ def _key(trigger: Trigger) -> str:
 def _rejecting_platform() -> DeliveryClient:
     """A platform that refuses every email for good (422)."""
 
+    return _platform(lambda _request: httpx.Response(422, json={"error": "invalid recipient"}))
+
+
+def _platform(answer: Callable[[httpx.Request], httpx.Response]) -> DeliveryClient:
+    """A real delivery client whose platform ``answer``s each send (tokens always granted)."""
+
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/oauth/token":
             return httpx.Response(200, json={"access_token": "t", "expires_in": 600})
-        return httpx.Response(422, json={"error": "invalid recipient"})
+        return answer(request)
 
     config = DeliverySettings(
         send_url="https://esp.test/v1/send",
@@ -321,20 +327,11 @@ class FlakyPlatform:
         self.down = True
         self.sends: list[str] = []  # idempotency keys, one per request
 
-        def handle(request: httpx.Request) -> httpx.Response:
-            if request.url.path == "/oauth/token":
-                return httpx.Response(200, json={"access_token": "t", "expires_in": 600})
+        def answer(request: httpx.Request) -> httpx.Response:
             self.sends.append(request.headers["Idempotency-Key"])
             return httpx.Response(503 if self.down else 202, json={"id": "m"})
 
-        config = DeliverySettings(
-            send_url="https://esp.test/v1/send",
-            token_url="https://esp.test/oauth/token",
-            client_id="id",
-            client_secret="secret",
-        )
-        http = httpx.Client(transport=httpx.MockTransport(handle))
-        self.client = DeliveryClient(config, http=http, sleep=lambda _s: None)
+        self.client = _platform(answer)
 
 
 def test_an_outage_pauses_sending_and_loses_no_email(settings: Settings) -> None:

@@ -222,15 +222,17 @@ def test_forget_without_a_running_broker_deletes_the_processor_state(
     assert forget("c1", settings, warehouse=warehouse).processor_state == "no processor state"
 
 
+def on_d(mid: str, customer: str, user: str | None) -> dict[str, Any]:
+    """An event of ``customer`` (signed in as ``user``, if any) on the shared device D."""
+    return {**_event(mid, T0_MS), "customer_id": customer, "anonymous_id": "D", "user_id": user}
+
+
 def test_forget_keeps_another_customers_rows_on_a_shared_device(
     tmp_path: Path, warehouse: LocalWarehouse
 ) -> None:
     """A signed in on device D once; B uses D now. B's events and link stay, D's anonymous
     events go, and so does everything of A's."""
     settings = Settings(home=tmp_path / "home")
-
-    def on_d(mid: str, customer: str, user: str | None) -> dict[str, Any]:
-        return {**_event(mid, T0_MS), "customer_id": customer, "anonymous_id": "D", "user_id": user}
 
     warehouse.write_events(
         [
@@ -293,9 +295,6 @@ def test_forget_keeps_a_shared_devices_events_of_a_customer_whose_id_looks_anony
     """Only 'anon:' (in lower case) marks a device's anonymous events: 'Anon:Smith' is a
     customer of their own, whose events on a device the forgotten customer shared stay."""
     settings = Settings(home=tmp_path / "home")
-
-    def on_d(mid: str, customer: str, user: str | None) -> dict[str, Any]:
-        return {**_event(mid, T0_MS), "customer_id": customer, "anonymous_id": "D", "user_id": user}
 
     warehouse.write_events(
         [

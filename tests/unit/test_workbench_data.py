@@ -128,17 +128,8 @@ def test_latency_is_storage_minus_broker_time(tmp_path: Path) -> None:
 def test_step_latency_of_a_busy_window_reads_a_sample_and_estimates_the_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "warehouse.sqlite"
     now = wd.now_ms()
-    with LocalWarehouse(path) as writer:
-        events = []
-        for i in range(1_000):
-            record = make_event(ingested_ms=now - 500, customer_id=f"c{i % 7}").to_dict()
-            record.update(parsed_ms=now - 490, stitched_ms=now - 400, scored_ms=now - 300)
-            events.append(record)
-        writer.write_events(events)
-    wh = wd.open_warehouse(path)
-    assert wh is not None
+    wh = _traced_warehouse(tmp_path, now, [now - 400] * 1_000)
     monkeypatch.setattr(wd, "LATENCY_ROWS_MAX", 100)
     read: list[int] = []
     original = lineage.step_latency
@@ -153,18 +144,23 @@ def test_step_latency_of_a_busy_window_reads_a_sample_and_estimates_the_count(
     wh.close()
 
 
-def test_step_latency_reads_each_stored_events_path(tmp_path: Path) -> None:
-    path = tmp_path / "warehouse.sqlite"
-    now = wd.now_ms()
-    with LocalWarehouse(path) as writer:
+def _traced_warehouse(tmp_path: Path, now: int, stitched_ms: list[int]) -> LocalWarehouse:
+    """A warehouse of one event per ``stitched_ms``, each with its path through the steps."""
+    with LocalWarehouse(tmp_path / "warehouse.sqlite") as writer:
         events = []
-        for i in range(4):
+        for i, stitched in enumerate(stitched_ms):
             record = make_event(ingested_ms=now - 500, customer_id=f"c{i}").to_dict()
-            record.update(parsed_ms=now - 490, stitched_ms=now - 400 + 10 * i, scored_ms=now - 300)
+            record.update(parsed_ms=now - 490, stitched_ms=stitched, scored_ms=now - 300)
             events.append(record)
         writer.write_events(events)
-    wh = wd.open_warehouse(path)
+    wh = wd.open_warehouse(tmp_path / "warehouse.sqlite")
     assert wh is not None
+    return wh
+
+
+def test_step_latency_reads_each_stored_events_path(tmp_path: Path) -> None:
+    now = wd.now_ms()
+    wh = _traced_warehouse(tmp_path, now, [now - 400 + 10 * i for i in range(4)])
     table = wd.step_latency(wh, since_ms=now - 60_000).set_index("step")
     assert table.loc["validate + enrich", "p50_ms"] == 10
     assert table.loc["dedupe + stitch", "p50_ms"] == 105  # 90, 100, 110, 120

@@ -316,17 +316,33 @@ def scan_step(
     retried at the next interval.
 
     With delivery on, what a previous run scheduled and did not send is queued again first
-    (``up`` and ``up --replicas`` both build their scan here). Sending is tried at every scan
-    whatever happened to the ticks and triggers: it needs no broker.
+    (``up`` and ``up --replicas`` both build their scan here), at every scan until that
+    succeeds. Sending is tried at every scan whatever happened to the ticks and triggers: it
+    needs no broker.
     """
     clock = segment_clock(run, producer)
     settings = run.settings
-    if delivery is not None:
-        recovered = delivery.recover()
+    unrecovered = delivery  # until recover() has succeeded once
+
+    def recover() -> None:
+        nonlocal unrecovered
+        if unrecovered is None:
+            return
+        try:
+            recovered = unrecovered.recover()
+        except PipelineError:
+            log.warning(
+                "scheduled emails not queued again; retried at the next scan", exc_info=True
+            )
+            return
+        unrecovered = None
         if recovered:
             log.info("%d scheduled emails queued again from the warehouse", recovered)
 
+    recover()
+
     def scan() -> None:
+        recover()
         try:
             clock.tick()
             fresh = emit_due(

@@ -240,3 +240,24 @@ def best_send_time(
         observations=n,
         fallback=n <= 0,
     )
+
+
+def open_slot_ms(slot_ms: int, now_ms: int, tz: str) -> int:
+    """When to send an email planned for the local hour that starts at ``slot_ms``, at
+    ``now_ms``: ``slot_ms`` while that hour lasts; once it is over (the process was down, the
+    platform too), the same local time on the first later day whose hour has not ended yet.
+
+    A missed send time keeps the customer's best hour instead of going out at whatever local
+    hour the sender came back (3 am). Days are counted on the local wall clock, so the hour
+    stays put across a daylight-saving change (one that starts in a spring-forward gap is
+    read with the offset before the jump, as :func:`datetime.timestamp` does).
+    """
+    if now_ms < slot_ms + HOUR_MS:
+        return slot_ms
+    local = datetime.fromtimestamp(slot_ms / 1000, _zone(tz))
+    days = max(1, (now_ms - slot_ms) // DAY_MS - 1)  # (a day's wall clock is 23 to 25 h)
+    while True:
+        at_ms = round((local + timedelta(days=days)).timestamp() * 1000)
+        if now_ms < at_ms + HOUR_MS:
+            return at_ms
+        days += 1

@@ -38,6 +38,13 @@ class TriggerParams(BaseModel):
         "re-evaluations of every customer's time-dependent segments by the scan.",
     )
     browse_views_kept: int = Field(5, ge=1)
+    max_age_hours: float = Field(
+        72.0,
+        gt=0,
+        description="How long after it fell due a trigger is still emailed: one older is not "
+        "emitted (triggers switched on over an old store, a long outage), and its email, if "
+        "it missed its send time, is dropped rather than planned for another day.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +112,11 @@ def due_triggers(profile: Profile, watermark_ms: int, params: TriggerParams) -> 
                 )
             )
     return out
+
+
+def expired(trigger: Trigger, watermark_ms: int, params: TriggerParams) -> bool:
+    """Whether ``trigger`` fell due more than ``max_age_hours`` before the stream's clock
+    (``watermark_ms`` less the grace period, as in :func:`due_triggers`): a reminder of a cart
+    left weeks ago is noise, and a privacy surprise."""
+    now = watermark_ms - int(params.grace_minutes * MINUTE_MS)
+    return now - trigger.due_ms > int(params.max_age_hours * 60 * MINUTE_MS)

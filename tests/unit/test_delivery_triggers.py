@@ -23,7 +23,6 @@ from pipeline.scoring import new_profile, profile_to_dict
 from pipeline.settings import Settings
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stream.trigger_delivery import (
-    MAX_DEFERRAL_MS,
     PAUSE_MS,
     RENDER_TRIES,
     TriggeredDelivery,
@@ -33,7 +32,7 @@ from pipeline.testing import T0_MS, make_event
 from pipeline.triggers import MINUTE_MS, Trigger
 
 HOUR = 60 * MINUTE_MS
-WEEK = 7 * 24 * HOUR
+DAY = 24 * HOUR
 
 
 class Producer:
@@ -114,6 +113,10 @@ class Shop:
         run = cast(Run, SimpleNamespace(settings=self.settings, warehouse=self.warehouse))
         return scan_step(run, self.producer, self.delivery)  # type: ignore[arg-type]
 
+    def last_send_at(self) -> int:
+        """The latest send time scheduled (in its hour, every email scheduled is due)."""
+        return max(row["send_at_ms"] for row in self.warehouse.scheduled_emails())
+
     def recorded(self) -> list[str]:
         return list(self.warehouse.query("SELECT trigger_id FROM email_triggers")["trigger_id"])
 
@@ -176,7 +179,7 @@ def test_a_cart_added_to_again_before_the_send_time_gets_one_email_the_newest(
     assert second.trigger_id != first.trigger_id
     assert shop.delivery.schedule([second]) == 1
 
-    shop.now += WEEK  # both send times have passed
+    shop.now = shop.last_send_at()  # both send times have come
     assert shop.delivery.deliver() == (1, 0)
     assert isinstance(shop.platform, MemoryEmailPlatform)
     assert list(shop.platform.sent) == [_key(second)]
@@ -194,7 +197,7 @@ def test_consent_and_address_are_read_again_at_the_send_time(shop: Shop) -> None
     shop.carted("c1", T0_MS, version=2, emailConsent=False)
     shop.carted("c2", T0_MS, version=2, email="new-c2@example.com")
 
-    shop.now += WEEK
+    shop.now = shop.last_send_at()
     assert shop.delivery.deliver() == (1, 0)
     assert isinstance(shop.platform, MemoryEmailPlatform)
     assert list(shop.platform.sent) == [_key(triggers["c2"])]
@@ -284,7 +287,7 @@ def test_a_failure_to_record_sent_emails_queues_them_again(shop: Shop) -> None:
     shop.event(T0_MS + 2 * HOUR)
     shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
     shop.fail_inserts("sent_emails")
-    shop.now += WEEK
+    shop.now = shop.last_send_at()
     with pytest.raises(StoreError):
         shop.delivery.deliver()
     assert len(shop.delivery.scheduler) == 1 and shop.scheduled() == 1
@@ -303,7 +306,7 @@ def test_permanent_failures_leave_the_schedule_only_once_all_are_dead_lettered(
             shop.carted(customer, T0_MS)
         shop.event(T0_MS + 2 * HOUR)
         assert shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params)) == 3
-        shop.now += WEEK
+        shop.now = shop.last_send_at()
         shop.producer.acknowledging = False
         with pytest.raises(BrokerError):
             shop.delivery.deliver()
@@ -342,7 +345,7 @@ def test_an_outage_pauses_sending_and_loses_no_email(settings: Settings) -> None
             shop.carted(customer, T0_MS)
         shop.event(T0_MS + 2 * HOUR)
         assert shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params)) == 3
-        shop.now = max(row["send_at_ms"] for row in shop.warehouse.scheduled_emails())
+        shop.now = shop.last_send_at()
         assert shop.delivery.deliver() == (0, 0)
         tries = len(flaky.sends)
         assert len(set(flaky.sends)) == 1  # one email's retries, not every email's
@@ -361,22 +364,27 @@ def test_an_outage_pauses_sending_and_loses_no_email(settings: Settings) -> None
         shop.close()
 
 
-def test_an_email_the_platform_still_fails_a_day_after_its_send_time_is_dead_lettered(
+def test_an_outage_past_the_send_hour_moves_the_email_to_that_hour_of_the_next_day(
     settings: Settings,
 ) -> None:
     flaky = FlakyPlatform()
     shop = Shop(settings, platform=flaky.client)
     try:
-        shop.carted("c1", T0_MS)
+        shop.carted("c1", T0_MS, timezone="America/New_York")
         shop.event(T0_MS + 2 * HOUR)
         shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
         send_at = shop.delivery.scheduler.next_due_ms()
         assert send_at is not None
-        shop.now = send_at + MAX_DEFERRAL_MS + 1
-        assert shop.delivery.deliver() == (0, 1)
-        [(topic, record)] = shop.producer.sent
-        assert (topic, record["reason"]) == ("email.dlq", "retries_exhausted")
-        assert shop.scheduled() == 0
+        shop.now = send_at + 10 * MINUTE_MS
+        assert shop.delivery.deliver() == (0, 0) and shop.delivery.stats.deferred == 1
+        shop.now = send_at + 2 * HOUR  # the outage outlasts the customer's best hour
+        assert shop.delivery.deliver() == (0, 0)
+        assert shop.delivery.stats.replanned == 1 and shop.producer.sent == []
+        [row] = shop.warehouse.scheduled_emails()
+        assert row["send_at_ms"] == shop.delivery.scheduler.next_due_ms() == send_at + DAY
+        flaky.down = False
+        shop.now = send_at + DAY
+        assert shop.delivery.deliver() == (1, 0)
     finally:
         shop.close()
 
@@ -397,7 +405,7 @@ def test_emails_due_are_sent_even_when_the_broker_does_not_acknowledge(shop: Sho
     shop.delivery.schedule([trigger])
     shop.carted("c2", T0_MS)  # a new trigger, which the scan cannot produce
     shop.producer.acknowledging = False
-    shop.now += WEEK
+    shop.now = shop.last_send_at()
     shop.scan()()
     assert isinstance(shop.platform, MemoryEmailPlatform)
     assert list(shop.platform.sent) == [_key(trigger)]
@@ -417,3 +425,60 @@ def test_a_device_clock_far_ahead_does_not_move_the_watermark_past_the_arrivals(
     assert [t.customer_id for t in find_due(shop.warehouse, shop.delivery.trigger_params)] == [
         "shopper"
     ]
+
+
+def test_a_cart_abandoned_longer_ago_than_the_max_age_is_not_emailed(shop: Shop) -> None:
+    max_age = int(shop.delivery.trigger_params.max_age_hours * HOUR)
+    shop.carted("old", T0_MS)  # (triggers switched on over a store with old carts)
+    shop.carted("recent", T0_MS + max_age)
+    shop.event(T0_MS + max_age + 2 * HOUR)
+    scan = shop.scan()
+    scan()
+    assert [r["customer_id"] for _, r in shop.producer.sent] == ["recent"]
+    assert [row["customer_id"] for row in shop.warehouse.scheduled_emails()] == ["recent"]
+
+
+def test_a_send_hour_missed_while_the_process_was_down_is_kept_for_the_next_day(
+    shop: Shop,
+) -> None:
+    shop.carted("c1", T0_MS, timezone="Europe/Paris")
+    shop.event(T0_MS + 2 * HOUR)
+    shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
+    send_at = shop.last_send_at()
+    shop.delivery = shop.new_delivery()  # it comes back up 9 h later, at night in Paris
+    shop.now = send_at + 9 * HOUR
+    shop.event(shop.now)
+    shop.scan()
+    assert shop.delivery.deliver() == (0, 0) and shop.delivery.stats.replanned == 1
+    assert shop.last_send_at() == send_at + DAY
+    shop.now = send_at + DAY
+    assert shop.delivery.deliver() == (1, 0)
+
+
+def test_a_missed_send_hour_drops_an_email_whose_trigger_has_expired(shop: Shop) -> None:
+    max_age = int(shop.delivery.trigger_params.max_age_hours * HOUR)
+    shop.carted("c1", T0_MS)
+    shop.event(T0_MS + 2 * HOUR)
+    shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
+    shop.delivery = shop.new_delivery()  # down for longer than a trigger lives
+    shop.now = T0_MS + max_age + 3 * HOUR
+    shop.event(shop.now)
+    shop.scan()
+    assert shop.delivery.deliver() == (0, 0)
+    assert shop.delivery.stats.dropped_expired == 1 and shop.scheduled() == 0
+    assert isinstance(shop.platform, MemoryEmailPlatform) and not shop.platform.sent
+
+
+def test_a_failed_read_at_start_up_loses_no_scheduled_email_and_is_tried_again(
+    shop: Shop,
+) -> None:
+    shop.carted("c1", T0_MS)
+    shop.event(T0_MS + 2 * HOUR)
+    shop.delivery.schedule(find_due(shop.warehouse, shop.delivery.trigger_params))
+    shop.delivery = shop.new_delivery()  # a restart while the profiles cannot be read
+    shop.sql("ALTER TABLE profiles RENAME TO profiles_away")
+    scan = shop.scan()
+    assert len(shop.delivery.scheduler) == 0 and shop.scheduled() == 1  # kept
+    shop.sql("ALTER TABLE profiles_away RENAME TO profiles")
+    scan()
+    assert len(shop.delivery.scheduler) == 1 and shop.delivery.stats.recovered == 1

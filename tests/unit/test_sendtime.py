@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -19,6 +19,7 @@ from pipeline.sendtime import (
     default_prior,
     histogram,
     local_hour_starts,
+    open_slot_ms,
     population_prior,
     posterior,
 )
@@ -300,8 +301,56 @@ def test_slot_is_a_local_hour_start_within_the_horizon(
     at: int, tz: str, hours: dict[str, float]
 ) -> None:
     sent = best_send_time(customer(hours, tz), default_prior(), at_ms=at)
-    assert at < sent.send_at_ms <= at + 7 * DAY_MS
+    # the horizon is 168 local hours: one more of UTC when the clocks fall back in it
+    assert at < sent.send_at_ms <= at + 7 * DAY_MS + HOUR_MS
     assert sent.local_time.minute == 0
     assert hour_of_week_bin(sent.send_at_ms, tz) == sent.hour_of_week
     assert 0.0 <= sent.confidence < 1.0
     assert sent.fallback == (not hours)
+
+
+def test_a_send_time_is_kept_while_its_hour_lasts() -> None:
+    slot = T0_MS + 20 * HOUR_MS
+    assert open_slot_ms(slot, slot - HOUR_MS, "UTC") == slot  # early: the queue holds it
+    assert open_slot_ms(slot, slot + HOUR_MS - 1, "UTC") == slot
+
+
+def test_a_missed_send_time_moves_to_that_local_hour_of_the_next_open_day() -> None:
+    slot = T0_MS + 20 * HOUR_MS  # Monday 20:00
+    assert open_slot_ms(slot, slot + HOUR_MS, "UTC") == slot + DAY_MS
+    assert open_slot_ms(slot, slot + DAY_MS + 30 * 60_000, "UTC") == slot + DAY_MS  # it is on
+    assert open_slot_ms(slot, slot + 10 * DAY_MS + 2 * HOUR_MS, "UTC") == slot + 11 * DAY_MS
+
+
+def test_a_missed_send_time_keeps_its_local_hour_across_daylight_saving() -> None:
+    york = ZoneInfo("America/New_York")
+    slot = round(datetime(2024, 3, 9, 19, tzinfo=york).timestamp() * 1000)  # the eve of DST
+    later = open_slot_ms(slot, slot + 3 * HOUR_MS, "America/New_York")
+    assert later == slot + 23 * HOUR_MS  # the clocks sprang forward overnight
+    assert datetime.fromtimestamp(later / 1000, york).hour == 19
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    slot_hours=st.integers(0, 24 * 400),
+    late_minutes=st.integers(0, 60 * 24 * 30),
+    tz=st.sampled_from(["UTC", "Europe/London", "America/New_York", "Australia/Lord_Howe"]),
+)
+def test_a_moved_send_time_is_the_first_open_one_at_the_same_local_time(
+    slot_hours: int, late_minutes: int, tz: str
+) -> None:
+    zone = ZoneInfo(tz)
+    slot = T0_MS + slot_hours * HOUR_MS
+    now = slot + late_minutes * 60_000
+    moved = open_slot_ms(slot, now, tz)
+    assert now < moved + HOUR_MS  # its hour has not ended
+    if moved == slot:
+        return
+    local, before = (datetime.fromtimestamp(t / 1000, zone) for t in (moved, slot))
+    days = (local.date() - before.date()).days
+    assert days >= 1
+    if local.utcoffset() == before.utcoffset():  # (else a gap or a jump moved the wall clock)
+        assert (local.hour, local.minute) == (before.hour, before.minute)
+    # the day before had ended (or was the missed slot itself)
+    previous = round((before + timedelta(days=days - 1)).timestamp() * 1000)
+    assert now >= previous + HOUR_MS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.scoring import Profile, new_profile
 from pipeline.testing import T0_MS
-from pipeline.triggers import MINUTE_MS, TriggerParams, due_triggers
+from pipeline.triggers import MINUTE_MS, TriggerParams, due_triggers, expired
 
 P = TriggerParams(cart_abandonment_minutes=60, browse_abandonment_minutes=240, grace_minutes=5)
 
@@ -76,3 +76,11 @@ def test_a_browse_email_names_no_product_already_bought() -> None:
     assert t.context == {"viewed": ["P8", "P7"]}
     p.recent_views = ["P9"]  # only what they bought: nothing to remind them of
     assert due_triggers(p, T0_MS + 10**9, P) == []
+
+
+def test_a_trigger_expires_max_age_after_it_fell_due() -> None:
+    params = P.model_copy(update={"max_age_hours": 72})
+    due_at = T0_MS + 60 * MINUTE_MS
+    [t] = due_triggers(carted(), due_at + 72 * 60 * MINUTE_MS + 5 * MINUTE_MS, params)
+    assert not expired(t, due_at + 72 * 60 * MINUTE_MS + 5 * MINUTE_MS, params)  # (grace)
+    assert expired(t, due_at + 72 * 60 * MINUTE_MS + 5 * MINUTE_MS + 1, params)

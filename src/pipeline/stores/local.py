@@ -629,6 +629,14 @@ class LocalWarehouse:
         query = f"SELECT email_id FROM scheduled_emails WHERE email_id IN ({marks})"
         return {row[0] for row in self._conn.execute(query, list(email_ids))}
 
+    def reschedule_emails(self, send_at_ms: Mapping[str, int]) -> int:
+        """Move scheduled e-mails (by email_id) to new send times; returns how many moved."""
+        with self._tx() as conn:
+            return conn.executemany(
+                "UPDATE scheduled_emails SET send_at_ms = ? WHERE email_id = ?",
+                [(at, key) for key, at in send_at_ms.items()],
+            ).rowcount
+
     def unschedule_emails(self, email_ids: Sequence[str]) -> int:
         """Forget scheduled e-mails that were sent or failed for good."""
         with self._tx() as conn:

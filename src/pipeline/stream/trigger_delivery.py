@@ -13,8 +13,11 @@ the next scan. When an email falls due, it is not sent if its row is gone (``pip
 deletes the customer's), if its very trigger is no longer due (the customer ordered, emptied
 the cart, or added to it since: a newer trigger's email replaces it), or if the customer can no
 longer be emailed (consent withdrawn, no address); otherwise it goes to the customer's address
-as it is then. What is not settled when a step fails (the record of sent emails, the dead
-letters' acknowledgement) stays scheduled and is queued again.
+as it is then. An email whose send time was missed (the process or the platform was down past
+that local hour) waits for the same hour of a later day, unless its trigger has expired
+meanwhile (``triggers.max_age_hours``): then it is dropped. What is not settled when a step
+fails (the record of sent emails, the dead letters' acknowledgement) stays scheduled and is
+queued again.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from pipeline.delivery.payload import (
 )
 from pipeline.delivery.scheduler import DeliveryScheduler, RenderJob, deliver_due
 from pipeline.errors import BrokerError, PipelineError, ProfileNotFoundError
-from pipeline.scoring import profile_from_dict
+from pipeline.scoring import Profile, profile_from_dict
+from pipeline.sendtime import open_slot_ms
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stream.trigger_scan import watermark
-from pipeline.triggers import TRIGGER_KINDS, Trigger, TriggerParams, due_triggers
+from pipeline.triggers import TRIGGER_KINDS, Trigger, TriggerParams, due_triggers, expired
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ class DeliveryStats:
     recovered: int = 0
     dropped_forgotten: int = 0
     dropped_stale: int = 0  # their trigger was no longer due when the email fell due
+    dropped_expired: int = 0  # send time missed and the trigger too old for another day
+    replanned: int = 0  # send time missed: moved to the same local hour of a later day
     deferred: int = 0  # sends that failed while the platform was down, tried again later
 
 
@@ -75,8 +81,6 @@ being rotated, not that this email is wrong: the email is tried again later."""
 PAUSE_MS = 30_000
 """How long sending pauses after the platform failed; doubled for each failure in a row."""
 MAX_PAUSE_MS = 15 * 60_000
-MAX_DEFERRAL_MS = 24 * 3_600_000
-"""How long after its send time an email is still tried again; then it is dead-lettered."""
 
 
 @dataclass
@@ -162,7 +166,8 @@ class TriggeredDelivery:
         """Queue again what an earlier run scheduled and did not send; returns how many.
 
         The address and consent are looked up again: a customer who lost either since is
-        dropped from the schedule.
+        dropped from the schedule. A read that fails raises (the caller tries again later):
+        a transient store error must not drop anyone's email.
         """
         recovered, gone = 0, []
         for row in self.warehouse.scheduled_emails():
@@ -197,8 +202,8 @@ class TriggeredDelivery:
         the token refused) stops the batch: that email and the untried ones stay queued, and
         sending pauses, 30 s after the first such failure, twice as long after each one in a
         row, at most 15 min, so that an outage neither dead-letters every email due during it
-        nor holds the scan in the client's retries email after email. An email still failing
-        so a day after its send time is dead-lettered.
+        nor holds the scan in the client's retries email after email. An outage that outlasts
+        an email's send hour moves it to that hour of a later day (see :meth:`_still_wanted`).
         """
         now = self.clock_ms()
         if now < self._paused_until_ms:
@@ -206,15 +211,12 @@ class TriggeredDelivery:
         sending: dict[str, RenderJob] = {}
 
         def keep(jobs: Sequence[RenderJob]) -> list[RenderJob]:
-            wanted = self._still_wanted(jobs)
+            wanted = self._still_wanted(jobs, now)
             sending.update((job.key, job) for job in wanted)
             return wanted
 
         def deferred(outcome: DeliveryOutcome) -> bool:
-            if not isinstance(outcome, DeliveryFailure) or outcome.reason not in PLATFORM_DOWN:
-                return False
-            job = sending[outcome.idempotency_key]
-            return now - job.send_at_ms <= MAX_DEFERRAL_MS
+            return isinstance(outcome, DeliveryFailure) and outcome.reason in PLATFORM_DOWN
 
         outcomes, failures = deliver_due(
             self.scheduler, self.platform, now, keep=keep, stop=deferred
@@ -256,9 +258,10 @@ class TriggeredDelivery:
                 self._pending.pop(key, None)
         return len(sent), len(failures)
 
-    def _still_wanted(self, jobs: Sequence[RenderJob]) -> list[RenderJob]:
-        """Of the jobs due, those to send now, each to the customer's current address; the
-        others leave the schedule. None leaves it before every read has succeeded (a read
+    def _still_wanted(self, jobs: Sequence[RenderJob], now: int) -> list[RenderJob]:
+        """Of the jobs due at ``now``, those to send now, each to the customer's current
+        address; those whose send hour is over wait for that hour of a later day; the others
+        leave the schedule. None leaves it or moves before every read has succeeded (a read
         that raises leaves the jobs to be queued again)."""
         kept = self.warehouse.still_scheduled([job.key for job in jobs])
         forgotten = [job.key for job in jobs if job.key not in kept]  # forgotten since queued
@@ -266,8 +269,8 @@ class TriggeredDelivery:
         # cart) since is not told they left it
         mark = watermark(self.warehouse) if kept else None
         wanted: list[RenderJob] = []
-        stale: list[str] = []
-        unreachable: list[str] = []
+        later: list[RenderJob] = []
+        dropped: dict[str, list[str]] = {"stale": [], "unreachable": [], "expired": []}
         for job in jobs:
             if job.key not in kept:
                 continue
@@ -275,39 +278,65 @@ class TriggeredDelivery:
                 stored: dict[str, Any] | None = self.warehouse.get_profile(job.payload.customer)
             except ProfileNotFoundError:
                 stored = None
+            profile = None if stored is None else profile_from_dict(stored)
             to = None if stored is None else _address_of(stored)
-            if not self._still_due(job.payload, stored, mark):
-                stale.append(job.key)
+            due, trigger = self._still_due(job.payload, profile, mark)
+            tz = (profile and profile.timezone) or self.service.config.send_time.default_timezone
+            slot = open_slot_ms(job.send_at_ms, now, tz)
+            if not due:
+                dropped["stale"].append(job.key)
             elif to is None:  # consent withdrawn or address removed since it was queued
-                unreachable.append(job.key)
+                dropped["unreachable"].append(job.key)
+            elif slot != job.send_at_ms and self._expired(trigger, mark):
+                dropped["expired"].append(job.key)
+            elif slot > now:  # its hour is over: the same hour of a later day
+                later.append(RenderJob(slot, job.payload))
             else:
+                job = RenderJob(slot, job.payload)
                 wanted.append(job if to == job.payload.to else self._readdressed(job, to))
-        if stale or unreachable:
-            self.warehouse.unschedule_emails(stale + unreachable)
-        for key in (*forgotten, *stale, *unreachable):
+        gone = [key for keys in dropped.values() for key in keys]
+        if gone:
+            self.warehouse.unschedule_emails(gone)
+        if later:
+            self.warehouse.reschedule_emails({job.key: job.send_at_ms for job in later})
+        for job in later:
+            self.scheduler.add(job)
+        for key in (*forgotten, *gone):
             self._pending.pop(key, None)
         self.stats.dropped_forgotten += len(forgotten)
-        self.stats.dropped_stale += len(stale)
-        self.stats.skipped_no_consent += len(unreachable)
+        self.stats.dropped_stale += len(dropped["stale"])
+        self.stats.skipped_no_consent += len(dropped["unreachable"])
+        self.stats.dropped_expired += len(dropped["expired"])
+        self.stats.replanned += len(later)
+        if dropped["expired"]:
+            log.info(
+                "%d emails missed their send time and their triggers expired: dropped",
+                len(dropped["expired"]),
+            )
         return wanted
 
     def _still_due(
-        self, payload: EmailPayload, stored: dict[str, Any] | None, mark: int | None
-    ) -> bool:
-        """Whether the trigger behind a queued email is still due for its customer (``stored``,
-        None when gone) at the stream's watermark ``mark``: that very occurrence, not only its
-        kind (a cart added to since arms a new trigger, whose own email is the one to send)."""
+        self, payload: EmailPayload, profile: Profile | None, mark: int | None
+    ) -> tuple[bool, Trigger | None]:
+        """Whether the trigger behind a queued email is still due for its customer
+        (``profile``, None when gone) at the stream's watermark ``mark``: that very occurrence,
+        not only its kind (a cart added to since arms a new trigger, whose own email is the
+        one to send); and that trigger, when it could be read."""
         if payload.campaign not in TRIGGER_KINDS:
-            return True  # not a trigger's email
-        if stored is None:
-            return False
+            return True, None  # not a trigger's email
+        if profile is None:
+            return False, None
         if mark is None:
-            return True
-        due = due_triggers(profile_from_dict(stored), mark, self.trigger_params)
-        return any(
-            idempotency_key(payload.campaign, payload.customer, t.trigger_id)
-            == payload.idempotency_key
-            for t in due
+            return True, None
+        for t in due_triggers(profile, mark, self.trigger_params):
+            key = idempotency_key(payload.campaign, payload.customer, t.trigger_id)
+            if key == payload.idempotency_key:
+                return True, t
+        return False, None
+
+    def _expired(self, trigger: Trigger | None, mark: int | None) -> bool:
+        return (
+            trigger is not None and mark is not None and expired(trigger, mark, self.trigger_params)
         )
 
     def _readdressed(self, job: RenderJob, to: str) -> RenderJob:
@@ -323,10 +352,11 @@ class TriggeredDelivery:
         return True
 
     def _address(self, customer_id: str) -> str | None:
-        """The customer's address if they can still be emailed (profile kept, consent)."""
+        """The customer's address if they can still be emailed (profile kept, consent); a
+        failed read raises."""
         try:
             return _address_of(self.warehouse.get_profile(customer_id))
-        except PipelineError:
+        except ProfileNotFoundError:
             return None
 
     def _sent_row(self, outcome: Delivered) -> dict[str, object]:

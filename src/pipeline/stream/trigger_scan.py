@@ -20,7 +20,7 @@ from pipeline.errors import BrokerError
 from pipeline.scoring import profile_from_dict
 from pipeline.stores.local import LocalWarehouse
 from pipeline.stream.stages import KIND_TICK, StageConfig, segments_due
-from pipeline.triggers import Trigger, TriggerParams, due_triggers
+from pipeline.triggers import Trigger, TriggerParams, due_triggers, expired
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,16 @@ def watermark(warehouse: LocalWarehouse) -> int | None:
 
 
 def find_due(warehouse: LocalWarehouse, params: TriggerParams) -> list[Trigger]:
-    """Every trigger due at the current watermark, emitted before or not."""
+    """Every trigger due at the current watermark and not expired, emitted before or not."""
     mark = watermark(warehouse)
     if mark is None:
         return []
     rows = warehouse.query(_CANDIDATES)["profile"]
     found: list[Trigger] = []
     for raw in rows:
-        found.extend(due_triggers(profile_from_dict(orjson.loads(raw)), mark, params))
+        for trigger in due_triggers(profile_from_dict(orjson.loads(raw)), mark, params):
+            if not expired(trigger, mark, params):
+                found.append(trigger)
     return found
 
 

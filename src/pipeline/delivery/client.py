@@ -194,7 +194,7 @@ class DeliveryClient:
             customer=payload.customer,
             campaign=payload.campaign,
             failed_ms=self._wall_ms(),
-            payload=payload.to_json(),
+            payload={k: v for k, v in payload.to_json().items() if k != "to"},
         )
 
 

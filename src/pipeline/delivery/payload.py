@@ -75,7 +75,9 @@ class DeliveryFailure:
     ``reason``: ``rejected`` (a permanent 4xx), ``unauthorized`` (401 even with a fresh token),
     ``token_rejected`` (the token endpoint refused the client credentials),
     ``retries_exhausted`` (429/5xx/timeouts until ``max_attempts``), ``invalid_response``.
-    The payload is kept whole so the email can be re-driven from the dead-letter topic.
+    The payload is kept, so the email can be re-driven from the dead-letter topic, but not its
+    address: a re-drive looks that up again (consent may be withdrawn by then), and ``pipeline
+    forget`` cannot reach a topic's records (the content goes with the topic's retention).
     """
 
     reason: FailureReason

@@ -54,7 +54,7 @@ from pipeline.gdpr import (
 from pipeline.identity import ANON_PREFIX, anonymous_customer_id, is_anonymous
 from pipeline.pii import sha256_hex
 from pipeline.settings import Settings
-from pipeline.stores.local import LocalWarehouse
+from pipeline.stores.local import DEAD_LETTER_DEVICES, DEAD_LETTER_IDS, LocalWarehouse
 from pipeline.stores.records import RecordBatch, erase, write
 from pipeline.stream.stages import (
     KIND_ALERT,
@@ -100,10 +100,7 @@ def followed_topics(settings: Settings) -> tuple[str, ...]:
     return tuple(followed_tables(settings))
 
 
-# a dead letter's ids, as the warehouse's erasure reads them (Segment's fields, and the
-# snake_case ones of CRM records and control messages)
-_BY_ID = ("userId", "customer_id", "user_id")
-_BY_DEVICE = ("anonymousId", "previousId", "anonymous_id")
+# a dead letter that is not JSON: matched by its quoted texts, as the warehouse's erasure does
 _QUOTED = re.compile(r'(?="([^"]*)")')  # every quoted text, overlapping ones too
 
 
@@ -147,11 +144,13 @@ def _raw_forgotten(raw_text: object, ids: AbstractSet[str]) -> bool:
         return any(_names_forgotten(ids, text) for text in _QUOTED.findall(raw_text))
     if not isinstance(raw, dict):
         return False
-    if any(type(v) in (str, int) and sha256_hex(str(v)) in ids for v in map(raw.get, _BY_ID)):
+    if any(
+        type(v) in (str, int) and sha256_hex(str(v)) in ids for v in map(raw.get, DEAD_LETTER_IDS)
+    ):
         return True
     return any(
         type(v) is str and v and sha256_hex(anonymous_customer_id(v)) in ids
-        for v in map(raw.get, _BY_DEVICE)
+        for v in map(raw.get, DEAD_LETTER_DEVICES)
     )
 
 

@@ -274,6 +274,13 @@ def _read_only_uri(path: Path) -> str:
     return Path(path).resolve().as_uri() + "?mode=ro"
 
 
+# The fields of a dead letter's raw JSON that name whom it is about, for `forget` (here and in
+# a serving replica): Segment's, and the snake_case ones of CRM records and control messages.
+DEAD_LETTER_IDS = ("userId", "customer_id", "user_id")
+"""Fields holding a customer's id."""
+DEAD_LETTER_DEVICES = ("anonymousId", "previousId", "anonymous_id")
+"""Fields holding a device's id (its anonymous profile is ``anon:`` + the id)."""
+
 _SCHEDULED_COLUMNS = (
     "email_id",
     "customer_id",
@@ -667,12 +674,12 @@ class LocalWarehouse:
         i = ",".join("?" * len(ids))
         texts = [f'"{t}"' for t in (user_id, *anonymous_ids)]
         raw = " OR ".join("instr(raw_text, ?) > 0" for _ in texts)
-        # Segment's fields, and the snake_case ones of CRM records and control messages
-        by_id = ("userId", "customer_id", "user_id")
-        by_device = ("anonymousId", "previousId", "anonymous_id")
         fields = " OR ".join(
-            [f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({i})" for f in by_id]
-            + [f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({a})" for f in by_device]
+            [f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({i})" for f in DEAD_LETTER_IDS]
+            + [
+                f"CAST(json_extract(raw_text, '$.{f}') AS TEXT) IN ({a})"
+                for f in DEAD_LETTER_DEVICES
+            ]
         )
         out = {
             "events": (

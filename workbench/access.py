@@ -8,6 +8,7 @@ collector's ``/metrics`` are scraped with a short timeout and cached for two sec
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +128,23 @@ def collector_scrape(url: str) -> wd.CollectorScrape | None:
         return None
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _member_index(path: str, file_id: tuple[int, int]) -> tuple[wd.MemberIndex, threading.Lock]:
+    """The segment rows of one warehouse file, kept by the process and shared by sessions."""
+    return wd.MemberIndex(), threading.Lock()
+
+
 @st.cache_data(ttl=60, show_spinner=False)  # as long as its at_ms bucket: rebuilt once a minute
 def members(path: str, at_ms: int, include_anonymous: bool) -> pd.DataFrame:
-    return wd.segment_members(
-        _wh(path), scoring(), at_ms=at_ms, include_anonymous=include_anonymous
-    )
+    """Every live profile scored at ``at_ms``: the profiles stored since the last call are
+    read, the others scored again from what the index keeps."""
+    file_id = _file_id(path)
+    if file_id is None:
+        raise FileNotFoundError(path)
+    index, lock = _member_index(path, file_id)
+    with lock:
+        index.refresh(_open(path, file_id))
+        return index.members(scoring(), at_ms=at_ms, include_anonymous=include_anonymous)
 
 
 @st.cache_data(ttl=120, show_spinner=False)

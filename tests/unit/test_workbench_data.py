@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pipeline import lineage
 from pipeline import workbench_data as wd
 from pipeline.catalog import load_catalog
 from pipeline.errors import ProfileNotFoundError
-from pipeline.scoring import ScoringParams
+from pipeline.scoring import ScoringParams, intent_stage, interaction_score, profile_from_dict
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse
@@ -206,6 +207,58 @@ def test_segment_members_rescore_at_the_given_time(
     assert set(far["intent_stage"]) == {"lapsed"}
     with_anon = wd.segment_members(wh, PARAMS, at_ms=at, include_anonymous=True)
     assert with_anon["is_anonymous"].any() and len(with_anon) > len(members)
+
+
+@pytest.mark.parametrize("days_later", [0, 1, 10, 45, 400])
+def test_a_members_score_and_stage_need_only_the_fields_the_index_keeps(
+    result: ReplayResult, days_later: int
+) -> None:
+    """The index scores a profile of a few fields: the same score and stage as the whole."""
+    for stored in result.profiles.values():
+        profile = profile_from_dict(stored)
+        at = int(stored["as_of_ms"] or 0) + days_later * 86_400_000
+        row = wd.member_row(stored, PARAMS, at)
+        full = interaction_score(profile, at, PARAMS)
+        assert (row["score"], row["recency"], row["frequency"], row["monetary"]) == (
+            full.score,
+            full.recency,
+            full.frequency,
+            full.monetary,
+        )
+        assert row["intent_stage"] == intent_stage(profile, at, PARAMS)
+
+
+def test_the_member_index_reads_only_what_changed_and_follows_merges_and_deletes(
+    replayed: tuple[ReplayResult, Path], tmp_path: Path
+) -> None:
+    result, source = replayed
+    path = tmp_path / "w.db"
+    path.write_bytes(source.read_bytes())
+    with sqlite3.connect(path) as conn:  # stored long ago, a minute apart
+        conn.execute("UPDATE profiles SET stored_ms = rowid * 60000")
+    conn.close()
+    later = wd.now_ms() + 3 * 86_400_000
+    with LocalWarehouse(path) as writer, LocalWarehouse(path, read_only=True) as reader:
+        index = wd.MemberIndex()
+        assert index.refresh(reader) == len(result.profiles)
+        known = _known(result)
+        changed, merged, gone = known[0], known[1], known[2]
+        writer.write_profiles(
+            [
+                {**changed, "version": changed["version"] + 1, "order_count": 99},
+                {**merged, "version": merged["version"] + 1, "merged_into": changed["customer_id"]},
+                {**changed, "customer_id": "cus_new", "version": 1},
+            ]
+        )
+        writer.delete_customer([str(gone["customer_id"])], [], str(gone["customer_id"]))
+        # the three stored since, and the newest before them again (OVERLAP_MS): no more
+        assert index.refresh(reader) == 3 + 1
+        members = index.members(PARAMS, at_ms=later)
+        expected = wd.segment_members(reader, PARAMS, at_ms=later)
+        pd.testing.assert_frame_equal(members, expected)
+        ids = set(members["customer_id"])
+        assert "cus_new" in ids and {merged["customer_id"], gone["customer_id"]}.isdisjoint(ids)
+        assert members.set_index("customer_id").loc[changed["customer_id"], "order_count"] == 99
 
 
 def test_segment_sizes_filters_and_csv(wh: LocalWarehouse) -> None:

@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS profiles (
     profile       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS profiles_cis ON profiles (cis DESC);
+CREATE INDEX IF NOT EXISTS profiles_stored ON profiles (stored_ms);
 CREATE TABLE IF NOT EXISTS dead_letters (
     dead_letter_id TEXT PRIMARY KEY,
     reason         TEXT NOT NULL,
@@ -471,6 +472,19 @@ class LocalWarehouse:
         cur = self._read(sql, params)
         cols = [d[0] for d in cur.description or ()]
         return pd.DataFrame.from_records(cur.fetchall(), columns=cols)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """Run a read query and yield its rows as tuples, fetched in batches: for scans too
+        large to hold twice (every profile), where :meth:`query` builds a DataFrame."""
+        cur = self._read(sql, params)
+        while True:
+            try:
+                batch = cur.fetchmany(1_000)
+            except sqlite3.Error as exc:
+                raise StoreError(f"query failed on {self.path}: {exc}") from exc
+            if not batch:
+                return
+            yield from batch
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run a query returning one value."""

@@ -13,6 +13,7 @@ import math
 import re
 import time
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -716,24 +717,28 @@ def stage_history(
     """Customers per intent stage at the end of each of the last ``days`` days.
 
     Profiles keep only their current state, so each customer's stored events are folded again
-    with :func:`pipeline.scoring.apply_event` and the stage is read at every day end. Customers
-    are taken in id order until ``max_events`` events, to bound the work.
+    with :func:`pipeline.scoring.apply_event` and the stage is read at every day end. To bound
+    the work, customers are taken in a fixed pseudo-random order (a hash of the id) until
+    ``max_events`` events: ids often follow sign-up order, and a prefix of them would show
+    the oldest customers' stages only.
     """
     # a prefix compared as text: LIKE is case-insensitive in SQLite ('Anon:Smith' is a customer)
     known = "" if include_anonymous else "AND substr(customer_id, 1, :n) != :anon"
     per_customer = wh.query(
-        f"SELECT customer_id, COUNT(*) AS n FROM events WHERE 1 = 1 {known} "
-        "GROUP BY customer_id ORDER BY customer_id",
+        f"SELECT customer_id, COUNT(*) AS n FROM events WHERE 1 = 1 {known} GROUP BY customer_id",
         {"anon": ANON_PREFIX, "n": len(ANON_PREFIX)},
     )
-    covered = per_customer[per_customer["n"].cumsum() <= max_events]["customer_id"].tolist()
+    rank = per_customer["customer_id"].map(lambda c: zlib.crc32(str(c).encode()))
+    per_customer = per_customer.iloc[rank.argsort(kind="stable")]
+    covered = sorted(per_customer[per_customer["n"].cumsum() <= max_events]["customer_id"])
     boundaries = [end_ms - k * DAY_MS for k in range(days - 1, -1, -1)]
     counts = {(b, s): 0 for b in boundaries for s in STAGES}
-    if covered:
+    for first in range(0, len(covered), 500):  # (SQLite binds at most 999 values a query)
+        chunk = covered[first : first + 500]
         events = wh.query(
-            f"SELECT customer_id, payload FROM events WHERE customer_id <= :last {known} "
-            "ORDER BY customer_id, event_ts_ms, message_id",
-            {"last": covered[-1], "anon": ANON_PREFIX, "n": len(ANON_PREFIX)},
+            f"SELECT customer_id, payload FROM events WHERE customer_id IN "
+            f"({','.join('?' * len(chunk))}) ORDER BY customer_id, event_ts_ms, message_id",
+            chunk,
         )
         for customer_id, group in events.groupby("customer_id", sort=False):
             cid = str(customer_id)

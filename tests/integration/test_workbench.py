@@ -24,7 +24,7 @@ from pipeline.catalog import load_catalog
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, default_end, simulate
 from pipeline.stores.local import LocalWarehouse
-from pipeline.testing import make_event, replay
+from pipeline.testing import make_dead_letter, make_event, replay
 
 APP = Path(__file__).resolve().parents[2] / "workbench" / "app.py"
 PAGES = (
@@ -158,6 +158,24 @@ def test_segments_page_with_only_anonymous_visitors_says_so(
     at.toggle(key="seg_anon").set_value(True).run()
     assert not at.exception
     assert len(_frame(at, "score")) > 0
+
+
+def test_segments_page_with_only_dead_letters_points_to_data_quality(
+    use_home: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    with LocalWarehouse(home / "warehouse.sqlite") as wh:
+        wh.write_dead_letters([make_dead_letter(0, "{not json")])
+    use_home.setenv("PIPELINE_HOME", str(home))
+    for anonymous in (False, True):
+        at = _run("views/segments.py")
+        if anonymous:
+            at.toggle(key="seg_anon").set_value(True).run()
+        assert not at.exception
+        shown = " ".join(i.value for i in at.info)
+        assert "No profiles yet" in shown and "Data quality" in shown
+        assert "anonymous visitor" not in shown and "pipeline up" not in shown
 
 
 def test_segments_page_lists_members_and_exports(

@@ -324,6 +324,29 @@ def test_stage_history_ends_where_the_profiles_are(wh: LocalWarehouse) -> None:
     assert capped.customers < capped.customers_total
 
 
+def test_a_capped_stage_history_samples_customers_across_their_ids(tmp_path: Path) -> None:
+    """Ids often follow sign-up order: the oldest customers (here lapsed) must not be all the
+    history shows when it covers only some."""
+    end = wd.now_ms()
+    with LocalWarehouse(tmp_path / "w.db") as writer:
+        writer.write_events(
+            [
+                make_event(
+                    message_id=f"m{i}",
+                    customer_id=f"cus_{i:04d}",
+                    ts=end - (200 if i < 100 else 1) * 86_400_000,  # the first 100 long gone
+                ).to_dict()
+                for i in range(200)
+            ]
+        )
+        history = wd.stage_history(writer, PARAMS, end_ms=end, days=1, max_events=100)
+        again = wd.stage_history(writer, PARAMS, end_ms=end, days=1, max_events=100)
+    assert (history.customers, history.customers_total) == (100, 200)
+    stages = dict(zip(history.frame["intent_stage"], history.frame["customers"], strict=True))
+    assert 25 <= stages["lapsed"] <= 75 and 25 <= stages["browsing"] <= 75
+    pd.testing.assert_frame_equal(history.frame, again.frame)  # the same sample every time
+
+
 def test_stage_history_counts_a_customer_whose_id_only_looks_anonymous(tmp_path: Path) -> None:
     """'Anon:Smith' is a customer's id (the reserved prefix is 'anon:', case and all)."""
     with LocalWarehouse(tmp_path / "w.db") as writer:

@@ -20,14 +20,18 @@ if path is None:
 include_anonymous = st.toggle("Include anonymous visitors", value=False, key="seg_anon")
 now = access.bucket(wd.now_ms(), 60)
 members = access.members(path, now, include_anonymous)
-if members.empty:
-    if include_anonymous:
-        access.show_empty_state()
-    else:  # the store has data (data_path said so): only anonymous visitors so far
+if members.empty:  # the store has data (data_path said so)
+    if not include_anonymous and not access.members(path, now, True).empty:
         st.info(
             "No signed-in customers yet: every profile so far is an anonymous visitor. "
             "Turn on *Include anonymous visitors* to see them.",
             icon=":material/person_off:",
+        )
+    else:  # no profile at all: what came was dead-lettered, or is still being processed
+        st.info(
+            "No profiles yet: every event stored so far was dead-lettered or is still being "
+            "processed. The *Data quality* page shows why events were refused.",
+            icon=":material/report:",
         )
     st.stop()
 
@@ -60,7 +64,8 @@ right.plotly_chart(
 )
 right.caption(
     f"Rebuilt from stored events for {history.customers:,} of {history.customers_total:,} "
-    "customers."
+    "customers"
+    + (" (a fixed random sample)." if history.customers < history.customers_total else ".")
 )
 
 st.subheader("Members")

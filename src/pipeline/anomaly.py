@@ -203,6 +203,10 @@ class VolumeMonitor:
 
     A judged count enters the baseline clipped to the threshold band, so one spike does not
     inflate the baseline while a lasting change of level is still learned, a step at a time.
+
+    A bucket watched only in part (the one this monitor starts in, or resumes in after
+    :meth:`resync`) is neither judged nor learned: its count is a fraction of the traffic,
+    which would read as a drop, or as a first baseline value that keeps a real drop unseen.
     """
 
     FORGET_BELOW = 0.01
@@ -213,6 +217,7 @@ class VolumeMonitor:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._known: set[tuple[str, str]] = set()
         self._bucket: int | None = None
+        self._watched_from_ms = 0  # when this monitor started (or resumed) watching
 
     def observe(self, event_type: str, source: str, at_ms: int) -> list[Alert]:
         alerts = self.advance(at_ms)
@@ -227,8 +232,9 @@ class VolumeMonitor:
         Time never goes back: an observation older than the open bucket counts in it.
         """
         bucket = now_ms // self.params.bucket_ms
-        if self._bucket is None or bucket <= self._bucket:
-            self._bucket = bucket if self._bucket is None else self._bucket
+        if self._bucket is None:
+            self._bucket, self._watched_from_ms = bucket, now_ms
+        if bucket <= self._bucket:
             return []
         alerts: list[Alert] = []
         last = min(bucket, self._bucket + self.params.max_gap_buckets)
@@ -248,12 +254,16 @@ class VolumeMonitor:
         the baselines stay."""
         self._counts.clear()
         self._bucket = now_ms // self.params.bucket_ms
+        self._watched_from_ms = now_ms
 
     def _close(self, bucket: int) -> list[Alert]:
         p = self.params
         slot = bucket % p.seasonal_slots
         end_ms = (bucket + 1) * p.bucket_ms
         alerts: list[Alert] = []
+        if self._watched_from_ms > bucket * p.bucket_ms:  # watched in part: a partial count
+            self._counts.clear()
+            return alerts
         for key in sorted(self._known):
             count = float(self._counts.get(key, 0))
             base = self._baselines.get((*key, slot), Ewma())

@@ -89,6 +89,18 @@ def _parse_bool(value: Any) -> bool | None:
     raise ValueError(f"not a consent value: {value!r}")
 
 
+def _undecodable_field(row: Mapping[str, Any]) -> str | None:
+    """The first CRM field of ``row`` whose text was not UTF-8 (read with surrogateescape)."""
+    for name in CRM_FIELDS:
+        value = row.get(name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class CrmRecord:
     """One customer as the CRM knows it; ``updated_at`` is timezone-aware UTC."""
@@ -108,6 +120,10 @@ class CrmRecord:
         updated later than ``now`` (the clock) and :data:`CRM_CLOCK_SKEW` is refused."""
         cid = str(row.get("customer_id") or "").strip()
         try:
+            undecodable = _undecodable_field(row)
+            if undecodable is not None:
+                cid = cid.encode("utf-8", "backslashreplace").decode("utf-8")
+                raise ValueError(f"{undecodable} is not UTF-8 text")
             if not cid:
                 raise ValueError("customer_id is empty")
             reserved = reserved_id_problem(cid)
@@ -211,9 +227,11 @@ def write_crm_csv(rows: Sequence[Mapping[str, str]], path: Path) -> None:
 
 
 def read_csv(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a CRM CSV export."""
+    """Rows of a CRM CSV export: UTF-8, with or without a byte order mark (spreadsheets write
+    one). A byte that is not UTF-8 stays in its row as a lone surrogate, for
+    :meth:`CrmRecord.parse` to refuse that row alone."""
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             yield from csv.DictReader(f)
     except OSError as exc:
         raise SyncError(f"sync csv:{path.name}: cannot read {path}: {exc}") from exc
@@ -232,6 +250,8 @@ def read_sqlite(path: Path, table: str, since: str | None) -> Iterator[dict[str,
         raise SyncError(f"sync sqlite:{path.name}: cannot open {path}: {exc}") from exc
     try:
         conn.row_factory = sqlite3.Row
+        # text that is not UTF-8 would fail the whole query: its row is refused by the parse
+        conn.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
         cur = conn.execute(
             f"SELECT * FROM {table} WHERE updated_at >= ? OR typeof(updated_at) != 'text' "
             "ORDER BY updated_at, customer_id",

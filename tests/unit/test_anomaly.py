@@ -519,3 +519,32 @@ def test_a_backfill_arrives_fast_but_is_not_a_bot() -> None:
     # four that also happened within the window: a bot
     [alert] = [a for i in range(4) for a in bots.observe("b", i * 10, 5_000 + i * 100)]
     assert (alert.subject, alert.observed) == ("b", 4)
+
+
+def test_a_bucket_watched_only_in_part_is_neither_judged_nor_learned() -> None:
+    """Steady 300 a minute. A detector started a second before a minute ends counts 5 in it:
+    learned as the first baseline value, it kept a fall to 100 at minute 11 unseen. Resumed
+    (resync) ten seconds before a minute ends, that minute's 50 read as a critical drop."""
+    from pipeline.anomaly import PartitionedDetector
+
+    minute, per_minute = 60_000, 300
+
+    def steady(monitor: VolumeMonitor, start_ms: int, end_ms: int, low: int = -1) -> list[Alert]:
+        out: list[Alert] = []
+        for t in range(start_ms, end_ms, minute // per_minute):
+            if t // minute != low or t % minute < minute // 3:  # a third in minute ``low``
+                out += monitor.observe("page", "web", t)
+        return out
+
+    late = VolumeMonitor()
+    assert steady(late, 59_000, 11 * minute) == []
+    assert late.baseline("page", "web").mean == per_minute  # the 5 of minute 0 not learned
+    [drop] = steady(late, 11 * minute, 13 * minute, low=11)
+    assert (drop.kind, drop.observed, drop.at_ms) == ("volume_drop", 100, 12 * minute)
+
+    det = PartitionedDetector()
+    for n, t in enumerate(range(0, 60 * minute, minute // per_minute)):
+        assert det.observe(0, Observation("page", "web", None, t, t), n) == []
+    resumed = 240 * minute + 50_000  # another replica read the partition meanwhile
+    for n, t in enumerate(range(resumed, 300 * minute, minute // per_minute)):
+        assert det.observe(0, Observation("page", "web", None, t, t), 100_000 + n) == []

@@ -291,3 +291,41 @@ def test_a_sqlite_source_whose_path_has_uri_characters_is_read(tmp_path: Path) -
     assert sync_crm(settings, producer)[0].produced == 1
     assert [key for key, _ in producer.records] == ["c1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crm #2?x=%41", "home"]  # none made
+
+
+def test_a_csv_export_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Spreadsheets save "CSV UTF-8" with a BOM: read as part of the first header, it made
+    every row's customer_id empty, and every row was refused."""
+    path = tmp_path / "crm.csv"
+    _write_csv(path, [_row("c1", "2024-01-01T00:00:00Z")])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    producer = ListProducer()
+    [result] = sync_crm(_settings(tmp_path, crm_csv_path=path), producer)
+    assert [key for key, _ in producer.records] == ["c1"] and result.rejected == ()
+
+
+def test_a_row_that_is_not_utf8_is_refused_and_the_others_sync(tmp_path: Path) -> None:
+    """One name saved as Latin-1 stopped the whole sync (CSV: UnicodeDecodeError; SQLite: the
+    query failed), nothing produced; now that row alone is refused, named."""
+    path = tmp_path / "crm.csv"
+    _write_csv(path, [_row("c1", "2024-01-01T00:00:00Z"), _row("c3", "2024-01-02T00:00:00Z")])
+    lines = path.read_bytes().splitlines(keepends=True)
+    latin1 = ",".join(_row("c2", "2024-01-01T12:00:00Z", first_name="René").values()) + "\n"
+    path.write_bytes(b"".join([*lines[:2], latin1.encode("latin-1"), *lines[2:]]))
+    db = tmp_path / "crm.sqlite"
+    _crm_table(db, [_row(c, f"2024-01-0{n}T00:00:00Z") for n, c in ((1, "c1"), (2, "c3"))])
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO customers VALUES ('c2', 'c2@example.com', CAST(X'52656EE9' AS TEXT), "
+            "'Lee', 'UTC', 'gold', 'true', '2024-01-01T12:00:00Z')"
+        )
+    conn.close()
+    producer = ListProducer()
+    csv_result, sqlite_result = sync_crm(
+        _settings(tmp_path, crm_csv_path=path, crm_sqlite_path=db), producer
+    )
+    assert [key for key, _ in producer.records] == ["c1", "c3", "c1", "c3"]
+    for result in (csv_result, sqlite_result):
+        [problem] = result.rejected
+        assert "bad CRM row for c2: first_name is not UTF-8 text" in problem
+        assert result.watermark == ("2024-01-02T00:00:00+00:00", "c3")

@@ -216,3 +216,48 @@ def test_unknown_routes_methods_and_bugs_answer_in_the_collectors_json_shape() -
     assert "POST" in method.headers["Allow"]
     assert (broken.status_code, broken.json()["error"]["code"]) == (500, "internal_error")
     assert all(r.json()["success"] is False for r in (missing, method, broken))
+
+
+def test_a_client_leaving_mid_body_is_counted_not_logged_as_a_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A page unloading or a dropped mobile connection ends the body early: routine, so no
+    ERROR with a traceback (an operator's alert), and nothing is published."""
+    import asyncio
+
+    publisher = MemoryPublisher()
+    app = create_app(_settings(), lambda: publisher)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/batch",
+        "raw_path": b"/v1/batch",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"collector.test"), (b"authorization", b"Basic d2tfdW5pdDo=")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("collector.test", 80),
+    }
+    incoming = [
+        {"type": "http.request", "body": b'{"batch": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level("INFO"):
+        asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert sent[0]["status"] == 499
+    assert publisher.sent == []
+    with TestClient(app) as http:
+        metrics = http.get("/metrics").text
+    assert 'code="client_disconnected",status="499"} 1.0' in metrics

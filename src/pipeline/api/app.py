@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.api.auth import AuthenticationFailed, Authenticator, Principal
 from pipeline.api.models import (
-    ID_PATTERN,
     CustomerResponse,
     ErrorBody,
     FollowStatus,
@@ -69,8 +68,20 @@ bearer_token = HTTPBearer(
     description="An OAuth2 access token (JWT, HS256 or RS256) for the configured audience.",
 )
 
+CUSTOMER_ID_MAX_CHARS = 512
+"""Longest customer id a path may name. Ids are whatever the pipeline stored: a ``userId`` or
+``anonymousId`` (up to 200 characters, ``anon:`` before a device's) or a CRM record's id, in
+any characters (an e-mail address as ``o'brien@example.com``, a name with spaces, non-ASCII),
+so only the length is bounded; a client percent-encodes the id in the path. An id holding
+``/`` cannot be named: the server decodes ``%2F`` before routing (a JSON 404)."""
+
 CustomerId = Annotated[
-    str, PathParam(pattern=ID_PATTERN, description="Customer id, or anon:<anonymousId>.")
+    str,
+    PathParam(
+        min_length=1,
+        max_length=CUSTOMER_ID_MAX_CHARS,
+        description="Customer id (percent-encoded), or anon:<anonymousId>.",
+    ),
 ]
 
 
@@ -106,6 +117,19 @@ async def _principal(
 
 ServiceDep = Annotated[PersonalizationService, Depends(_service)]
 
+
+async def _json_body(request: Request) -> None:
+    """A 415 for a body sent as anything but JSON (``curl -d`` sends a form's type): FastAPI
+    would not parse it, and answer a 422 saying the body is not an object."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    major, _, subtype = media_type.partition("/")
+    if major != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        sent = repr(media_type) if media_type else "none"
+        raise StarletteHTTPException(
+            415, f"the body must be sent as JSON (Content-Type: application/json), not {sent}"
+        )
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key or bearer token."},
     422: {"model": ErrorBody, "description": "A parameter or the body is not valid."},
@@ -116,12 +140,15 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/api", dependencies=[Depends(_principal)], responses=_ERRORS)
+# The service reads SQLite and, the first time (no store when the API started), builds the
+# shared signals from up to signals_max_events events: seconds. Routes call it in the thread
+# pool, so the event loop (and /health, a liveness probe) never waits on it.
 
 
 @router.get("/customers/{customer_id}", responses=_NOT_FOUND, tags=["customers"])
 async def get_customer(customer_id: CustomerId, service: ServiceDep) -> CustomerResponse:
     """The stored profile with its interaction score, intent stage and segments now."""
-    view = service.customer(customer_id)
+    view = await run_in_threadpool(service.customer, customer_id)
     s = view.score
     return CustomerResponse(
         customer_id=view.profile.customer_id,
@@ -141,7 +168,7 @@ async def get_recommendations(
     k: Annotated[int, Query(ge=1, le=50, description="How many products.")] = 10,
 ) -> RecommendationsResponse:
     """Up to ``k`` diverse products for the customer, each with the reason it was picked."""
-    profile, at_ms, recs = service.recommendations(customer_id, k)
+    profile, at_ms, recs = await run_in_threadpool(service.recommendations, customer_id, k)
     products = service.catalog
     items = []
     for rec in recs:
@@ -171,7 +198,7 @@ async def get_recommendations(
 @router.get("/customers/{customer_id}/send-time", responses=_NOT_FOUND, tags=["customers"])
 async def get_send_time(customer_id: CustomerId, service: ServiceDep) -> SendTimeResponse:
     """The next start of the hour the customer most likely reads email, with its confidence."""
-    profile, st = service.send_time(customer_id)
+    profile, st = await run_in_threadpool(service.send_time, customer_id)
     return SendTimeResponse(
         customer_id=profile.customer_id,
         send_at=st.send_at,
@@ -200,11 +227,17 @@ async def get_email(
     ] = None,
 ) -> HTMLResponse:
     """The HTML part of the email the customer would get if it were rendered now."""
-    email = service.email(customer_id, campaign or service.config.default_campaign)
+    campaign_id = campaign or service.config.default_campaign
+    email = await run_in_threadpool(service.email, customer_id, campaign_id)
     return HTMLResponse(email.html, headers=_PREVIEW_HEADERS)
 
 
-@router.post("/campaigns/{campaign_id}/render", tags=["campaigns"])
+@router.post(
+    "/campaigns/{campaign_id}/render",
+    dependencies=[Depends(_json_body)],
+    responses={415: {"model": ErrorBody, "description": "The body is not sent as JSON."}},
+    tags=["campaigns"],
+)
 async def render_campaign(
     campaign_id: Annotated[str, PathParam(pattern=CAMPAIGN_PATTERN)],
     body: RenderRequest,
@@ -354,6 +387,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         return _error(422, "validation_error", where, errors=jsonable_encoder(errors))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: a JSON 500 that names nothing internal, never the server's text page. The
+        server logs the traceback (the error is raised on); here only the route's template,
+        as a path can carry a customer id."""
+        route = getattr(request.scope.get("route"), "path", "?")
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method, route)
+        return _error(500, "internal_error", "the API failed to answer; retry later")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

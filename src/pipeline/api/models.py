@@ -7,8 +7,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ID_PATTERN = r"^[A-Za-z0-9_.:@+-]{1,128}$"
-
 
 class ErrorBody(BaseModel):
     """Every error: a stable machine code and a sentence for people."""

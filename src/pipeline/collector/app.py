@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from pipeline.collector.auth import WriteKeys, write_key_from_authorization
 from pipeline.collector.enrich import utc_now_ms
@@ -168,6 +169,12 @@ def create_app(
             metrics.rejected(exc.status, exc.code)
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             return _json(exc.status, exc.body(), headers)
+        except ClientDisconnect:
+            # the client went away mid-body (a page unloading, a dropped mobile connection):
+            # nothing was read whole, none charged, and nobody reads an answer: not a bug
+            log.info("client left during %s from source %s", request.url.path, source)
+            metrics.rejected(499, "client_disconnected")
+            return Response(status_code=499)
         except BrokerUnavailableError as exc:
             if charged and source is not None:
                 limiter.refund(source, charged)

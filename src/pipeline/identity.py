@@ -5,12 +5,14 @@ its events belong to the anonymous profile ``anon:<anonymousId>``. The first eve
 the device with a ``userId`` (identify, alias, or any event sent after login) links them:
 the device's anonymous history is re-attributed to the customer, with provenance, and the
 anonymous profile is retired into the known one. A later, different ``userId`` on the same
-device (a shared computer) re-links the device for future events only.
+device (a shared computer) re-links the device for future events only. The device keeps when
+each user took it (:func:`add_span`), so an anonymous event that arrives late goes to whoever
+had the device at its event time, not to whoever has it now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,15 +79,54 @@ class Resolution:
     linked_ms: int | None = None
 
 
+SPANS_KEPT = 16
+"""How many users' turns on one device are kept (a shared computer's recent users)."""
+
+Span = Sequence[Any]
+"""``(from_ms, customer_id)``: the customer had the device from that event time on (a JSON
+pair in the stream's state)."""
+
+
+def add_span(spans: Sequence[Span], from_ms: int, customer_id: str) -> list[list[Any]]:
+    """``spans`` (in event-time order) with ``customer_id`` holding the device from
+    ``from_ms``: a turn of the same customer right before it is extended instead; only the
+    newest :data:`SPANS_KEPT` are kept."""
+    out = sorted([[int(t), str(c)] for t, c in spans] + [[from_ms, customer_id]])
+    merged: list[list[Any]] = []
+    for span in out:
+        if not merged or merged[-1][1] != span[1]:
+            merged.append(span)
+    return merged[-SPANS_KEPT:]
+
+
+def owner_at(spans: Sequence[Span], ts_ms: int) -> str | None:
+    """Who had the device at ``ts_ms`` when that is before the current user's turn (a late
+    event): the user whose turn it was, or the first user for a time before every turn (the
+    anonymous history before a first login is theirs). None when the current user had it."""
+    if len(spans) < 2 or ts_ms >= spans[-1][0]:
+        return None
+    owner = str(spans[0][1])
+    for from_ms, customer_id in spans:
+        if from_ms > ts_ms:
+            break
+        owner = str(customer_id)
+    return owner
+
+
 def resolve(
-    event: CleanEvent, linked_customer: str | None, linked_ms: int | None = None
+    event: CleanEvent,
+    linked_customer: str | None,
+    linked_ms: int | None = None,
+    spans: Sequence[Span] = (),
 ) -> Resolution:
-    """Attribute ``event`` given the customer its device is currently linked to (or None)
-    and the event time of that customer's newest event on it (``linked_ms``).
+    """Attribute ``event`` given the customer its device is currently linked to (or None),
+    the event time of that customer's newest event on it (``linked_ms``) and the device's
+    users' turns (``spans``, see :func:`add_span`).
 
     A device follows its newest user in event time, not in arrival order: a late event of a
     shared device's previous user is theirs but does not take the device back (the same two
-    users' events give the same final link in any order; ties go to the greater id).
+    users' events give the same final link in any order; ties go to the greater id). An
+    anonymous event goes to whoever had the device at its event time.
     """
     device = device_of(event)
     user = event.user_id
@@ -106,7 +147,7 @@ def resolve(
             linked_ms=ts,
         )
     if linked_customer is not None:
-        return Resolution(customer_id=linked_customer)
+        return Resolution(customer_id=owner_at(spans, event.timestamp_ms) or linked_customer)
     assert device is not None, "validated events carry userId or anonymousId"
     return Resolution(customer_id=anonymous_customer_id(device))
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pipeline.events import CleanEvent
 from pipeline.identity import (
+    SPANS_KEPT,
     Resolution,
+    add_span,
     anonymous_customer_id,
     device_of,
     is_anonymous,
     is_suppressed,
+    owner_at,
     resolve,
 )
 from pipeline.pii import sha256_hex
@@ -63,6 +66,32 @@ def test_a_late_event_of_a_shared_devices_previous_user_is_theirs_but_does_not_r
     assert resolve(tie, "cus_2", 2_000) == Resolution("cus_1")
     tie_b = ev(anonymous_id="a1", user_id="cus_2", timestamp_ms=2_000)
     assert resolve(tie_b, "cus_1", 2_000).link == "cus_2"
+
+
+def test_a_late_anonymous_event_goes_to_whoever_had_the_device_at_its_time() -> None:
+    spans = [[100, "cus_1"], [500, "cus_2"]]
+    assert resolve(ev(anonymous_id="a1", timestamp_ms=300), "cus_2", 600, spans).customer_id == (
+        "cus_1"
+    )
+    assert resolve(ev(anonymous_id="a1", timestamp_ms=50), "cus_2", 600, spans).customer_id == (
+        "cus_1"  # before any login: the first user's, as the merged history was
+    )
+    assert resolve(ev(anonymous_id="a1", timestamp_ms=500), "cus_2", 600, spans).customer_id == (
+        "cus_2"
+    )
+
+
+def test_turns_on_a_device_are_kept_in_time_order_merged_and_bounded() -> None:
+    spans = add_span([], 500, "cus_2")
+    spans = add_span(spans, 100, "cus_1")  # an earlier user's event, late
+    spans = add_span(spans, 200, "cus_1")  # the same turn
+    assert spans == [[100, "cus_1"], [500, "cus_2"]]
+    assert owner_at(spans, 499) == "cus_1" and owner_at(spans, 700) is None
+    assert owner_at([[100, "cus_1"]], 50) is None  # one user: always theirs
+    many: list[list[object]] = []
+    for i in range(SPANS_KEPT + 5):
+        many = add_span(many, i, f"cus_{i}")
+    assert len(many) == SPANS_KEPT and many[-1] == [SPANS_KEPT + 4, f"cus_{SPANS_KEPT + 4}"]
 
 
 def test_server_side_event_without_device_is_attributed_but_links_nothing() -> None:

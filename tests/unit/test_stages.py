@@ -216,6 +216,30 @@ def test_a_shared_device_ends_linked_to_its_newest_user_in_any_arrival_order() -
         assert [r["customer_id"] for r in after] == ["cus_b"]
 
 
+def test_a_late_anonymous_event_on_a_shared_device_goes_to_its_user_at_the_time() -> None:
+    """A signs in, browses, leaves; B signs in later on the same computer. An anonymous event
+    of A's session that arrives after B took the device is A's (it went to B), in any order
+    of the sign-ins' arrival."""
+
+    def user(cid: str, ts: int) -> CleanEvent:
+        return make_event("Identify", ts, anonymous_id="dev1", user_id=cid, customer_id=None)
+
+    sign_ins = [user("cus_a", T0_MS + 10), user("cus_b", T0_MS + 30)]
+    for order in itertools.permutations(sign_ins):
+        store: dict[Any, Any] = {}
+        for e in order:
+            stitch(e, device_state(store, T0_MS), CONFIG)
+        owners = {
+            ts: [r["customer_id"] for r in stitch(anon(ts=ts), device_state(store, T0_MS), CONFIG)]
+            for ts in (T0_MS + 20, T0_MS + 40)
+        }
+        assert owners == {T0_MS + 20: ["cus_a"], T0_MS + 40: ["cus_b"]}, order
+    # forgetting A leaves nothing of theirs under the device, B's link and turn stay
+    erase_key("dev1", "cus_a", device_state(store, T0_MS))
+    assert not [v for (prefix, _), v in store.items() if prefix == "dev1" and "cus_a" in str(v)]
+    assert MemoryState(store, "dev1").get("linked") == "cus_b"
+
+
 def test_erasure_drops_the_device_state_and_both_profiles_it_can_have() -> None:
     store: dict[Any, Any] = {}
     for i in range(2):  # anonymous history buffered under the device

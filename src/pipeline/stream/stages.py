@@ -66,6 +66,7 @@ _LINKED_MS = "linked_ms"  # event time of the linked customer's newest event on 
 _HISTORY_LEN = "history_len"
 _HISTORY_HEAD = "history_head"  # the oldest slot, once the buffer is full and wraps round
 _HISTORY = "history:"
+_SPANS = "spans"  # when each user took the device: [[from_ms, customer_id], ...] (identity)
 _PROFILE = "profile"
 
 
@@ -132,11 +133,20 @@ def _stitch(event: CleanEvent, state: KeyValueState, config: StageConfig) -> lis
     if not first_sighting(state, event.message_id, config.dedupe_window):
         return []
     linked: str | None = state.get(_LINKED)
-    res = identity.resolve(event, linked, state.get(_LINKED_MS))
-    out: list[dict[str, Any]] = []
     device = identity.device_of(event)
+    user = event.user_id
+    # the users' turns matter to an anonymous event on a linked device (it may be late) and
+    # change when a user takes the device or a late event of an earlier user comes
+    spans: list[Any] = []
+    if linked is not None and user != linked:
+        # (a device linked before turns were kept: its user had it from the start)
+        spans = state.get(_SPANS) or [[0, linked]]
+    res = identity.resolve(event, linked, state.get(_LINKED_MS), spans)
+    out: list[dict[str, Any]] = []
     if res.linked_ms is not None:
         state.set(_LINKED_MS, res.linked_ms)
+    if user and device is not None and user != linked:
+        state.set(_SPANS, identity.add_span(spans, event.timestamp_ms, user))
     if res.link is not None and device is not None:
         state.set(_LINKED, res.link)
         merged = 0
@@ -222,6 +232,7 @@ def erase_key(
     if linked is None or linked == customer_id:
         state.delete(_LINKED)
         state.delete(_LINKED_MS)
+        state.delete(_SPANS)
         # a device (or a key that was linked: a client whose anonymousId is its userId): its
         # link record becomes a tombstone; a server-side key was never linked
         if key != customer_id or linked is not None:
@@ -233,7 +244,11 @@ def erase_key(
                     "requested_at": requested_at,
                 }
             )
-    # else a shared device, linked to another customer since: that link is theirs and stays
+    else:  # a shared device, linked to another customer since: that link is theirs and stays
+        spans = state.get(_SPANS, ())
+        kept = [span for span in spans if span[1] != customer_id]  # their turns go
+        if len(kept) != len(spans):
+            state.set(_SPANS, kept)
     return out
 
 

@@ -261,3 +261,47 @@ def test_step_latency_by_phase_splits_the_path_per_offered_load() -> None:
     assert p50[(2000.0, "store")] == 5
     assert "collect" not in set(steps["step"])  # never recorded: no row, not a zero
     assert len(step_latency_figure(steps).data) == steps["step"].nunique()
+
+
+def _lab(
+    rates: dict[tuple[float, str], float], customers: int = 600, seed: int = 5
+) -> tuple[dict[tuple[float, str], dict[str, dict[str, object]]], pd.DataFrame]:
+    """Settings whose top category is each customer's true one ("A") with the given rates."""
+    import random
+
+    rnd = random.Random(seed)
+    ids = [f"c{i}" for i in range(customers)]
+    profiles = {
+        key: {
+            cid: {"category_affinity": {"A" if rnd.random() < rate else "B": 1.0}, "event_count": 9}
+            for cid in ids
+        }
+        for key, rate in rates.items()
+    }
+    return profiles, pd.DataFrame({"customer_id": ids, "true_category": ["A"] * customers})
+
+
+def test_mcnemar_counts_only_the_customers_the_settings_disagree_on() -> None:
+    assert analysis.mcnemar_p(0, 0) == 1.0
+    assert analysis.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert analysis.mcnemar_p(3, 7) == analysis.mcnemar_p(7, 3) == pytest.approx(0.34375)
+
+
+def test_the_best_of_equal_settings_shows_no_gain_where_it_was_not_chosen() -> None:
+    rates = {(float(h), "default"): 0.5 for h in range(15)}
+    profiles, truth = _lab(rates)
+    result = analysis.holdout_comparison(profiles, truth, baseline=(0.0, "default"))
+    # picked as the best of 15 look-alikes, it looks better where it was picked...
+    assert result.selection_rate > 0.54
+    # ...and not on the other half
+    assert result.ci_low < 0 < result.ci_high and result.p_value > 0.05
+    assert result.customers == 300
+
+
+def test_a_truly_better_setting_is_chosen_and_its_gain_measured() -> None:
+    profiles, truth = _lab({(30.0, "default"): 0.5, (7.0, "views_light"): 0.8})
+    result = analysis.holdout_comparison(profiles, truth, baseline=(30.0, "default"))
+    assert result.chosen == (7.0, "views_light")
+    assert 0.2 < result.difference < 0.4 and result.ci_low > 0.15 and result.p_value < 1e-6
+    with pytest.raises(ValueError, match="baseline"):
+        analysis.holdout_comparison(profiles, truth, baseline=(1.0, "none"))

@@ -50,6 +50,11 @@ class Refreshing(Generic[T]):
         """When the current value was built (clock ms), None before the first build."""
         return self._built_ms if self._value is not None else None
 
+    @property
+    def ready(self) -> bool:
+        """Whether a value exists: :meth:`get` then returns at once."""
+        return self._value is not None
+
     def get(self) -> T:
         """The current value, building it first if there is none."""
         value = self._value

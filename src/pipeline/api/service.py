@@ -123,6 +123,11 @@ class PersonalizationService:
                 self._warehouse.close()
                 self._warehouse = None
 
+    def warm(self) -> bool:
+        """Whether the shared caches (signals, population) are built: a call then answers in
+        about a millisecond, where the first build reads up to ``signals_max_events`` events."""
+        return self.signals.ready and self.population.ready
+
     def warehouse_ready(self) -> bool:
         return self.warehouse_path.exists()
 

@@ -13,12 +13,14 @@ Candidates come from four sources, each adding to a product's score:
 The sum is multiplied by the price-band fit ``(1 - w_price) + w_price * 3 * q_band(p)``, with
 ``q`` the customer's Laplace-smoothed share of viewed, carted and bought products per price
 band (the lower/middle/upper third of prices in a category), so ``q = 1/3`` is neutral.
-Items topped up from popularity carry source ``popular``; ``at_ms`` only words the reasons
-("this week"), it never changes the ranking.
+Items topped up from popularity carry source ``popular`` (reason "Popular right now", or "From
+our current collection" for those topped up in catalog order because nothing of theirs is
+trending); ``at_ms`` only words the reasons ("this week"), it never changes the ranking.
 Purchased and out-of-stock products are never recommended. Selection is greedy and diverse:
 each pick maximizes ``score * category_penalty ** n_c * brand_penalty ** n_b`` (``n`` the
 products of that category/brand already picked), at most ``max_per_category`` per category.
-Each item's reason and ``source`` come from the source that contributed most to its score.
+Each item's reason and ``source`` come from the source that contributed most to its score; a
+co-occurrence reason names the seed whose similarity contributed most.
 A profile with no signal at all (cold start) gets :func:`popular_baseline`.
 """
 
@@ -409,6 +411,7 @@ def recommend(
         reasons[(product.product_id, "recently_viewed")] = recent_reason
 
     co_scores = sources["co_occurrence"]
+    co_best: dict[str, float] = {}  # the largest single seed's term: its seed words the reason
     seeds = list(dict.fromkeys((*profile.cart, *profile.recent_views, *profile.purchased)))
     for seed in seeds[: params.seeds]:
         seed_product = products.get(seed)
@@ -418,9 +421,12 @@ def recommend(
             seed, params.neighbours_per_seed, min_support=params.co_min_support
         ):
             pid = n.product_id
-            co_scores[pid] = co_scores.get(pid, 0.0) + params.weight_co_occurrence * n.score
-            verb = "bought" if n.co_purchases > 0 else "viewed"
-            reasons.setdefault((pid, "co_occurrence"), f"Often {verb} with {seed_product.name}")
+            term = params.weight_co_occurrence * n.score
+            co_scores[pid] = co_scores.get(pid, 0.0) + term
+            if pid not in co_best or term > co_best[pid]:
+                co_best[pid] = term
+                verb = "bought" if n.co_purchases > 0 else "viewed"
+                reasons[(pid, "co_occurrence")] = f"Often {verb} with {seed_product.name}"
 
     trend = sources["trending"]
     for category in top_cats:
@@ -461,7 +467,7 @@ def recommend(
             score,
             _affinity_reason(products[pid], viewed, period, brand_shares)
             if src == "affinity"
-            else reasons.get((pid, src), "Popular right now"),
+            else reasons.get((pid, src), _popular_reason(score, None)),
             src,
         )
         for score, pid, src in picks
@@ -536,6 +542,14 @@ def _popular_candidates(
     return candidates
 
 
+def _popular_reason(score: float, group: str | None) -> str:
+    """'Popular right now' for a trending product; a product topped up in catalog order
+    (relative popularity 0: nothing of it is trending) is not called popular."""
+    if score > 0:
+        return f"Popular in {group.title()} right now" if group else "Popular right now"
+    return f"From our {group.title()} collection" if group else "From our current collection"
+
+
 def popular_baseline(
     catalog: Catalog,
     *,
@@ -553,10 +567,11 @@ def popular_baseline(
     params = params or RecommendParams()
     index = catalog_index(catalog)
     excluded = set(exclude)
-    label = f"Popular in {group.title()} right now" if group else "Popular right now"
     candidates = _popular_candidates(index, signals, excluded, max(params.pool_size, k), group)
     picks = _diversify(candidates, index.products, k, params)
     if len(picks) < k:
         taken = excluded | {pid for _, pid, _ in picks}
         picks += _popular_candidates(index, signals, taken, k - len(picks), group)
-    return [Recommendation(pid, score, label, src) for score, pid, src in picks]
+    return [
+        Recommendation(pid, score, _popular_reason(score, group), src) for score, pid, src in picks
+    ]

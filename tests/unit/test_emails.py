@@ -184,6 +184,52 @@ def test_line_breaks_cannot_forge_headers_or_lines() -> None:
     assert "Hi Emma Bcc: all@example.com," in email.text
 
 
+def test_urls_with_whitespace_or_control_characters_are_refused() -> None:
+    # urlsplit drops tabs and line breaks before checking, so these used to pass the check and
+    # reach the plain-text part with their line breaks.
+    for url in (
+        "https://shop.example.com/unsubscribe?u=1\r\nBcc: all@example.com",
+        "https://shop.example.com/unsub scribe",
+        "https://shop.example.com/\tx",
+    ):
+        with pytest.raises(ValueError, match="unsubscribe_url"):
+            render(unsubscribe_url=url)
+    with pytest.raises(ValueError, match="shop_url"):
+        render(params=EmailParams(shop_url="https://shop.example.com\n/"))
+
+
+def test_a_trailing_slash_in_the_shop_url_gives_no_double_slash() -> None:
+    email = render(params=EmailParams(shop_url="https://shop.example.com/"))
+    assert "https://shop.example.com/p/P1?utm_source=email&utm_campaign=cmp_1" in email.text
+    assert "//p/" not in email.text and "//p/" not in email.html
+
+
+def test_bidi_controls_in_a_name_cannot_reverse_the_subject() -> None:
+    # U+202E (right-to-left override) would display the rest of the subject reversed.
+    email = render(customer("\u202eEmma\u2066"))
+    assert email.subject == "Emma, 2 picks for you, from dresses to tops"
+    for part in (email.html, email.text):
+        assert "\u202e" not in part and "\u2066" not in part
+    arabic = render(customer("\u0633\u0627\u0631\u0629"))  # right-to-left text is kept
+    assert arabic.subject.startswith("\u0633\u0627\u0631\u0629, ")
+
+
+def test_a_very_long_first_name_is_left_out_of_the_subject() -> None:
+    name = "Emma" * 125  # 500 characters, as the identify schema allows
+    email = render(customer(name))
+    assert email.subject == "2 picks for you, from dresses to tops"
+    assert f"Hi {name}," in email.text  # the greeting still uses it
+    assert render(customer("E" * 40)).subject.startswith("E" * 40 + ", ")
+
+
+def test_a_currency_without_a_symbol_cannot_break_the_text_lines() -> None:
+    products = Catalog(
+        [Product("P1", "Dress", "dresses", "Linnea", "Sage", "linen", 10.0, "SEK\nX: 1", 5)]
+    )
+    email = render(recs=[RECS[0]], products=products)
+    assert "1. Dress (Linnea, 10.00 SEK X: 1)" in email.text
+
+
 MARK_OPEN, MARK_CLOSE = "\u27e6", "\u27e7"
 texts = st.text(
     alphabet=st.characters(

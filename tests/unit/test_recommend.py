@@ -185,6 +185,21 @@ def test_co_occurrence_reason_names_the_seed() -> None:
     assert recs[0].reason == f"Often bought with {CATALOG['S1'].name}"
 
 
+def test_co_occurrence_reason_names_the_seed_that_contributed_most() -> None:
+    signals = RecommendationSignals()
+    co = signals.co_occurrence
+    co.update(["T1", "B1"])  # B1 is a weak neighbour of the cart item T1 (sim 1/6) ...
+    for _ in range(5):
+        co.update(["T1", "T2"])
+        co.update(["S1", "B1"])  # ... and a strong one of the viewed S1 (sim 0.91)
+    profile = shopper(cart={"T1": 1}, recent_views=["S1"])
+    params = RecommendParams(weight_recent=0.0)
+    recs = recommend(profile, CATALOG, k=3, signals=signals, params=params, at_ms=NOW)
+    [b1] = [r for r in recs if r.product_id == "B1"]
+    assert b1.source == "co_occurrence"
+    assert b1.reason == f"Often viewed with {CATALOG['S1'].name}"  # was the cart item T1's
+
+
 def test_trending_in_a_favourite_category() -> None:
     signals = RecommendationSignals()
     signals.trending.add("T3", NOW, 5.0, groups=["tops"])
@@ -208,6 +223,16 @@ def test_cold_start_gets_popular_items() -> None:
     assert {r.source for r in recs} == {"popular"}
     assert recs[0].reason == "Popular right now"
     assert len(recs) == 3  # topped up from the catalog when little is trending
+    assert recs[2].score == 0.0
+    assert recs[2].reason == "From our current collection"  # not trending: not "popular"
+
+
+def test_nothing_trending_is_not_called_popular() -> None:
+    recs = popular_baseline(CATALOG, signals=RecommendationSignals(), k=3)
+    assert len(recs) == 3
+    assert {r.reason for r in recs} == {"From our current collection"}
+    recs = popular_baseline(CATALOG, signals=RecommendationSignals(), k=2, group="tops")
+    assert [r.reason for r in recs] == ["From our Tops collection"] * 2
 
 
 def test_popular_in_a_group() -> None:
@@ -216,6 +241,7 @@ def test_popular_in_a_group() -> None:
     recs = popular_baseline(CATALOG, signals=signals, k=2, group="tops")
     assert [r.product_id for r in recs] == ["T2", "T1"]
     assert recs[0].reason == "Popular in Tops right now"
+    assert recs[1].reason == "From our Tops collection"  # topped up, not trending
 
 
 def test_diversity_caps_products_per_category() -> None:

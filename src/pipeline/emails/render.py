@@ -31,6 +31,12 @@ from pipeline.sendtime import SendTime
 CURRENCY_SYMBOLS: Mapping[str, str] = {"EUR": "\u20ac", "GBP": "\u00a3", "USD": "$"}
 _SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# Bidi embeddings, overrides and isolates hold until their terminator or the end of the line,
+# so one in a name could reverse the rest of the subject ("Trojan Source" spoofing): dropped.
+_BIDI_CONTROL = re.compile(r"[\u202a-\u202e\u2066-\u2069]+")
+# A longer first name (the identify schema allows 500 characters) is left out of the subject,
+# which inbox lists cut at 40-70 characters anyway; the greeting still uses it.
+SUBJECT_NAME_MAX = 40
 
 
 class EmailParams(BaseModel):
@@ -85,12 +91,17 @@ def _environment() -> Environment:
 
 
 def one_line(value: object) -> str:
-    """``value`` as text on one line: control characters and line breaks become one space."""
-    return _CONTROL.sub(" ", str(value)).strip()
+    """``value`` as text on one line: control characters and line breaks become one space,
+    bidi embedding, override and isolate controls are dropped."""
+    return _CONTROL.sub(" ", _BIDI_CONTROL.sub("", str(value))).strip()
 
 
 def _checked_url(url: str, what: str) -> str:
-    """``url`` if it is absolute http(s) or mailto; anything else (``javascript:``) is refused."""
+    """``url`` if it is absolute http(s) or mailto; anything else (``javascript:``) is refused,
+    as is any whitespace or control character (which ``urlsplit`` silently drops, so the URL
+    checked would not be the one rendered)."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{what} must not contain whitespace or control characters: {url!r}")
     parts = urlsplit(url)
     if parts.scheme.lower() not in _SAFE_SCHEMES or (parts.scheme != "mailto" and not parts.netloc):
         raise ValueError(f"{what} must be an absolute http(s) or mailto URL, got {url!r}")
@@ -99,7 +110,7 @@ def _checked_url(url: str, what: str) -> str:
 
 def _price(amount: float, currency: str) -> str:
     symbol = CURRENCY_SYMBOLS.get(currency)
-    return f"{symbol}{amount:,.2f}" if symbol else f"{amount:,.2f} {currency}"
+    return f"{symbol}{amount:,.2f}" if symbol else one_line(f"{amount:,.2f} {currency}")
 
 
 def first_name(profile: Profile) -> str | None:
@@ -116,6 +127,7 @@ def _items(
 ) -> list[_Item]:
     items = []
     tracking = f"utm_source={quote(params.utm_source)}&utm_campaign={quote(campaign_id)}"
+    shop_url = params.shop_url.rstrip("/")  # "https://shop.example.com/" + "/p/..." is "//p/"
     for rec in recommendations:
         product = catalog.get(rec.product_id)
         if product is None:
@@ -128,7 +140,7 @@ def _items(
                 category=one_line(product.category.title()),
                 price=_price(product.price, product.currency),
                 reason=one_line(rec.reason),
-                url=f"{params.shop_url}/p/{quote(product.product_id)}?{tracking}",
+                url=f"{shop_url}/p/{quote(product.product_id)}?{tracking}",
             )
         )
     return items
@@ -144,7 +156,9 @@ def _subject(name: str | None, items: Sequence[_Item]) -> str:
         topic = (
             f"{len(items)} picks for you, from {categories[0].lower()} to {categories[1].lower()}"
         )
-    return f"{name}, {topic[0].lower()}{topic[1:]}" if name else topic
+    if not name or len(name) > SUBJECT_NAME_MAX:
+        return topic
+    return f"{name}, {topic[0].lower()}{topic[1:]}"
 
 
 def _preheader(items: Sequence[_Item]) -> str:

@@ -25,8 +25,19 @@ class ProductLookup(Protocol):
     def get(self, product_id: str) -> ProductInfo | None: ...
 
 
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _text(value: object) -> str | None:
+    """A non-empty string, else None (an empty category or brand is none, as for line items)."""
+    return value if type(value) is str and value else None
+
+
+def _price(value: object) -> float | None:
+    """A price the sender gave: a number of at least 0 (what the event schemas allow), else None.
+
+    ``bool`` is a subclass of ``int``: ``"price": true`` is not a price of 1.
+    """
+    if type(value) is not int and type(value) is not float:
+        return None
+    return float(value) if value >= 0 else None
 
 
 def enrich(event: CleanEvent, catalog: ProductLookup) -> CleanEvent:
@@ -39,10 +50,9 @@ def enrich(event: CleanEvent, catalog: ProductLookup) -> CleanEvent:
             category, brand, price = product.category, product.brand, product.price
         else:
             props = event.properties
-            category = _str_or_none(props.get("category"))
-            brand = _str_or_none(props.get("brand"))
-            raw_price = props.get("price")
-            price = float(raw_price) if isinstance(raw_price, int | float) else None
+            category = _text(props.get("category"))
+            brand = _text(props.get("brand"))
+            price = _price(props.get("price"))
     items = event.items
     if items:
         enriched = []

@@ -201,12 +201,14 @@ def iso_to_ms(value: str) -> int:
 
 
 def ms_to_iso(ms: int) -> str:
-    """Format UTC epoch milliseconds as ISO-8601 with a ``Z`` suffix."""
-    return (
-        datetime.fromtimestamp(ms / 1000, tz=UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    """Format UTC epoch milliseconds as ISO-8601 with a ``Z`` suffix (the inverse of
+    :func:`iso_to_ms`).
+
+    Integer arithmetic: ``fromtimestamp(ms / 1000)`` is a millisecond early for ~30% of times
+    after 2200 (the float has too few bits left for the fraction). Past year 9999 it raises
+    ``OverflowError``.
+    """
+    return (_EPOCH + ms * _ONE_MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _CLEAN_EVENT_FIELDS = tuple(f.name for f in fields(CleanEvent))

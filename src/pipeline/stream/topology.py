@@ -87,6 +87,16 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _keyed_by_device(key: bytes | None, device: str) -> bool:
+    """Whether a raw message's key is its device's exactly, the bytes a re-key would write.
+
+    State and partitions follow the key's bytes: a key compared after a lenient decode would
+    take undecodable bytes (``b"d\\xff"``) for a device id that holds U+FFFD (``"d\\ufffd"``)
+    and keep that device's state under two keys.
+    """
+    return key is not None and key == device.encode("utf-8")
+
+
 def _framework_error(exc: BaseException) -> bool:
     """Whether an exception raised in a step comes from quixstreams, its state store or the
     Kafka client (a rebalance, a fenced transaction) rather than from the record: those must
@@ -590,7 +600,7 @@ def build_application(
             cpu["detect"] += clock() - parsed_cpu
             return out
         device = result.identity_key
-        if raw_key != device:
+        if not _keyed_by_device(key, device):
             # keyed by something else (a third-party producer, userId-first): its device's
             # state lives under another key, so send it round again under the device key
             metrics.rekeyed += 1

@@ -149,6 +149,15 @@ def up(
             "(the embedded broker dying then stops `up` instead of restarting it).",
         ),
     ] = 1,
+    triggers: Annotated[
+        bool,
+        typer.Option(
+            "--triggers/--no-triggers",
+            help="Run the trigger scan and email delivery here; --no-triggers where `pipeline "
+            "follow --triggers` runs them on a copy of every partition "
+            "(PIPELINE_TRIGGERS__BESIDE_PROCESSOR).",
+        ),
+    ] = True,
     home: HomeOption = None,
 ) -> None:
     """Run broker (embedded unless PIPELINE_BROKER is set), processor, collector, API and
@@ -156,6 +165,9 @@ def up(
     from pipeline.runner import Run, serve
 
     settings = _settings(home)
+    if not triggers:
+        quiet = settings.triggers.model_copy(update={"beside_processor": False})
+        settings = settings.model_copy(update={"triggers": quiet})
     services: list[Any] = []
     if collector:
         from pipeline.collector.server import serve_in_thread
@@ -536,11 +548,21 @@ def follow(
             "(PIPELINE_REPLICA_SEED): the copy then holds more than the topics retain.",
         ),
     ] = None,
+    triggers: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the trigger scan and email delivery on this copy, once it has "
+            "caught up: it holds every partition's profiles, where each processor replica "
+            "keeps its own (run those with `up --no-triggers`).",
+        ),
+    ] = False,
     home: HomeOption = None,
 ) -> None:
     """Keep PIPELINE_HOME's serving store (the warehouse the API and workbench read) from the
     processor's output topics until Ctrl-C or SIGTERM: for a machine or pod that does not
     share the processor's home, e.g. beside the workbench in Kubernetes."""
+    from pipeline.broker import broker_address
+    from pipeline.runner import start_copy_scan
     from pipeline.stores.follow import follow_topics
 
     settings = _settings(home)
@@ -551,6 +573,11 @@ def follow(
         signal.signal(sig, lambda *_: stop.set())
     follower = follow_topics(settings, settings.warehouse_path)
     console.print(f"[bold]pipeline follow[/]: keeping {settings.warehouse_path} from the topics")
+    scan = (
+        start_copy_scan(settings, broker_address(settings), follower.caught_up, stop)
+        if triggers
+        else None
+    )
     try:
         reported = False
         while not stop.wait(0.5):
@@ -558,6 +585,8 @@ def follow(
                 console.print(f"caught up: {follower.applied} records applied")
                 reported = True
     finally:
+        if scan is not None:
+            scan.join(30)
         follower.close()
     console.print(
         f"stopped: {follower.applied} records applied, {follower.dropped} dropped, "

@@ -449,9 +449,11 @@ def serve_replicas(
                 f"{replicas - partitions} of the {replicas} replicas will sit idle"
             )
         producer = make_producer(settings, run.address)
-        delivery = trigger_delivery(run, producer) if settings.delivery.enabled else None
-        # (it queues again what a previous run scheduled and did not send, as in `up`)
-        scan = scan_step(run, producer, delivery)
+        scan: Callable[[], None] | None = None
+        if settings.triggers.beside_processor:
+            delivery = trigger_delivery(run, producer) if settings.delivery.enabled else None
+            # (it queues again what a previous run scheduled and did not send, as in `up`)
+            scan = scan_step(run, producer, delivery)
 
         scan_done = threading.Event()
         stops: list[Callable[[], None]] = []
@@ -460,7 +462,8 @@ def serve_replicas(
             announce(f"replica {r.instance_id}: pid {r.pid}")
         try:
             stops = [start(run) for start in services]
-            scan_periodically(scan, settings.triggers.scan_interval_s, scan_done)
+            if scan is not None:
+                scan_periodically(scan, settings.triggers.scan_interval_s, scan_done)
             while not stop.wait(0.5):
                 exited = [r for r in children if r.process.poll() is not None]
                 if exited:

@@ -301,7 +301,28 @@ def emit_triggers(run: Run) -> list[Trigger]:
     return emit_due(run.warehouse, producer, run.settings.topics.triggers, run.settings.triggers)
 
 
-def segment_clock(run: Run, producer: Producer) -> SegmentClock:
+class ScanParts(Protocol):
+    """What the trigger scan and the email delivery need: a processor's run, or a serving copy
+    that holds every partition's profiles (:func:`start_copy_scan`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def warehouse(self) -> LocalWarehouse: ...
+    @property
+    def catalog(self) -> Catalog: ...
+
+
+@dataclass(frozen=True)
+class CopyParts:
+    """A serving copy's :class:`ScanParts`."""
+
+    settings: Settings
+    warehouse: LocalWarehouse
+    catalog: Catalog
+
+
+def segment_clock(run: ScanParts, producer: Producer) -> SegmentClock:
     """The clock of time-dependent segments, ticked by the trigger scan (see SegmentClock)."""
     every_ms = int(run.settings.triggers.segment_tick_minutes * 60_000)
     topic = run.settings.topics.attributed
@@ -309,7 +330,7 @@ def segment_clock(run: Run, producer: Producer) -> SegmentClock:
 
 
 def scan_step(
-    run: Run, producer: Producer, delivery: TriggeredDelivery | None
+    run: ScanParts, producer: Producer, delivery: TriggeredDelivery | None
 ) -> Callable[[], None]:
     """One trigger scan, as run every ``triggers.scan_interval_s``: tick the segment clock,
     emit the triggers due and send their emails when delivery is on; a failure is logged and
@@ -367,7 +388,7 @@ def scan_step(
 
 
 def trigger_delivery(
-    run: Run, producer: Producer, platform: EmailPlatform | None = None
+    run: ScanParts, producer: Producer, platform: EmailPlatform | None = None
 ) -> TriggeredDelivery:
     """Emails for triggers, sent through the configured platform (or ``platform``)."""
     from pipeline.api.service import PersonalizationService
@@ -387,6 +408,45 @@ def trigger_delivery(
         dlq_topic=run.settings.topics.email_dlq,
         trigger_params=run.settings.triggers,
     )
+
+
+def start_copy_scan(
+    settings: Settings, address: str, caught_up: threading.Event, stop: threading.Event
+) -> threading.Thread:
+    """Run the trigger scan and, when on, the email delivery on a serving copy of the store
+    (``pipeline follow --triggers``) once it has ``caught_up`` with the output topics, every
+    ``triggers.scan_interval_s`` until ``stop``: where each processor replica keeps only its
+    own partitions (Kubernetes), a scan there reads stale profiles after a rebalance, while the
+    copy holds every partition's. Not before it caught up: half-applied topics would show carts
+    whose orders are not read yet."""
+
+    def run_scan() -> None:
+        while not caught_up.wait(0.5):
+            if stop.is_set():
+                return
+        warehouse = LocalWarehouse(settings.warehouse_path)  # (the follower's thread has its own)
+        parts = CopyParts(settings, warehouse, load_catalog(settings.catalog_path))
+        producer = make_producer(settings, address)
+        delivery = trigger_delivery(parts, producer) if settings.delivery.enabled else None
+        scan = scan_step(parts, producer, delivery)
+        log.info(
+            "trigger scan%s on the copy %s", " and delivery" if delivery else "", warehouse.path
+        )
+        try:
+            while not stop.wait(settings.triggers.scan_interval_s):
+                try:
+                    scan()
+                except Exception:  # a bug or an unforeseen answer must not end the schedule
+                    log.exception("trigger scan failed; retried at the next interval")
+        finally:
+            if delivery is not None:
+                delivery.service.close()
+            producer.flush(10)
+            warehouse.close()
+
+    thread = threading.Thread(target=run_scan, name="copy-trigger-scan", daemon=True)
+    thread.start()
+    return thread
 
 
 class StopSignals:
@@ -477,8 +537,10 @@ def _process_while_broker_lives(
     producer = make_producer(run.settings, run.address)
     suppressed = suppression_source(run.settings, run.address)
     params = run.settings.triggers
-    delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
-    scan = scan_step(run, producer, delivery)  # (queues again what a previous run did not send)
+    scan: Callable[[], None] | None = None
+    if params.beside_processor:
+        delivery = trigger_delivery(run, producer) if run.settings.delivery.enabled else None
+        scan = scan_step(run, producer, delivery)  # (queues again what a run did not send)
 
     app = build_application(
         run.settings,
@@ -519,7 +581,8 @@ def _process_while_broker_lives(
 
     guard = threading.Thread(target=watchdog, name="broker-watchdog", daemon=True)
     guard.start()
-    scan_periodically(scan, params.scan_interval_s, done)
+    if scan is not None:
+        scan_periodically(scan, params.scan_interval_s, done)
     try:
         with tuned_and_counted(run.metrics.gc, run.settings.gc_young_threshold):
             app.run()

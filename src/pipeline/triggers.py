@@ -38,6 +38,12 @@ class TriggerParams(BaseModel):
         "re-evaluations of every customer's time-dependent segments by the scan.",
     )
     browse_views_kept: int = Field(5, ge=1)
+    beside_processor: bool = Field(
+        True,
+        description="Run the trigger scan and email delivery beside the processor (`pipeline "
+        "up`). False where the processor replicas each keep only their own partitions and "
+        "`pipeline follow --triggers` runs them on a copy of every partition (Kubernetes).",
+    )
     max_age_hours: float = Field(
         72.0,
         gt=0,

@@ -286,6 +286,44 @@ def _running(pid: int) -> bool:
     return True
 
 
+def test_up_with_no_triggers_leaves_the_scan_to_a_copy(tmp_path: Path) -> None:
+    """`up --no-triggers` (the Kubernetes processor pods): the store fills, triggers fall due,
+    and this process emits none; `pipeline follow --triggers` does that elsewhere."""
+    from pipeline.settings import Settings
+    from pipeline.stream.trigger_scan import find_due
+
+    home = tmp_path / "home"
+    env = {**cli_env(home), "PIPELINE_TRIGGERS__SCAN_INTERVAL_S": "0.5"}
+    up = subprocess.Popen(
+        pipeline_cmd("up", "--no-workbench", "--no-api", "--no-collector", "--no-triggers"),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = home / "warehouse.sqlite"
+    with stopped_after(up, home) as log:
+        deadline = time.monotonic() + 60
+        while not (home / "broker.json").exists():
+            assert up.poll() is None and time.monotonic() < deadline, "no broker started"
+            time.sleep(0.2)
+        sent = run_cli(home, tmp_path, "simulate", "--events", "2000", "--seed", "8")
+        assert sent.returncode == 0, sent.stderr
+        due: list[Any] = []
+        deadline = time.monotonic() + 90
+        while not due:
+            assert time.monotonic() < deadline, "no trigger fell due"
+            time.sleep(1)
+            if store.exists():
+                with LocalWarehouse(store, read_only=True) as wh:
+                    due = find_due(wh, Settings(_env_file=None).triggers)
+        time.sleep(3)  # six scan intervals
+        with LocalWarehouse(store, read_only=True) as wh:
+            assert wh.scalar("SELECT COUNT(*) FROM email_triggers") == 0
+    assert "stopped" in log[0]
+
+
 def test_up_with_delivery_on_renders_triggered_emails_and_holds_them_for_their_send_time(
     tmp_path: Path,
 ) -> None:

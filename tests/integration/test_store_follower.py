@@ -228,6 +228,47 @@ def test_pipeline_follow_keeps_a_home_until_stopped(settings: Settings, tmp_path
         assert "caught up" in log and "stopped" in log, log[-3000:]
 
 
+def test_the_trigger_scan_on_a_copy_finds_what_the_processors_store_holds(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`pipeline follow --triggers` (Kubernetes: the processor replicas each keep their own
+    partitions): once caught up, the copy's scan emits the triggers due in the processor's
+    whole store, and none before."""
+    from pipeline.runner import start_copy_scan
+    from pipeline.stream.trigger_scan import find_due
+
+    with pipeline_run(settings) as run:
+        _process(run, SimulationConfig(events=600, seed=8, end=END_OF_DAY, days=3))
+        due = {t.trigger_id for t in find_due(run.warehouse, settings.triggers)}
+        assert due  # (carts left in the last three days)
+        fast = settings.triggers.model_copy(update={"scan_interval_s": 0.3})
+        copy = settings.model_copy(
+            update={"home": tmp_path / "delivery-pod", "broker": run.address, "triggers": fast}
+        )
+        stop, caught_up = threading.Event(), threading.Event()
+        scan = start_copy_scan(copy, run.address, caught_up, stop)
+        follower = follow_topics(copy, copy.warehouse_path)
+        try:
+            time.sleep(1.0)
+            assert not copy.warehouse_path.exists() or not _recorded(copy.warehouse_path)
+            _wait_for(follower.caught_up.is_set, lambda: "the copy did not catch up")
+            caught_up.set()
+            _wait_for(
+                lambda: _recorded(copy.warehouse_path) == due,
+                lambda: f"{len(_recorded(copy.warehouse_path))} recorded, {len(due)} due",
+            )
+        finally:
+            stop.set()
+            scan.join(30)
+            follower.close()
+        assert not scan.is_alive()
+
+
+def _recorded(path: Path) -> set[str]:
+    with LocalWarehouse(path, read_only=True) as wh:
+        return set(wh.query("SELECT trigger_id FROM email_triggers")["trigger_id"])
+
+
 def test_a_replica_whose_disk_fills_up_keeps_retrying_and_loses_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:

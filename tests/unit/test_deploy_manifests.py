@@ -219,7 +219,13 @@ CONTAINERS = _containers()
 
 def test_every_role_is_deployed() -> None:
     names = {c.workload["metadata"]["name"] for c in CONTAINERS}
-    expected = {"pipeline-processor", "pipeline-collector", "pipeline-api", "pipeline-workbench"}
+    expected = {
+        "pipeline-processor",
+        "pipeline-collector",
+        "pipeline-api",
+        "pipeline-workbench",
+        "pipeline-delivery",
+    }
     assert names == expected
 
 
@@ -248,7 +254,9 @@ def _pipeline_argv(container: Container) -> list[str] | None:
 
 
 def _is_follower(container: Container) -> bool:
-    return _pipeline_argv(container) == ["follow"]
+    """A `pipeline follow` container (a copy of the store, with the trigger scan or not)."""
+    argv = _pipeline_argv(container)
+    return argv is not None and argv[:1] == ["follow"]
 
 
 def _home_mount(container: Container, home: str) -> str | None:
@@ -373,7 +381,7 @@ def test_services_select_pods_and_target_their_ports() -> None:
 
 
 def _processor() -> Container:
-    (container,) = [c for c in CONTAINERS if c.workload["kind"] == "StatefulSet"]
+    (container,) = [c for c in CONTAINERS if c.workload["metadata"]["name"] == "pipeline-processor"]
     return container
 
 
@@ -413,6 +421,18 @@ def test_autoscaler_stays_within_partitions_and_watches_the_processor_group(
     auth = _named("TriggerAuthentication", trigger["authenticationRef"]["name"])
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["key"] in _named("Secret", ref["name"])["stringData"]
+
+
+def test_the_trigger_scan_runs_once_on_a_copy_of_every_partition() -> None:
+    """Each processor pod holds its own partitions (stale ones too, after a rebalance): the
+    scan and delivery run in one pod on a copy of them all, on a volume (scheduled e-mails)."""
+    assert "--no-triggers" in (_pipeline_argv(_processor()) or [])
+    (delivery,) = [c for c in CONTAINERS if c.workload["metadata"]["name"] == "pipeline-delivery"]
+    assert _pipeline_argv(delivery) == ["follow", "--triggers"]
+    _check_cli(["follow", "--triggers"])
+    assert delivery.workload["kind"] == "StatefulSet" and delivery.workload["spec"]["replicas"] == 1
+    claims = {t["metadata"]["name"] for t in delivery.workload["spec"]["volumeClaimTemplates"]}
+    assert {m["name"] for m in delivery.spec["volumeMounts"]} & claims
 
 
 def test_kustomization_lists_every_manifest() -> None:

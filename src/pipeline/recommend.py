@@ -74,6 +74,11 @@ class RecommendParams(BaseModel):
     trending_half_life_hours: float = Field(72.0, gt=0)
     co_purchase_weight: float = Field(3.0, ge=0, description="one co-purchase in co-views")
     co_session_items: int = Field(20, ge=2, description="latest items of a session paired")
+    session_gap_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="views without a session id: a pause this long starts a new session",
+    )
     co_min_support: float = Field(1.0, ge=0, description="least co-count for a neighbour")
     trend_weights: dict[str, float] = Field(
         default_factory=lambda: {
@@ -244,12 +249,15 @@ def signals_from_events(
 ) -> RecommendationSignals:
     """Build signals from clean event dicts (``CleanEvent.to_dict``) in one pass.
 
-    Views are grouped into sessions by ``(customer_id, session_id)`` for co-views; each order
+    Views are grouped into sessions by ``(customer_id, session_id)`` for co-views, and those
+    without a session id (server-side senders) by a pause of ``session_gap_minutes``, the usual
+    web-analytics rule: else weeks of one customer's views would count as co-viewed; each order
     is a co-purchase basket; views, adds and orders feed trending per product and category.
     """
     params = params or RecommendParams()
     signals = RecommendationSignals(CoOccurrence(params), Trending(params))
     sessions: dict[tuple[str | None, str | None], list[str]] = defaultdict(list)
+    unsessioned: dict[str | None, list[tuple[int, str]]] = defaultdict(list)
     weights = params.trend_weights
     for event in events:
         name = event.get("name")
@@ -260,7 +268,11 @@ def signals_from_events(
         category = event.get("category")
         groups = (category,) if isinstance(category, str) else ()
         if name in VIEW_EVENTS and isinstance(pid, str):
-            sessions[(event.get("customer_id"), event.get("session_id"))].append(pid)
+            session = event.get("session_id")
+            if session:
+                sessions[(event.get("customer_id"), session)].append(pid)
+            else:
+                unsessioned[event.get("customer_id")].append((ts, pid))
         if name == ORDER_EVENT:
             items = event.get("items") or ()
             basket = [i["product_id"] for i in items]
@@ -277,7 +289,24 @@ def signals_from_events(
             signals.trending.add(pid, ts, weights[name], groups=groups)
     for viewed in sessions.values():
         signals.co_occurrence.update(viewed)
+    gap_ms = params.session_gap_minutes * 60_000
+    for views in unsessioned.values():
+        for viewed in _split_by_pause(views, gap_ms):
+            signals.co_occurrence.update(viewed)
     return signals
+
+
+def _split_by_pause(views: list[tuple[int, str]], gap_ms: float) -> list[list[str]]:
+    """Products viewed, ``(event time, product)``, cut into sessions where a pause between two
+    views (in event time) exceeds ``gap_ms``."""
+    out: list[list[str]] = []
+    last: int | None = None
+    for ts, pid in sorted(views, key=lambda v: v[0]):
+        if last is None or ts - last > gap_ms:
+            out.append([])
+        out[-1].append(pid)
+        last = ts
+    return out
 
 
 class CatalogIndex:

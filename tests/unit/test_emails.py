@@ -252,3 +252,17 @@ def test_rendering_escapes_any_string(name: str, product_name: str, reason: str)
             assert shown not in email.html
         assert shown in email.text
     assert "\n" not in email.subject
+
+
+def test_a_null_or_empty_first_name_does_not_hide_the_other_spelling() -> None:
+    from pipeline.emails.render import first_name
+
+    for traits in (
+        {"firstName": None, "first_name": "Emma"},
+        {"firstName": " ", "first_name": "Emma"},
+    ):
+        profile = Profile(customer_id="c1", is_anonymous=False, traits=traits)
+        assert first_name(profile) == "Emma"
+    assert (
+        first_name(Profile(customer_id="c1", is_anonymous=False, traits={"firstName": 3})) is None
+    )

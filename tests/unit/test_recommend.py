@@ -103,6 +103,21 @@ def test_co_occurrence_caps_long_sessions() -> None:
     assert {n.product_id for n in co.neighbours("D", 5)} == {"B", "C"}
 
 
+def test_views_without_a_session_id_are_co_viewed_only_within_one_visit() -> None:
+    """A server-side sender without session ids: weeks of one customer's views are not one
+    session, a pause of more than 30 minutes starts the next."""
+
+    def view(pid: str, ts: int) -> dict[str, object]:
+        return make_event(
+            "Product Viewed", ts, product_id=pid, session_id=None, customer_id="c1"
+        ).to_dict()
+
+    events = [view("A", T0_MS), view("B", T0_MS + 5 * 60_000), view("C", T0_MS + 3 * DAY_MS)]
+    co = signals_from_events(events).co_occurrence
+    assert [n.product_id for n in co.neighbours("A", 5)] == ["B"]
+    assert co.neighbours("C", 5) == []
+
+
 def test_trending_decays_with_its_half_life() -> None:
     trending = Trending(RecommendParams(trending_half_life_hours=1.0))
     trending.add("P1", T0_MS, 1.0, groups=["dresses"])

@@ -114,9 +114,13 @@ def _price(amount: float, currency: str) -> str:
 
 
 def first_name(profile: Profile) -> str | None:
-    """The customer's first name from identify traits, or None."""
-    value = profile.traits.get("firstName", profile.traits.get("first_name"))
-    return (one_line(value) or None) if isinstance(value, str) else None
+    """The customer's first name from identify traits (``firstName``, else ``first_name``: a
+    null or empty one does not hide the other), or None."""
+    for key in ("firstName", "first_name"):
+        value = profile.traits.get(key)
+        if isinstance(value, str) and (name := one_line(value)):
+            return name
+    return None
 
 
 def _items(

@@ -54,7 +54,9 @@ def precision_at_k(
     k: int = 10,
     top_categories: int = TOP_CATEGORIES,
 ) -> float:
-    """Hits among the first ``k`` ids divided by ``k``."""
+    """Hits among the first ``k`` ids divided by ``k`` (at least 1)."""
+    if k < 1:
+        raise ValueError(f"precision@k needs k of at least 1, not {k}")
     hits = sum(
         1
         for pid in product_ids[:k]
@@ -96,6 +98,8 @@ def compare_with_baseline(
 ) -> PrecisionReport:
     """precision@k of :func:`recommend` and :func:`popular_baseline` over every profile with
     known true preferences and at least ``min_events`` events."""
+    if k < 1:
+        raise ValueError(f"precision@k needs k of at least 1, not {k}")
     personal: list[float] = []
     baseline: list[float] = []
     for profile in profiles:

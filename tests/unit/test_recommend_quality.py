@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import pytest
+
 from pipeline.catalog import load_catalog
 from pipeline.evaluation import PrecisionReport, compare_with_baseline, is_hit, precision_at_k
 from pipeline.recommend import signals_from_events
@@ -37,6 +39,8 @@ def test_hit_rule() -> None:
     bands = {dress.product_id: "mid", shoe.product_id: "mid"}
     ids = [dress.product_id, shoe.product_id]
     assert precision_at_k(ids, catalog, prefs, bands, k=10) == 0.1  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k of at least 1"):  # (was a ZeroDivisionError)
+        precision_at_k(ids, catalog, prefs, bands, k=0)  # type: ignore[arg-type]
 
 
 def _fields(product: object) -> dict[str, object]:

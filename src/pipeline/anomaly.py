@@ -55,7 +55,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.events import CleanEvent, Failure
 
-AlertKind = Literal["volume_spike", "volume_drop", "dead_letter_rate", "bot_identity", "clock_skew"]
+AlertKind = Literal[
+    "volume_spike", "volume_drop", "source_silent", "dead_letter_rate", "bot_identity", "clock_skew"
+]
 Severity = Literal["warning", "critical"]
 
 
@@ -142,6 +144,18 @@ class VolumeParams(BaseModel):
         description="Least variance of a bucket count above its mean, as a multiple of the "
         "mean (1 = Poisson); below the mean (drops) Poisson's.",
     )
+    silent_buckets: int = Field(
+        5,
+        ge=1,
+        description="Buckets in a row with nothing from a key whose baseline makes a zero a "
+        "drop: it is reported silent (critical, once) and its baseline stops learning until it "
+        "sends again, so a dead source stays expected instead of quieting its own alerts.",
+    )
+    silent_forget_buckets: int = Field(
+        1_440,
+        ge=1,
+        description="Buckets of silence after which a silent key is forgotten (decommissioned).",
+    )
 
 
 class DeadLetterParams(BaseModel):
@@ -218,6 +232,7 @@ class VolumeMonitor:
         self._known: set[tuple[str, str]] = set()
         self._bucket: int | None = None
         self._watched_from_ms = 0  # when this monitor started (or resumed) watching
+        self._silent: Counter[tuple[str, str]] = Counter()  # zero buckets in a row that drop
 
     def observe(self, event_type: str, source: str, at_ms: int) -> list[Alert]:
         alerts = self.advance(at_ms)
@@ -268,6 +283,16 @@ class VolumeMonitor:
             count = float(self._counts.get(key, 0))
             base = self._baselines.get((*key, slot), Ewma())
             learn = count
+            if count > 0:
+                self._silent.pop(key, None)
+            elif self._silent[key] >= p.silent_buckets:  # known silent: neither judged nor learned
+                self._silent[key] += 1
+                if self._silent[key] >= p.silent_forget_buckets:
+                    self._silent.pop(key, None)
+                    for s in range(p.seasonal_slots):
+                        self._baselines.pop((*key, s), None)
+                    self._known.discard(key)
+                continue
             if base.n >= p.min_buckets:
                 # a spike is judged with the dispersion (sessions burst within a minute), a
                 # drop without: a minute with no sessions at all stays improbable
@@ -280,6 +305,17 @@ class VolumeMonitor:
                     alerts.append(
                         Alert("volume_spike", subject, count, base.mean, severity, end_ms)
                     )
+                elif count == 0 and (self._silent[key] or z <= -p.z_threshold):
+                    # a stop (its first zero a drop): its zeros are not learned, so that it
+                    # stays a drop until it is reported silent, and the baseline waits for
+                    # the source to come back
+                    if base.mean >= p.min_volume:
+                        self._silent[key] += 1
+                        silent = self._silent[key] >= p.silent_buckets
+                        kind: AlertKind = "source_silent" if silent else "volume_drop"
+                        level: Severity = "critical" if silent else severity
+                        alerts.append(Alert(kind, subject, count, base.mean, level, end_ms))
+                        continue
                 elif z <= -p.z_threshold and base.mean >= p.min_volume:
                     alerts.append(Alert("volume_drop", subject, count, base.mean, severity, end_ms))
                 low = base.mean - p.z_threshold * sigma_down

@@ -109,6 +109,29 @@ def test_volume_drop_and_silence() -> None:
     assert low.advance(3000) == []  # expected 3 < minimum volume 5: a drop there means nothing
 
 
+def test_a_source_that_stops_is_reported_silent_once_and_stays_expected() -> None:
+    """Before, a stopped source drew a few drop alerts, then its baseline learned the zeros
+    and it went quiet, and its return read as a spike."""
+    params = VOL.model_copy(update={"silent_buckets": 3, "silent_forget_buckets": 50})
+    m = VolumeMonitor(params)
+    feed_volume(m, [10] * 6)
+    drops = [m.advance(7000), m.advance(8000)]  # buckets 6 and 7: nothing
+    assert [[a.kind for a in b] for b in drops] == [["volume_drop"], ["volume_drop"]]
+    expected = m.baseline("page", "web")
+    [silent] = m.advance(9000)
+    assert silent == Alert("source_silent", "page/web", 0.0, expected.mean, "critical", 9000)
+    assert m.advance(30_000) == []  # once, not every minute of the silence
+    assert m.baseline("page", "web") == expected  # the zeros are not learned
+    # it comes back as before: nothing to report, nothing to learn from the silence
+    back = [m.observe("page", "web", 30_000 + i) for i in range(10)]
+    assert [a for b in back for a in b] == [] and m.advance(31_000) == []
+    # a source that stays away is forgotten in the end (decommissioned)
+    gone = VolumeMonitor(params)
+    feed_volume(gone, [10] * 6)
+    gone.advance(100_000)  # at most max_gap_buckets (60) closed: silent for 57, over 50
+    assert gone.baseline("page", "web") == Ewma()
+
+
 def test_volume_silence_is_capped_and_dead_keys_are_forgotten() -> None:
     m = VolumeMonitor(VOL.model_copy(update={"max_gap_buckets": 5}))
     feed_volume(m, [10, 10])

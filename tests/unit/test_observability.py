@@ -198,7 +198,7 @@ def test_alerts_by_kind_and_severity_exported_from_zero() -> None:
     alerts = {labels: v for (name, labels), v in got.items() if name == "pipeline_alerts_total"}
     assert alerts[(("kind", "bot_identity"), ("severity", "warning"))] == 2
     assert alerts[(("kind", "volume_spike"), ("severity", "critical"))] == 0
-    assert len(alerts) == 10  # five kinds x two severities, so increase() sees the first one
+    assert len(alerts) == 12  # six kinds x two severities, so increase() sees the first one
 
 
 def test_grafana_dashboard_shows_consumer_lag_total_per_partition_and_catch_up_time() -> None:

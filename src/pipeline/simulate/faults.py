@@ -360,7 +360,10 @@ def broken_source(
         "broken_source",
         tuple(out),
         frozenset({("clock_skew", source), ("dead_letter_rate", source)}),
-        explained=frozenset({("volume_spike", subject), ("volume_drop", subject)}),
+        # the source appears, then stops when the injection ends (reported silent)
+        explained=frozenset(
+            {("volume_spike", subject), ("volume_drop", subject), ("source_silent", subject)}
+        ),
         start_ms=start_ms,
         end_ms=start_ms + duration,
     )

@@ -286,6 +286,25 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _up(tmp_path: Path, env: dict[str, str], *options: str) -> subprocess.Popen[str]:
+    """`pipeline up OPTIONS` in the background, its output captured."""
+    return subprocess.Popen(
+        pipeline_cmd("up", *options),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_broker(up: subprocess.Popen[str], home: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not (home / "broker.json").exists():
+        assert up.poll() is None and time.monotonic() < deadline, "no broker started"
+        time.sleep(0.2)
+
+
 def test_up_with_no_triggers_leaves_the_scan_to_a_copy(tmp_path: Path) -> None:
     """`up --no-triggers` (the Kubernetes processor pods): the store fills, triggers fall due,
     and this process emits none; `pipeline follow --triggers` does that elsewhere."""
@@ -294,20 +313,10 @@ def test_up_with_no_triggers_leaves_the_scan_to_a_copy(tmp_path: Path) -> None:
 
     home = tmp_path / "home"
     env = {**cli_env(home), "PIPELINE_TRIGGERS__SCAN_INTERVAL_S": "0.5"}
-    up = subprocess.Popen(
-        pipeline_cmd("up", "--no-workbench", "--no-api", "--no-collector", "--no-triggers"),
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    up = _up(tmp_path, env, "--no-workbench", "--no-api", "--no-collector", "--no-triggers")
     store = home / "warehouse.sqlite"
     with stopped_after(up, home) as log:
-        deadline = time.monotonic() + 60
-        while not (home / "broker.json").exists():
-            assert up.poll() is None and time.monotonic() < deadline, "no broker started"
-            time.sleep(0.2)
+        _wait_for_broker(up, home)
         sent = run_cli(home, tmp_path, "simulate", "--events", "2000", "--seed", "8")
         assert sent.returncode == 0, sent.stderr
         due: list[Any] = []
@@ -333,14 +342,7 @@ def test_up_with_delivery_on_renders_triggered_emails_and_holds_them_for_their_s
     home = tmp_path / "home"
     with running_platform() as (platform, url):
         env = {**cli_env(home), **platform_env(url), "PIPELINE_TRIGGERS__SCAN_INTERVAL_S": "1"}
-        up = subprocess.Popen(
-            pipeline_cmd("up", "--no-workbench", "--no-api"),
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        up = _up(tmp_path, env, "--no-workbench", "--no-api")
         store = home / "warehouse.sqlite"
 
         def scheduled() -> list[dict[str, Any]]:
@@ -350,10 +352,7 @@ def test_up_with_delivery_on_renders_triggered_emails_and_holds_them_for_their_s
                 return wh.scheduled_emails()
 
         with stopped_after(up, home) as log:
-            deadline = time.monotonic() + 60
-            while not (home / "broker.json").exists():
-                assert up.poll() is None and time.monotonic() < deadline, "no broker started"
-                time.sleep(0.2)
+            _wait_for_broker(up, home)
             sent = run_cli(home, tmp_path, "simulate", "--events", "3000", "--seed", "8")
             assert sent.returncode == 0, sent.stderr
             started = int(time.time() * 1000)

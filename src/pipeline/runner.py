@@ -433,11 +433,7 @@ def start_copy_scan(
             "trigger scan%s on the copy %s", " and delivery" if delivery else "", warehouse.path
         )
         try:
-            while not stop.wait(settings.triggers.scan_interval_s):
-                try:
-                    scan()
-                except Exception:  # a bug or an unforeseen answer must not end the schedule
-                    log.exception("trigger scan failed; retried at the next interval")
+            scan_periodically(scan, settings.triggers.scan_interval_s, stop).join()
         finally:
             if delivery is not None:
                 delivery.service.close()

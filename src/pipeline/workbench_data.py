@@ -574,9 +574,6 @@ class MemberIndex:
         self._rows: set[str] = set()  # every profile row seen, merged ones too
         self._newest_ms: int | None = None
 
-    def __len__(self) -> int:
-        return len(self._members)
-
     def refresh(self, wh: LocalWarehouse) -> int:
         """Read what changed in ``wh`` since the last refresh; returns how many profiles."""
         sql = "SELECT customer_id, merged_into, stored_ms, profile FROM profiles"
